@@ -1,0 +1,656 @@
+"""Scenario files (YAML) into the frozen model, with every check at load time.
+
+The YAML is composed into nodes (PyYAML's composer keeps line and column of
+every node) and each scalar is interpreted here by what the key expects, never
+by YAML 1.1's implicit typing: the key `on` stays the word "on" and a value
+`off` stays "off" where a word is expected. All problems of a file are
+collected and raised together as one ScenarioError whose lines read
+`path:line:col: problem (hint)`.
+
+Reads files only in `load_file`; everything else works on text."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from harness.errors import Problem, ScenarioError
+from harness.scenario import model as m
+from harness.scenario.values import (
+    parse_compare,
+    parse_duration,
+    parse_reply,
+    parse_size,
+)
+
+T = TypeVar("T")
+
+_TRUE = {"true", "yes", "on", "y"}
+_FALSE = {"false", "no", "off", "n"}
+
+TOP_KEYS = ("scenario", "summary", "tags", "server", "dns", "rules", "expect", "send")
+SERVER_KEYS = ("hostname", "greeting", "size_limit", "timeout", "extensions",
+               "starttls", "tls", "auth", "limits")
+EXTENSION_KEYS = ("pipelining", "smtputf8", "8bitmime", "enhancedstatuscodes",
+                  "dsn", "chunking")
+RULE_KEYS = ("name", "on", "when", "reply", "delay", "then", "fault", "drip",
+             "set_state", "times")
+WHEN_KEYS = ("client", "helo", "mail_from", "rcpt", "header", "body", "size", "tls",
+             "auth_user", "attempt", "first_seen", "connection", "message_index",
+             "state", "chance", "spf", "dkim", "dmarc")
+EXPECT_KEYS = ("outcome", "min_attempts", "max_attempts", "ndr", "delay_notice")
+NDR_KEYS = ("status", "action", "diagnostic")
+SEND_KEYS = ("mail_from", "rcpt", "subject", "size")
+DNS_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME")
+
+#: Keys of the contract that this version does not implement yet: named in
+#: the error so a user knows the key is right but the feature is not here.
+NOT_YET = {
+    "starttls": "STARTTLS arrives with the protocol-completeness work",
+    "tls": "TLS arrives with the protocol-completeness work",
+    "auth": "AUTH arrives with the protocol-completeness work",
+    "limits": "connection and rate limits arrive with the protocol-completeness work",
+    "dsn": "the DSN extension arrives with the protocol-completeness work",
+    "chunking": "CHUNKING/BDAT arrives with the protocol-completeness work",
+    "spf": "SPF checks arrive with the analysis work",
+    "dkim": "DKIM checks arrive with the analysis work",
+    "dmarc": "DMARC checks arrive with the analysis work",
+}
+
+#: Which `when:` keys are known at which phases.
+_ANY = frozenset(m.Phase)
+_AFTER_HELO = _ANY - {m.Phase.CONNECT}
+WHEN_PHASES: dict[str, frozenset[m.Phase]] = {
+    "client": _ANY,
+    "connection": _ANY,
+    "state": _ANY,
+    "chance": _ANY,
+    "tls": _ANY,
+    "attempt": _ANY,
+    "helo": _AFTER_HELO - {m.Phase.HELO} | {m.Phase.HELO},
+    "auth_user": _AFTER_HELO - {m.Phase.HELO},
+    "mail_from": m.TRANSACTION_PHASES,
+    "message_index": m.TRANSACTION_PHASES,
+    "rcpt": m.RECIPIENT_PHASES,
+    "first_seen": m.RECIPIENT_PHASES - {m.Phase.VRFY},
+    "size": frozenset({m.Phase.MAIL, m.Phase.MESSAGE, m.Phase.BDAT}),
+    "header": frozenset({m.Phase.MESSAGE}),
+    "body": frozenset({m.Phase.MESSAGE}),
+}
+
+
+class _Collector:
+    """Problems of one file, and helpers that read nodes into values."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[Problem] = []
+
+    def error(self, node: Node | None, message: str, hint: str | None = None) -> None:
+        line, col = (node.start_mark.line + 1, node.start_mark.column + 1) if node else (1, 1)
+        self.problems.append(Problem(self.path, line, col, message, hint))
+
+    # -- shapes ------------------------------------------------------------
+
+    def mapping(self, node: Node, what: str, allowed: tuple[str, ...]) -> dict[str, Node]:
+        """Keys to value nodes; unknown or duplicate keys are problems."""
+        if not isinstance(node, MappingNode):
+            self.error(node, f"{what} must be a mapping of keys to values")
+            return {}
+        out: dict[str, Node] = {}
+        keynodes: dict[str, Node] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, ScalarNode):
+                self.error(knode, f"a key in {what} must be a plain word")
+                continue
+            key = str(knode.value)
+            if key in out:
+                self.error(knode, f"{key} is given twice in {what}",
+                           f"first at line {keynodes[key].start_mark.line + 1}")
+                continue
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = (f"did you mean {close[0]}?" if close
+                        else "known keys: " + ", ".join(allowed))
+                self.error(knode, f"unknown key {key} in {what}", hint)
+                continue
+            if key in NOT_YET:
+                self.error(knode, f"{key} is not supported by this version", NOT_YET[key])
+                continue
+            out[key] = vnode
+            keynodes[key] = knode
+        return out
+
+    def scalar(self, node: Node, what: str) -> str | None:
+        if not isinstance(node, ScalarNode):
+            self.error(node, f"{what} must be a single value, not a "
+                       f"{'list' if isinstance(node, SequenceNode) else 'mapping'}")
+            return None
+        if node.tag == "tag:yaml.org,2002:null" and node.style is None and (
+            node.value in ("", "~", "null", "Null", "NULL")
+        ):
+            self.error(node, f"{what} is empty")
+            return None
+        return str(node.value)
+
+    def word(self, node: Node, what: str, choices: tuple[str, ...] | None = None) -> str | None:
+        value = self.scalar(node, what)
+        if value is None:
+            return None
+        if choices is not None and value.lower() not in choices:
+            close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else "one of: " + ", ".join(choices)
+            self.error(node, f"{what} cannot be {value!r}", hint)
+            return None
+        return value.lower() if choices is not None else value
+
+    def boolean(self, node: Node, what: str) -> bool | None:
+        value = self.scalar(node, what)
+        if value is None:
+            return None
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        self.error(node, f"{what} must be true or false, not {value!r}")
+        return None
+
+    def integer(self, node: Node, what: str, minimum: int = 0) -> int | None:
+        value = self.scalar(node, what)
+        if value is None:
+            return None
+        if not re.fullmatch(r"\d+", value.strip()):
+            self.error(node, f"{what} must be a whole number, not {value!r}")
+            return None
+        n = int(value)
+        if n < minimum:
+            self.error(node, f"{what} must be at least {minimum}, not {n}")
+            return None
+        return n
+
+    def parsed(self, node: Node, what: str, fn: Callable[[str], T]) -> T | None:
+        value = self.scalar(node, what)
+        if value is None:
+            return None
+        try:
+            return fn(value)
+        except ValueError as e:
+            self.error(node, f"{what}: {e}")
+            return None
+
+    def strings(self, node: Node, what: str) -> list[tuple[str, Node]]:
+        """A word or a list of words, each with its node."""
+        if isinstance(node, SequenceNode):
+            out = []
+            for item in node.value:
+                v = self.scalar(item, f"an item of {what}")
+                if v is not None:
+                    out.append((v, item))
+            if not node.value:
+                self.error(node, f"{what} is an empty list")
+            return out
+        v = self.scalar(node, what)
+        return [(v, node)] if v is not None else []
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def _pattern(c: _Collector, node: Node, what: str) -> m.TextPattern | None:
+    if isinstance(node, MappingNode):
+        keys = c.mapping(node, what, ("regex",))
+        if "regex" not in keys:
+            if keys or not node.value:
+                c.error(node, f"{what} as a mapping takes one key, regex")
+            return None
+        text = c.scalar(keys["regex"], f"{what} regex")
+        if text is None:
+            return None
+        try:
+            return m.TextPattern(regex=re.compile(text))
+        except re.error as e:
+            c.error(keys["regex"], f"{what} regex does not compile: {e}")
+            return None
+    globs = [v for v, _ in c.strings(node, what)]
+    return m.TextPattern(globs=tuple(globs)) if globs else None
+
+
+def _client(c: _Collector, node: Node) -> m.Matcher | None:
+    nets = []
+    for text, item in c.strings(node, "client"):
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            c.error(item, f"client {text!r} is not an IP address or CIDR network",
+                    "e.g. 127.0.0.1 or 10.0.0.0/8")
+    return m.ClientMatcher("client", tuple(nets)) if nets else None
+
+
+def _headers(c: _Collector, node: Node) -> m.Matcher | None:
+    if not isinstance(node, MappingNode):
+        c.error(node, "header must map header names to patterns",
+                "e.g. header: {Subject: '*invoice*'}")
+        return None
+    pairs = []
+    for knode, vnode in node.value:
+        name = c.scalar(knode, "a header name")
+        if name is None:
+            continue
+        if not re.fullmatch(r"[!-9;-~]+", name):
+            c.error(knode, f"{name!r} is not a header field name")
+            continue
+        p = _pattern(c, vnode, f"header {name}")
+        if p is not None:
+            pairs.append((name, p))
+    return m.HeaderMatcher("header", tuple(pairs)) if pairs else None
+
+
+def _body(c: _Collector, node: Node) -> m.Matcher | None:
+    if isinstance(node, MappingNode):
+        keys = c.mapping(node, "body", ("contains", "regex"))
+        if len(keys) != 1:
+            if keys:
+                c.error(node, "body takes contains or regex, not both")
+            return None
+        (key, vnode), = keys.items()
+        text = c.scalar(vnode, f"body {key}")
+        if text is None:
+            return None
+        if key == "contains":
+            return m.BodyMatcher("body", contains=text)
+        try:
+            return m.BodyMatcher("body", regex=re.compile(text))
+        except re.error as e:
+            c.error(vnode, f"body regex does not compile: {e}")
+            return None
+    text = c.scalar(node, "body")
+    return m.BodyMatcher("body", contains=text) if text is not None else None
+
+
+def _when(c: _Collector, node: Node, phase: m.Phase | None) -> tuple[m.Matcher, ...]:
+    keys = c.mapping(node, "when", WHEN_KEYS)
+    out: list[m.Matcher] = []
+    for key, vnode in keys.items():
+        knode = _key_node(node, key)
+        if phase is not None and phase not in WHEN_PHASES[key]:
+            known = sorted(p.value for p in WHEN_PHASES[key])
+            c.error(knode, f"{key} is not known at on: {phase.value}",
+                    f"it can be used on: {', '.join(known)}")
+            continue
+        matcher: m.Matcher | None = None
+        if key == "client":
+            matcher = _client(c, vnode)
+        elif key in ("helo", "mail_from", "auth_user"):
+            p = _pattern(c, vnode, key)
+            matcher = m.TextMatcher(key, p) if p else None
+        elif key == "rcpt":
+            p = _pattern(c, vnode, key)
+            matcher = m.RcptMatcher(key, p) if p else None
+        elif key == "header":
+            matcher = _headers(c, vnode)
+        elif key == "body":
+            matcher = _body(c, vnode)
+        elif key == "tls":
+            b = c.boolean(vnode, "tls")
+            matcher = m.BoolMatcher(key, b) if b is not None else None
+        elif key in ("size", "attempt", "first_seen", "connection", "message_index"):
+            unit = {"size": "size", "first_seen": "duration"}.get(key, "count")
+            cmp = c.parsed(vnode, key, lambda s, u=unit: parse_compare(s, u))  # type: ignore[misc]
+            matcher = m.CompareMatcher(key, cmp) if cmp is not None else None
+        elif key == "state":
+            states = [v for v, _ in c.strings(vnode, "state")]
+            matcher = m.StateMatcher(key, tuple(states)) if states else None
+        elif key == "chance":
+            matcher = _chance(c, vnode)
+        if matcher is not None:
+            out.append(matcher)
+    return tuple(out)
+
+
+def _chance(c: _Collector, node: Node) -> m.Matcher | None:
+    text = c.scalar(node, "chance")
+    if text is None:
+        return None
+    try:
+        p = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        c.error(node, f"chance must be a probability such as 0.25 or 25%, not {text!r}")
+        return None
+    if not 0.0 <= p <= 1.0:
+        c.error(node, f"chance must be between 0 and 1, not {text}")
+        return None
+    return m.ChanceMatcher("chance", p)
+
+
+def _delay(c: _Collector, node: Node) -> m.Delay | None:
+    if isinstance(node, MappingNode):
+        keys = c.mapping(node, "delay", ("uniform", "lognormal"))
+        if len(keys) != 1:
+            if not keys and node.value:
+                return None
+            c.error(node, "delay takes a duration, {uniform: [low, high]} "
+                    "or {lognormal: {median, sigma}}")
+            return None
+        (kind, vnode), = keys.items()
+        if kind == "uniform":
+            items = c.strings(vnode, "delay uniform")
+            if len(items) != 2:
+                c.error(vnode, "delay uniform takes two durations [low, high]")
+                return None
+            lo = c.parsed(items[0][1], "delay uniform low", parse_duration)
+            hi = c.parsed(items[1][1], "delay uniform high", parse_duration)
+            if lo is None or hi is None:
+                return None
+            if hi < lo:
+                c.error(vnode, f"delay uniform high ({items[1][0]}) is below low ({items[0][0]})")
+                return None
+            return m.Delay("uniform", lo, hi)
+        keys2 = c.mapping(vnode, "delay lognormal", ("median", "sigma"))
+        if set(keys2) != {"median", "sigma"}:
+            if len(keys2) == len(getattr(vnode, "value", [])):
+                c.error(vnode, "delay lognormal needs median and sigma",
+                        "e.g. {median: 2s, sigma: 0.5}")
+            return None
+        median = c.parsed(keys2["median"], "delay lognormal median", parse_duration)
+        sigma = c.parsed(keys2["sigma"], "delay lognormal sigma", float)
+        if median is None or sigma is None:
+            return None
+        if median <= 0 or sigma < 0:
+            c.error(vnode, "delay lognormal needs median > 0 and sigma >= 0")
+            return None
+        return m.Delay("lognormal", median, sigma)
+    seconds = c.parsed(node, "delay", parse_duration)
+    return m.Delay("fixed", seconds) if seconds is not None else None
+
+
+def _reply(c: _Collector, node: Node) -> m.Reply | None:
+    try:
+        if isinstance(node, SequenceNode):
+            lines: list[str] = []
+            for item in node.value:
+                v = c.scalar(item, "a reply line")
+                if v is None:
+                    return None
+                lines.append(v)
+            return parse_reply(lines)
+        v = c.scalar(node, "reply")
+        return parse_reply(v) if v is not None else None
+    except ValueError as e:
+        c.error(node, f"reply: {e}")
+        return None
+
+
+def _key_node(mapping: Node, key: str) -> Node:
+    for knode, _ in mapping.value:
+        if isinstance(knode, ScalarNode) and knode.value == key:
+            return knode  # type: ignore[no-any-return]
+    return mapping
+
+
+def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Rule | None:
+    keys = c.mapping(node, f"rule {index + 1}", RULE_KEYS)
+    if not isinstance(node, MappingNode):
+        return None
+    before = len(c.problems)
+    phase: m.Phase | None = None
+    if "on" not in keys:
+        if not any(p.line == node.start_mark.line + 1 and "on" in p.message
+                   for p in c.problems):
+            c.error(node, f"rule {index + 1} has no on:",
+                    "on: connect, helo, mail, rcpt, data, message, ...")
+    else:
+        word = c.word(keys["on"], "on", tuple(p.value for p in m.Phase))
+        if word is not None:
+            phase = m.Phase(word)
+            if phase not in m.SUPPORTED_PHASES:
+                c.error(keys["on"], f"on: {word} is not supported by this version",
+                        NOT_YET.get({"starttls": "starttls", "auth": "auth",
+                                     "bdat": "chunking"}[word]))
+    name = f"rule {index + 1}"
+    if "name" in keys:
+        given = c.scalar(keys["name"], "name")
+        if given is not None:
+            name = given
+            if name in names:
+                c.error(keys["name"], f"rule name {name!r} is used twice",
+                        f"first at line {names[name].start_mark.line + 1}")
+            names[name] = keys["name"]
+    when = _when(c, keys["when"], phase) if "when" in keys else ()
+    reply = _reply(c, keys["reply"]) if "reply" in keys else None
+    delay = _delay(c, keys["delay"]) if "delay" in keys else None
+    close = False
+    if "then" in keys:
+        close = c.word(keys["then"], "then", ("close",)) == "close"
+    fault: m.Fault | None = None
+    if "fault" in keys:
+        f = c.word(keys["fault"], "fault", tuple(x.value for x in m.Fault))
+        fault = m.Fault(f) if f else None
+    drip = 1.0
+    if "drip" in keys:
+        d = c.parsed(keys["drip"], "drip", parse_duration)
+        drip = d if d is not None else drip
+        if fault is not m.Fault.TARPIT:
+            c.error(keys["drip"], "drip only applies to fault: tarpit")
+    set_state = c.scalar(keys["set_state"], "set_state") if "set_state" in keys else None
+    times = c.integer(keys["times"], "times", minimum=1) if "times" in keys else None
+
+    # Combinations that cannot be played on the wire.
+    if fault in (m.Fault.DROP, m.Fault.RESET, m.Fault.HANG):
+        if reply is not None:
+            c.error(keys["fault"], f"fault: {fault.value} sends no reply, yet the rule has one",
+                    "remove reply, or use then: close to reply and hang up")
+        if close:
+            c.error(keys["then"], f"then: close cannot follow fault: {fault.value}")
+    if reply is not None and phase is not None:
+        if reply.code // 100 == 3 and phase is not m.Phase.DATA:
+            c.error(keys["reply"], f"a {reply.code} reply means 'go on' and only fits on: data")
+        if phase is m.Phase.DATA and reply.code // 100 == 2:
+            c.error(keys["reply"], "on: data takes 354 to go on, or a 4xx/5xx to refuse")
+        if phase is m.Phase.QUIT and reply.code // 100 != 2:
+            c.error(keys["reply"], "QUIT can only be answered 221; use a fault to misbehave")
+    if not any(k in keys for k in ("reply", "delay", "then", "fault", "set_state")):
+        c.error(node, f"{name} does nothing",
+                "give it a reply, delay, then, fault or set_state")
+    if len(c.problems) > before or phase is None:
+        return None
+    return m.Rule(name=name, on=phase, when=when, reply=reply, delay=delay, close=close,
+                  fault=fault, drip=drip, set_state=set_state, times=times,
+                  line=node.start_mark.line + 1)
+
+
+def _server(c: _Collector, node: Node) -> m.Server:
+    keys = c.mapping(node, "server", SERVER_KEYS)
+    kw: dict[str, Any] = {}
+    if "hostname" in keys:
+        host = c.scalar(keys["hostname"], "hostname")
+        if host is not None:
+            if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+                c.error(keys["hostname"], f"hostname {host!r} is not a host name")
+            else:
+                kw["hostname"] = host
+    if "greeting" in keys:
+        g = c.scalar(keys["greeting"], "greeting")
+        if g is not None:
+            kw["greeting"] = g
+    if "size_limit" in keys:
+        size = c.parsed(keys["size_limit"], "size_limit", parse_size)
+        if size is not None:
+            kw["size_limit"] = size
+    if "timeout" in keys:
+        t = c.parsed(keys["timeout"], "timeout", parse_duration)
+        if t is not None:
+            if t <= 0:
+                c.error(keys["timeout"], "timeout must be above zero")
+            else:
+                kw["timeout"] = t
+    if "extensions" in keys:
+        ext = c.mapping(keys["extensions"], "extensions", EXTENSION_KEYS)
+        ekw: dict[str, bool] = {}
+        for key, vnode in ext.items():
+            b = c.boolean(vnode, f"extensions {key}")
+            if b is not None:
+                ekw["eightbitmime" if key == "8bitmime" else key] = b
+        kw["extensions"] = m.Extensions(**ekw)
+    return m.Server(**kw)
+
+
+def _dns(c: _Collector, node: Node) -> dict[str, dict[str, tuple[str, ...]]]:
+    if not isinstance(node, MappingNode):
+        c.error(node, "dns must map names to records", "e.g. lab.test: {TXT: ['v=spf1 -all']}")
+        return {}
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for knode, vnode in node.value:
+        name = c.scalar(knode, "a DNS name")
+        if name is None:
+            continue
+        records = c.mapping(vnode, f"dns {name}", DNS_TYPES)
+        out[name.lower().rstrip(".")] = {
+            rtype: tuple(v for v, _ in c.strings(rnode, f"dns {name} {rtype}"))
+            for rtype, rnode in records.items()
+        }
+    return out
+
+
+def _expect(c: _Collector, node: Node) -> m.Expect:
+    keys = c.mapping(node, "expect", EXPECT_KEYS)
+    kw: dict[str, Any] = {}
+    if "outcome" in keys:
+        o = c.word(keys["outcome"], "outcome", tuple(x.value for x in m.Outcome))
+        if o:
+            kw["outcome"] = m.Outcome(o)
+    for key in ("min_attempts", "max_attempts"):
+        if key in keys:
+            kw[key] = c.integer(keys[key], key, minimum=1)
+    if kw.get("min_attempts") and kw.get("max_attempts") and (
+        kw["min_attempts"] > kw["max_attempts"]
+    ):
+        c.error(keys["max_attempts"], "max_attempts is below min_attempts")
+    if "delay_notice" in keys:
+        kw["delay_notice"] = c.boolean(keys["delay_notice"], "delay_notice")
+    if "ndr" in keys:
+        nd = c.mapping(keys["ndr"], "expect ndr", NDR_KEYS)
+        nkw: dict[str, str | None] = {}
+        if "status" in nd:
+            s = c.scalar(nd["status"], "ndr status")
+            if s is not None and not re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", s):
+                c.error(nd["status"], f"ndr status {s!r} is not an enhanced status code",
+                        "e.g. 5.1.1")
+            nkw["status"] = s
+        if "action" in nd:
+            nkw["action"] = c.word(nd["action"], "ndr action",
+                                   ("failed", "delayed", "delivered", "relayed", "expanded"))
+        if "diagnostic" in nd:
+            nkw["diagnostic"] = c.scalar(nd["diagnostic"], "ndr diagnostic")
+        kw["ndr"] = m.ExpectedNdr(**nkw)
+    return m.Expect(**kw)
+
+
+def _send(c: _Collector, node: Node) -> m.Send:
+    keys = c.mapping(node, "send", SEND_KEYS)
+    kw: dict[str, Any] = {}
+    if "mail_from" in keys:
+        kw["mail_from"] = c.scalar(keys["mail_from"], "send mail_from") or ""
+    if "rcpt" in keys:
+        kw["rcpt"] = tuple(v for v, _ in c.strings(keys["rcpt"], "send rcpt"))
+    if "subject" in keys:
+        kw["subject"] = c.scalar(keys["subject"], "send subject") or ""
+    if "size" in keys:
+        size = c.parsed(keys["size"], "send size", parse_size)
+        if size is not None:
+            kw["size"] = size
+    return m.Send(**kw)
+
+
+def _scenario(c: _Collector, root: Node, default_name: str) -> m.Scenario | None:
+    keys = c.mapping(root, "the scenario", TOP_KEYS)
+    if not isinstance(root, MappingNode):
+        return None
+    name = default_name
+    if "scenario" in keys:
+        name = c.scalar(keys["scenario"], "scenario") or name
+    summary = c.scalar(keys["summary"], "summary") or "" if "summary" in keys else ""
+    tags = tuple(v for v, _ in c.strings(keys["tags"], "tags")) if "tags" in keys else ()
+    server = _server(c, keys["server"]) if "server" in keys else m.Server()
+    dns = _dns(c, keys["dns"]) if "dns" in keys else {}
+    rules: list[m.Rule] = []
+    if "rules" in keys:
+        rnode = keys["rules"]
+        if not isinstance(rnode, SequenceNode):
+            c.error(rnode, "rules must be a list of rules", "each item starts with '- on: ...'")
+        else:
+            names: dict[str, Node] = {}
+            for i, item in enumerate(rnode.value):
+                rule = _rule(c, item, i, names)
+                if rule is not None:
+                    rules.append(rule)
+    expect = _expect(c, keys["expect"]) if "expect" in keys else None
+    send = _send(c, keys["send"]) if "send" in keys else None
+    return m.Scenario(name=name, summary=summary, tags=tags, server=server, dns=dns,
+                      rules=tuple(rules), expect=expect, send=send, path=c.path)
+
+
+def _compose(c: _Collector, text: str) -> Node | None:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        c.problems.append(Problem(c.path, line, col, f"not valid YAML: {e.problem}",
+                                  e.context or None))
+        return None
+    except yaml.YAMLError as e:
+        c.problems.append(Problem(c.path, 1, 1, f"not valid YAML: {e}"))
+        return None
+    if node is None:
+        c.problems.append(Problem(c.path, 1, 1, "the file is empty",
+                                  "a scenario needs at least a summary or rules"))
+    return node  # type: ignore[no-any-return]
+
+
+def load_text(text: str, path: str = "<string>", default_name: str | None = None) -> m.Scenario:
+    """Parse scenario YAML; raises ScenarioError listing every problem."""
+    c = _Collector(path)
+    root = _compose(c, text)
+    scenario = _scenario(c, root, default_name or Path(path).stem) if root is not None else None
+    if c.problems or scenario is None:
+        c.problems.sort(key=lambda p: (p.line, p.column))
+        raise ScenarioError(c.problems)
+    return scenario
+
+
+def load_file(path: str | Path) -> m.Scenario:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError([Problem(str(p), 1, 1, f"not UTF-8 text: {e.reason}")]) from e
+    except OSError as e:
+        raise ScenarioError([Problem(str(p), 1, 1, f"cannot read: {e.strerror}")]) from e
+    return load_text(text, str(p), default_name=p.stem)
+
+
+def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") -> m.Rule:
+    """A rule from Python values, with exactly the checks a file gets.
+
+    The values are written out as YAML and read back through the same code,
+    so a rule added in code or over the API is validated like one in a file."""
+    text = yaml.safe_dump([spec], sort_keys=False, allow_unicode=True)
+    c = _Collector(source)
+    root = _compose(c, text)
+    rule = None
+    if isinstance(root, SequenceNode) and root.value:
+        rule = _rule(c, root.value[0], index, {})
+    if c.problems or rule is None:
+        raise ScenarioError(c.problems or [Problem(source, 1, 1, "not a rule")])
+    return rule
+
+
+def iter_problems(error: ScenarioError) -> Iterator[str]:
+    yield from (str(p) for p in error.problems)

@@ -1,0 +1,339 @@
+"""The scenario model: frozen dataclasses built by the loader (or by code, with
+the same validation) and read by the engine.
+
+Knows nothing of YAML, sockets or storage. Matchers explain why they did not
+match (`check` returns a reason, or None when the matcher holds), which the
+engine uses for transcripts and near-miss reports."""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import ipaddress
+import math
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Literal
+
+from harness.scenario.values import Compare, Reply
+
+class Phase(enum.StrEnum):
+    """The SMTP steps a rule can answer (`on:`)."""
+
+    CONNECT = "connect"  # the banner
+    HELO = "helo"  # HELO and EHLO
+    STARTTLS = "starttls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"  # the DATA command, before 354
+    MESSAGE = "message"  # after the final dot, content known
+    BDAT = "bdat"
+    RSET = "rset"
+    NOOP = "noop"
+    VRFY = "vrfy"
+    QUIT = "quit"
+
+#: Phases the SMTP adapter of this version answers. STARTTLS, AUTH and BDAT
+#: are part of the contract and arrive with the protocol-completeness work.
+SUPPORTED_PHASES = frozenset(Phase) - {Phase.STARTTLS, Phase.AUTH, Phase.BDAT}
+
+#: Phases at which a transaction (MAIL FROM) is known.
+TRANSACTION_PHASES = frozenset({Phase.MAIL, Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT})
+#: Phases at which recipients are known (at RCPT: the one being asked for; at
+#: DATA/MESSAGE/BDAT: the accepted ones; at VRFY: the argument).
+RECIPIENT_PHASES = frozenset({Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT, Phase.VRFY})
+
+class Fault(enum.StrEnum):
+    """Misbehaviour on the wire instead of (or while) replying."""
+
+    DROP = "drop"  # close with no reply
+    RESET = "reset"  # TCP RST
+    HANG = "hang"  # never answer; the client gives up
+    TARPIT = "tarpit"  # drip the reply one byte at a time
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    DEFERRED = "deferred"
+
+# --------------------------------------------------------------------- facts
+
+@dataclass
+class Facts:
+    """What the engine knows when a rule is tested; built per decision."""
+
+    phase: Phase
+    client: ipaddress.IPv4Address | ipaddress.IPv6Address
+    tls: bool
+    connection: int
+    state: str
+    rng: random.Random
+    helo: str | None = None
+    auth_user: str | None = None
+    mail_from: str | None = None
+    rcpts: tuple[str, ...] = ()
+    #: attempts per recipient (aligned with rcpts), or one number before RCPT
+    attempts: tuple[int, ...] = ()
+    #: seconds since each client/sender/recipient triplet was first seen
+    first_seen_ages: tuple[float, ...] = ()
+    message_index: int = 0
+    size: int | None = None
+    headers: Message | None = None
+    body: str | None = None
+
+# ------------------------------------------------------------------ matchers
+
+@dataclass(frozen=True)
+class TextPattern:
+    """Globs (case-insensitive, any of) or one regular expression."""
+
+    globs: tuple[str, ...] = ()
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, value: str) -> bool:
+        if self.regex is not None:
+            return self.regex.search(value) is not None
+        v = value.lower()
+        return any(fnmatch.fnmatchcase(v, g.lower()) for g in self.globs)
+
+    def __str__(self) -> str:
+        if self.regex is not None:
+            return f"/{self.regex.pattern}/"
+        return self.globs[0] if len(self.globs) == 1 else "[" + ", ".join(self.globs) + "]"
+
+def _null_sender(value: str) -> str:
+    return "<>" if value == "" else value
+
+@dataclass(frozen=True)
+class Matcher:
+    """Base: `key` names the `when:` entry; `check` returns None or why not."""
+
+    key: str
+
+    def check(self, facts: Facts) -> str | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+@dataclass(frozen=True)
+class ClientMatcher(Matcher):
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def check(self, facts: Facts) -> str | None:
+        if any(facts.client in n for n in self.networks):
+            return None
+        return f"client {facts.client} is not in {', '.join(map(str, self.networks))}"
+
+@dataclass(frozen=True)
+class TextMatcher(Matcher):
+    """helo, mail_from, auth_user: one value compared with a pattern."""
+
+    pattern: TextPattern = field(default_factory=TextPattern)
+
+    def check(self, facts: Facts) -> str | None:
+        value = {"helo": facts.helo, "mail_from": facts.mail_from,
+                 "auth_user": facts.auth_user}[self.key]
+        if value is None:
+            return f"{self.key} is not known yet"
+        if self.key == "mail_from":
+            if self.pattern.matches(_null_sender(value)) or (
+                value == "" and self.pattern.matches("")
+            ):
+                return None
+            return f"mail_from {_null_sender(value)} does not match {self.pattern}"
+        if self.pattern.matches(value):
+            return None
+        return f"{self.key} {value} does not match {self.pattern}"
+
+@dataclass(frozen=True)
+class RcptMatcher(Matcher):
+    """Holds when any recipient in question matches."""
+
+    pattern: TextPattern = field(default_factory=TextPattern)
+
+    def check(self, facts: Facts) -> str | None:
+        if any(self.pattern.matches(r) for r in facts.rcpts):
+            return None
+        got = ", ".join(facts.rcpts) or "no recipient"
+        return f"rcpt {got} does not match {self.pattern}"
+
+@dataclass(frozen=True)
+class HeaderMatcher(Matcher):
+    headers: tuple[tuple[str, TextPattern], ...] = ()
+
+    def check(self, facts: Facts) -> str | None:
+        if facts.headers is None:
+            return "headers are not known yet"
+        for name, pattern in self.headers:
+            values = facts.headers.get_all(name) or []
+            if not any(pattern.matches(str(v)) for v in values):
+                if not values:
+                    return f"header {name} is absent"
+                return f"header {name}: {values[0]!s} does not match {pattern}"
+        return None
+
+@dataclass(frozen=True)
+class BodyMatcher(Matcher):
+    contains: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    def check(self, facts: Facts) -> str | None:
+        if facts.body is None:
+            return "the body is not known yet"
+        if self.regex is not None:
+            return None if self.regex.search(facts.body) else (
+                f"body does not match /{self.regex.pattern}/")
+        assert self.contains is not None
+        return None if self.contains.lower() in facts.body.lower() else (
+            f"body does not contain {self.contains!r}")
+
+@dataclass(frozen=True)
+class BoolMatcher(Matcher):
+    """tls: true/false."""
+
+    value: bool = True
+
+    def check(self, facts: Facts) -> str | None:
+        return None if facts.tls == self.value else f"tls is {str(facts.tls).lower()}"
+
+@dataclass(frozen=True)
+class CompareMatcher(Matcher):
+    """size, attempt, first_seen, connection, message_index."""
+
+    compare: Compare = field(default_factory=lambda: Compare("==", 0))
+
+    def check(self, facts: Facts) -> str | None:
+        values: tuple[float, ...]
+        if self.key == "size":
+            if facts.size is None:
+                return "size is not known (no SIZE= declared)"
+            values = (float(facts.size),)
+        elif self.key == "attempt":
+            values = tuple(float(a) for a in facts.attempts)
+        elif self.key == "first_seen":
+            values = facts.first_seen_ages
+        elif self.key == "connection":
+            values = (float(facts.connection),)
+        else:
+            values = (float(facts.message_index),)
+        if any(self.compare.holds(v) for v in values):
+            return None
+        shown = ", ".join(_show(self.key, v) for v in values) or "nothing"
+        return f"{self.key} is {shown}, wanted {self.compare}"
+
+def _show(key: str, v: float) -> str:
+    if key == "first_seen":
+        return f"{v:.1f}s"
+    return str(int(v)) if v == int(v) else str(v)
+
+@dataclass(frozen=True)
+class StateMatcher(Matcher):
+    states: tuple[str, ...] = ()
+
+    def check(self, facts: Facts) -> str | None:
+        if facts.state in self.states:
+            return None
+        return f"state is {facts.state!r}, wanted {' or '.join(map(repr, self.states))}"
+
+@dataclass(frozen=True)
+class ChanceMatcher(Matcher):
+    probability: float = 1.0
+
+    def check(self, facts: Facts) -> str | None:
+        draw = facts.rng.random()
+        return None if draw < self.probability else (
+            f"chance {self.probability:g} not drawn ({draw:.3f})")
+
+# --------------------------------------------------------------------- delay
+
+@dataclass(frozen=True)
+class Delay:
+    """fixed seconds, uniform [low, high], or lognormal (median, sigma)."""
+
+    kind: Literal["fixed", "uniform", "lognormal"]
+    a: float
+    b: float = 0.0
+
+    def sample(self, rng: random.Random) -> float:
+        if self.kind == "fixed":
+            return self.a
+        if self.kind == "uniform":
+            return rng.uniform(self.a, self.b)
+        return rng.lognormvariate(math.log(self.a), self.b)
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return f"{self.a:g}s"
+        if self.kind == "uniform":
+            return f"uniform {self.a:g}s..{self.b:g}s"
+        return f"lognormal median {self.a:g}s sigma {self.b:g}"
+
+# --------------------------------------------------------------------- rules
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    name: str
+    on: Phase
+    when: tuple[Matcher, ...] = ()
+    reply: Reply | None = None
+    delay: Delay | None = None
+    close: bool = False  # `then: close`
+    fault: Fault | None = None
+    drip: float = 1.0  # tarpit: seconds between bytes
+    set_state: str | None = None
+    times: int | None = None
+    line: int = 0  # where the rule starts in its file (0: built in code)
+
+@dataclass(frozen=True, kw_only=True)
+class Extensions:
+    pipelining: bool = True
+    smtputf8: bool = True
+    eightbitmime: bool = True
+    enhancedstatuscodes: bool = True
+
+@dataclass(frozen=True, kw_only=True)
+class Server:
+    hostname: str = "mx.harness.test"
+    greeting: str = "ESMTP SMTP Harness"
+    size_limit: int = 32 * 1024 * 1024
+    timeout: float = 300.0  # idle timeout, RFC 5321 4.5.3.2.7 asks for 5 minutes
+    extensions: Extensions = field(default_factory=Extensions)
+
+@dataclass(frozen=True, kw_only=True)
+class ExpectedNdr:
+    status: str | None = None
+    action: str | None = None
+    diagnostic: str | None = None  # a text the diagnostic code contains
+
+@dataclass(frozen=True, kw_only=True)
+class Expect:
+    """What a correct sending MTA does (checked by lab verdicts)."""
+
+    outcome: Outcome | None = None
+    min_attempts: int | None = None
+    max_attempts: int | None = None
+    ndr: ExpectedNdr | None = None
+    delay_notice: bool | None = None
+
+@dataclass(frozen=True, kw_only=True)
+class Send:
+    """A test message that exercises the scenario (for tests and labs)."""
+
+    mail_from: str = "sender@lab.test"
+    rcpt: tuple[str, ...] = ("user@lab.test",)
+    subject: str = "SMTP Harness test"
+    size: int = 0  # pad the body to about this many bytes (0: a short text)
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    name: str
+    summary: str = ""
+    tags: tuple[str, ...] = ()
+    server: Server = field(default_factory=Server)
+    dns: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    expect: Expect | None = None
+    send: Send | None = None
+    path: str = "<code>"
