@@ -1,0 +1,333 @@
+"""`harness`: thin commands over the scenario, SMTP and store packages.
+
+Every HarnessError is printed as one line (no traceback) with exit status 1;
+bad usage exits 2 (argparse)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from harness import __version__
+from harness.errors import HarnessError, ScenarioError
+from harness.scenario.engine import Engine
+from harness.scenario.library import library_dir, library_names, load, resolve
+from harness.scenario.loader import load_file
+from harness.store.db import DEFAULT_PATH, Reader, SessionRecord, Store
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def _day(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _style(reply: str) -> str:
+    return {"2": "green", "3": "cyan", "4": "yellow", "5": "red"}.get(reply[:1], "white")
+
+
+# ------------------------------------------------------------------- serve
+
+
+class LivePrinter:
+    """One line per reply: time, session, client command, reply, deciding rule."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.last_command: dict[int, str] = {}
+
+    def __call__(self, sid: int, t: float, direction: str, phase: str | None, text: str,
+                 rule: str | None) -> None:
+        if direction == "C":
+            self.last_command[sid] = text
+            return
+        if direction == "I":
+            if text.startswith(("fault:", "delay", "tarpit")):
+                self.console.print(f"[dim]{_when(t)} #{sid}[/] [magenta]{escape(text)}[/]"
+                                   + (f" [dim]\\[{escape(rule)}][/]" if rule else ""))
+            elif text.startswith("session ended"):
+                self.last_command.pop(sid, None)
+                self.console.print(f"[dim]{_when(t)} #{sid} {escape(text)}[/]")
+            elif text.startswith("connection from"):
+                self.console.print(f"[dim]{_when(t)} #{sid}[/] {escape(text)}")
+            return
+        if len(text) > 3 and text[3] == "-":
+            return  # a continuation line; the final line carries the reply
+        cmd = self.last_command.pop(sid, "(banner)")
+        if cmd.upper().startswith(("EHLO", "HELO")):
+            text = text[:3] + " ..." if text[:1] == "2" else text
+        rule_txt = f" [dim]\\[{escape(rule)}][/]" if rule else ""
+        self.console.print(
+            f"[dim]{_when(t)} #{sid}[/] {escape(cmd[:80])} [dim]->[/] "
+            f"[{_style(text)}]{escape(text)}[/]{rule_txt}")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from harness.smtp.runner import parse_hostport, start_listener
+    from harness.smtp.server import ListenerContext
+
+    scenario = load(args.scenario)
+    host, port = parse_hostport(args.listen)
+    store = Store(args.store).open()
+    engine = Engine(scenario, seed=args.seed)
+    ctx = ListenerContext(engine=engine, store=store)
+    if not args.quiet:
+        ctx.observers.append(LivePrinter(out))
+    try:
+        listener = await start_listener(ctx, host, port)
+    except BaseException:
+        store.close()
+        raise
+    h, p = listener.address
+    out.print(f"SMTP Harness {__version__} listening on {h}:{p} "
+              f"(scenario {scenario.name}, store {args.store}"
+              + (f", seed {args.seed}" if args.seed is not None else "") + ")")
+    out.print("[dim]Ctrl-C stops.[/]" if not args.quiet else "", end="\n" if not args.quiet
+              else "")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await listener.close()
+        store.close()
+    with Reader(args.store) as r:
+        c = r.counts()
+    out.print(f"stopped: {c['sessions']} sessions, {c['messages']} messages in {args.store}")
+    for e in ctx.errors:
+        err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
+    return 0
+
+
+# ------------------------------------------------------------------ others
+
+
+def _check(args: argparse.Namespace) -> int:
+    failed = 0
+    for name in args.scenarios:
+        try:
+            s = load_file(resolve(name))
+        except ScenarioError as e:
+            failed += 1
+            for p in e.problems:
+                out.print(escape(str(p)))
+            continue
+        out.print(f"ok: {escape(s.path)} (scenario {escape(s.name)}, {len(s.rules)} rules)")
+    return 1 if failed else 0
+
+
+def _scenarios(args: argparse.Namespace) -> int:
+    rows = []
+    for name in library_names():
+        s = load_file(library_dir() / f"{name}.yaml")
+        rows.append({"name": s.name, "summary": s.summary, "tags": list(s.tags),
+                     "rules": len(s.rules), "path": s.path})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for col in ("scenario", "summary", "tags"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["summary"], ", ".join(r["tags"]))
+    out.print(table)
+    return 0
+
+
+def _messages(args: argparse.Namespace) -> int:
+    with Reader(args.store) as r:
+        msgs = r.messages(limit=args.limit, rcpt=args.rcpt)
+    if args.json:
+        print(json.dumps([m.as_dict() for m in msgs], indent=2))
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for col in ("id", "session", "received", "from", "to", "size", "subject"):
+        table.add_column(col)
+    for m in msgs:
+        table.add_row(str(m.id), str(m.session_id), _day(m.received_at),
+                      escape(m.mail_from or "<>"), escape(", ".join(m.rcpt_tos)), str(m.size),
+                      escape(m.subject or ""))
+    out.print(table)
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    with Reader(args.store) as r:
+        sessions = r.sessions(limit=args.limit, with_events=args.json)
+    if args.json:
+        print(json.dumps([_session_json(s) for s in sessions], indent=2))
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for col in ("id", "started", "peer", "helo", "from", "to", "messages", "ended"):
+        table.add_column(col)
+    for s in sessions:
+        table.add_row(str(s.id), _day(s.started_at), f"{s.peer_ip}:{s.peer_port}",
+                      escape(s.helo or "-"), escape(", ".join(x or "<>" for x in s.mail_from)),
+                      escape(", ".join(s.rcpt_tos)), str(len(s.message_ids)),
+                      escape(s.end_reason or "open"))
+    out.print(table)
+    return 0
+
+
+def _session_json(s: SessionRecord) -> dict[str, Any]:
+    return {
+        "id": s.id, "listener": s.listener, "scenario": s.scenario,
+        "peer": {"ip": s.peer_ip, "port": s.peer_port}, "helo": s.helo,
+        "started_at": s.started_at, "ended_at": s.ended_at, "end_reason": s.end_reason,
+        "envelope": {"mail_from": s.mail_from, "rcpt_tos": s.rcpt_tos},
+        "extensions_used": s.extensions, "message_ids": s.message_ids,
+        "transcript": [{"t": e.t, "direction": e.direction, "phase": e.phase,
+                        "text": e.text, "rule": e.rule} for e in s.events],
+    }
+
+
+def _show(args: argparse.Namespace) -> int:
+    ident = args.id.lower()
+    with Reader(args.store) as r:
+        if ident.startswith("m"):
+            if not ident[1:].isdigit():
+                raise HarnessError(f"bad id {args.id!r}: give a session number or m<number>")
+            msg = r.message(int(ident[1:]))
+            if msg is None:
+                raise HarnessError(f"no message {ident[1:]} in {args.store}")
+            if args.raw:
+                sys.stdout.buffer.write(msg.raw or b"")
+                return 0
+            if args.json:
+                print(json.dumps(msg.as_dict(raw=True), indent=2))
+                return 0
+            out.print(f"[bold]message {msg.id}[/] (session {msg.session_id}, "
+                      f"{_day(msg.received_at)}, {msg.size} bytes)")
+            out.print(f"  from: {escape(msg.mail_from or '<>')} {' '.join(msg.mail_options)}")
+            out.print(f"  to:   {escape(', '.join(msg.rcpt_tos))}")
+            head = (msg.raw or b"").split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+            out.print(escape(head))
+            return 0
+        if not ident.lstrip("s").isdigit():
+            raise HarnessError(f"bad id {args.id!r}: give a session number or m<number>")
+        s = r.session(int(ident.lstrip("s")))
+        if s is None:
+            raise HarnessError(f"no session {ident.lstrip('s')} in {args.store}")
+        if args.json:
+            print(json.dumps(_session_json(s), indent=2))
+            return 0
+        out.print(f"[bold]session {s.id}[/] {s.peer_ip}:{s.peer_port} -> {s.listener} "
+                  f"(scenario {escape(s.scenario)}), {_day(s.started_at)}, "
+                  f"ended: {escape(s.end_reason or 'open')}")
+        t0 = s.started_at
+        for e in s.events:
+            rel = f"+{e.t - t0:8.3f}s"
+            if e.direction == "C":
+                out.print(f"[dim]{rel}[/] C: {escape(e.text)}")
+            elif e.direction == "S":
+                rule = f" [dim]\\[{escape(e.rule)}][/]" if e.rule else ""
+                out.print(f"[dim]{rel}[/] S: [{_style(e.text)}]{escape(e.text)}[/]{rule}")
+            else:
+                out.print(f"[dim]{rel}    {escape(e.text)}[/]")
+        for mid in s.message_ids:
+            m = r.message(mid)
+            if m is not None:
+                out.print(f"message {m.id}: from {escape(m.mail_from or '<>')} to "
+                          f"{escape(', '.join(m.rcpt_tos))}, {m.size} bytes, "
+                          f"subject {escape(m.subject or '-')!s}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness",
+        description="SMTP Harness: a scriptable remote mail server for reproducing "
+                    "delivery failures.")
+    p.add_argument("--version", action="version", version=f"harness {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def store_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--store", type=Path, default=DEFAULT_PATH,
+                        help=f"the capture store (SQLite), default {DEFAULT_PATH}")
+
+    sp = sub.add_parser("serve", help="run the SMTP server")
+    sp.add_argument("scenario", nargs="?", default=None,
+                    help="a library scenario name or a YAML file (default: accept)")
+    sp.add_argument("--listen", default="127.0.0.1:2525", metavar="HOST:PORT",
+                    help="where SMTP listens (default 127.0.0.1:2525; port 0 picks one)")
+    sp.add_argument("--seed", type=int, default=None,
+                    help="seed the RNG (chance:, random delays) to replay a run")
+    sp.add_argument("--quiet", action="store_true", help="do not print sessions live")
+    store_opt(sp)
+
+    sp = sub.add_parser("check", help="validate scenario files")
+    sp.add_argument("scenarios", nargs="+", metavar="SCENARIO")
+    store_opt(sp)
+
+    sp = sub.add_parser("scenarios", help="list the scenario library")
+    sp.add_argument("--json", action="store_true")
+    store_opt(sp)
+
+    sp = sub.add_parser("messages", help="list captured messages")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--rcpt", default=None, help="only messages to this recipient")
+    store_opt(sp)
+
+    sp = sub.add_parser("sessions", help="list captured sessions")
+    sp.add_argument("--json", action="store_true",
+                    help="with peer, HELO, envelope and every command and reply")
+    sp.add_argument("--limit", type=int, default=None)
+    store_opt(sp)
+
+    sp = sub.add_parser("show", help="show a session's transcript (ID) or a message (mID)")
+    sp.add_argument("id", metavar="ID")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--raw", action="store_true", help="a message's bytes as received")
+    store_opt(sp)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            with contextlib.suppress(KeyboardInterrupt):
+                return asyncio.run(_serve(args))
+            return 0
+        handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
+                   "sessions": _sessions, "show": _show}[args.command]
+        return handler(args)
+    except ScenarioError as e:
+        for p in e.problems:
+            err.print(escape(str(p)))
+        return 1
+    except HarnessError as e:
+        err.print(f"harness: error: {escape(str(e))}")
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

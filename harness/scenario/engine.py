@@ -1,0 +1,336 @@
+"""The scenario engine: SMTP events in, one decision out. Sans-IO.
+
+It owns what spans connections: attempt counters per sender/recipient pair,
+first-seen times of client/sender/recipient triplets, connection counts per
+client, the scenario state, rule use counts and the seeded RNG. The caller
+(the aiosmtpd adapter, or a test with plain lists) owns sockets and time:
+the clock is injected, and a decision says what to do (reply, delay, close,
+fault) without doing it.
+
+May know: the scenario model, the standard library's pure parts.
+Must not know: asyncio, aiosmtpd, sqlite3, sockets, HTTP."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import Message as EmailMessage
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from threading import Lock
+from typing import ClassVar
+
+from harness.scenario.model import (
+    Facts,
+    Fault,
+    Phase,
+    Rule,
+    Scenario,
+)
+from harness.scenario.values import Reply
+
+INITIAL_STATE = "started"
+
+# ------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    phase: ClassVar[Phase]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connect(Event):
+    phase = Phase.CONNECT
+
+
+@dataclass(frozen=True, kw_only=True)
+class Helo(Event):
+    phase = Phase.HELO
+    name: str
+    extended: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mail(Event):
+    phase = Phase.MAIL
+    sender: str
+    size: int | None = None  # SIZE= as declared
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rcpt(Event):
+    phase = Phase.RCPT
+    recipient: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Data(Event):
+    phase = Phase.DATA
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message(Event):
+    phase = Phase.MESSAGE
+    content: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rset(Event):
+    phase = Phase.RSET
+
+
+@dataclass(frozen=True, kw_only=True)
+class Noop(Event):
+    phase = Phase.NOOP
+
+
+@dataclass(frozen=True, kw_only=True)
+class Vrfy(Event):
+    phase = Phase.VRFY
+    argument: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quit(Event):
+    phase = Phase.QUIT
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What to do about one event. `reply` None means the normal reply."""
+
+    phase: Phase
+    rule: str | None = None
+    reply: Reply | None = None
+    delay: float = 0.0
+    close: bool = False
+    fault: Fault | None = None
+    drip: float = 1.0
+    #: rules of this phase that did not match, each with the first reason
+    misses: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def accepts(self) -> bool:
+        """True when the client will see a positive (or the normal) reply."""
+        if self.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            return False
+        return self.reply is None or self.reply.is_positive
+
+
+@dataclass
+class Connection:
+    """Per-connection context the engine keeps between events."""
+
+    client: ipaddress.IPv4Address | ipaddress.IPv6Address
+    number: int  # Nth connection from this client
+    tls: bool = False
+    helo: str | None = None
+    auth_user: str | None = None
+    mail_from: str | None = None
+    declared_size: int | None = None
+    rcpts: list[str] = field(default_factory=list)
+    message_index: int = 0
+
+    def reset_transaction(self) -> None:
+        self.mail_from = None
+        self.declared_size = None
+        self.rcpts = []
+
+
+def _parse_client(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        addr = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return ipaddress.ip_address("0.0.0.0")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+_CONTENT_KEYS = frozenset({"header", "body"})
+
+
+class Engine:
+    """Decides each SMTP step by the scenario's rules (first match wins).
+
+    Thread-safe: one lock guards the cross-connection bookkeeping, so the
+    synchronous test wrapper and the event loop may share an engine."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        clock: Callable[[], float] = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.clock = clock
+        self.seed = seed
+        self._lock = Lock()
+        self.use(scenario)
+        self.reset()
+
+    # -- configuration ----------------------------------------------------
+
+    def use(self, scenario: Scenario) -> None:
+        """Switch to another scenario; counters and state carry on."""
+        with getattr(self, "_lock", Lock()):
+            self.scenario = scenario
+            by_phase: dict[Phase, list[Rule]] = {p: [] for p in Phase}
+            for rule in scenario.rules:
+                by_phase[rule.on].append(rule)
+            self._rules = {p: tuple(rs) for p, rs in by_phase.items()}
+            self._needs_content = {
+                p: any(mt.key in _CONTENT_KEYS for r in rs for mt in r.when)
+                for p, rs in self._rules.items()
+            }
+
+    def reset(self) -> None:
+        """Forget attempts, first-seen times, rule uses and state; reseed."""
+        with self._lock:
+            self.state = INITIAL_STATE
+            self.rng = random.Random(self.seed)
+            self.attempts: Counter[tuple[str, ...]] = Counter()
+            self.first_seen: dict[tuple[str, str, str], float] = {}
+            self.connections: Counter[str] = Counter()
+            self.rule_uses: Counter[str] = Counter()
+
+    # -- events -----------------------------------------------------------
+
+    def connect(self, client: str, *, tls: bool = False) -> Connection:
+        ip = _parse_client(client)
+        with self._lock:
+            self.connections[str(ip)] += 1
+            return Connection(client=ip, number=self.connections[str(ip)], tls=tls)
+
+    def decide(self, conn: Connection, event: Event) -> Decision:
+        """The decision for `event` on `conn`, updating the bookkeeping."""
+        with self._lock:
+            return self._decide(conn, event)
+
+    def _decide(self, conn: Connection, event: Event) -> Decision:
+        phase = event.phase
+        now = self.clock()
+        facts = Facts(
+            phase=phase,
+            client=conn.client,
+            tls=conn.tls,
+            connection=conn.number,
+            state=self.state,
+            rng=self.rng,
+            helo=conn.helo,
+            auth_user=conn.auth_user,
+            mail_from=conn.mail_from,
+            message_index=conn.message_index,
+            size=conn.declared_size,
+        )
+        client = str(conn.client)
+        if isinstance(event, Helo):
+            facts.helo = event.name
+        elif isinstance(event, Mail):
+            facts.mail_from = event.sender
+            facts.size = event.size
+            facts.message_index = conn.message_index + 1
+        elif isinstance(event, Message):
+            facts.size = len(event.content)
+            if self._needs_content[phase]:
+                facts.headers, facts.body = _split_message(event.content)
+
+        # Attempt counters: per pair once recipients are known, else per client
+        # (connect, helo, ...) or client and sender (mail).
+        if isinstance(event, Rcpt):
+            facts.rcpts = (event.recipient,)
+        elif isinstance(event, Vrfy):
+            facts.rcpts = (event.argument,)
+        elif phase in (Phase.DATA, Phase.MESSAGE, Phase.BDAT):
+            facts.rcpts = tuple(conn.rcpts)
+        sender = (facts.mail_from or "").lower()
+        if phase in (Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT):
+            counts = []
+            ages = []
+            for r in facts.rcpts:
+                key = (phase.value, sender, r.lower())
+                self.attempts[key] += 1
+                counts.append(self.attempts[key])
+                triplet = (client, sender, r.lower())
+                first = self.first_seen.setdefault(triplet, now)
+                ages.append(max(0.0, now - first))
+            facts.attempts = tuple(counts)
+            facts.first_seen_ages = tuple(ages)
+        else:
+            key = (phase.value, client, sender if phase is Phase.MAIL else "")
+            self.attempts[key] += 1
+            facts.attempts = (self.attempts[key],)
+
+        decision = self._match(facts)
+        self._apply(conn, event, decision)
+        return decision
+
+    def _match(self, facts: Facts) -> Decision:
+        misses: list[tuple[str, str]] = []
+        for rule in self._rules[facts.phase]:
+            if rule.times is not None and self.rule_uses[rule.name] >= rule.times:
+                misses.append((rule.name, f"retired after {rule.times} use(s)"))
+                continue
+            reason = None
+            # chance draws from the RNG: test it last, so draws happen only
+            # when everything else holds and a seeded run replays exactly.
+            for matcher in sorted(rule.when, key=lambda mt: mt.key == "chance"):
+                try:
+                    reason = matcher.check(facts)
+                except Exception as e:  # a matcher must never take the server down
+                    reason = f"{matcher.key} failed: {type(e).__name__}: {e}"
+                if reason is not None:
+                    break
+            if reason is not None:
+                misses.append((rule.name, reason))
+                continue
+            self.rule_uses[rule.name] += 1
+            if rule.set_state is not None:
+                self.state = rule.set_state
+            delay = rule.delay.sample(self.rng) if rule.delay is not None else 0.0
+            return Decision(
+                phase=facts.phase,
+                rule=rule.name,
+                reply=rule.reply,
+                delay=delay,
+                close=rule.close,
+                fault=rule.fault,
+                drip=rule.drip,
+                misses=tuple(misses),
+            )
+        return Decision(phase=facts.phase, misses=tuple(misses))
+
+    @staticmethod
+    def _apply(conn: Connection, event: Event, decision: Decision) -> None:
+        """Carry the decision into the connection's context."""
+        ok = decision.accepts
+        if isinstance(event, Helo):
+            if ok:
+                conn.helo = event.name
+                conn.reset_transaction()
+        elif isinstance(event, Mail):
+            if ok:
+                conn.reset_transaction()
+                conn.mail_from = event.sender
+                conn.declared_size = event.size
+                conn.message_index += 1
+        elif isinstance(event, Rcpt):
+            if ok:
+                conn.rcpts.append(event.recipient)
+        elif isinstance(event, Message) or (isinstance(event, Rset) and ok):
+            conn.reset_transaction()
+
+
+def _split_message(content: bytes) -> tuple[EmailMessage, str]:
+    headers = BytesHeaderParser(policy=compat32).parsebytes(content)
+    sep = content.find(b"\r\n\r\n")
+    body = content[sep + 4:] if sep >= 0 else b""
+    return headers, body.decode("utf-8", errors="replace")

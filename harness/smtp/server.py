@@ -1,0 +1,715 @@
+"""The SMTP adapter: an aiosmtpd `SMTP` subclass that asks the scenario engine
+how to answer each step and plays the answer on the wire.
+
+aiosmtpd gives us the protocol object, the stream plumbing, timeouts and
+address parsing. It has no hook before the 220 banner, always answers DATA
+with 354, closes nothing on a 421 and rejects ESMTP parameters it does not
+know, so the command loop and every command this harness scripts are our
+own methods here. This is the only code that sleeps, writes bytes, closes or
+resets transports; the engine only decides.
+
+Durability: the 2xx after the final dot is written only after the store's
+writer thread has committed the message (and everything queued before it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from harness.scenario import engine as ev
+from harness.scenario.engine import Decision, Engine
+from harness.scenario.model import Fault, Phase, Scenario
+from harness.store.db import Store
+
+log = logging.getLogger("harness.smtp")
+
+#: (session id, time, direction C/S/I, phase, text, rule) for live observers
+Observer = Callable[[int, float, str, str | None, str, str | None], None]
+
+_PHASE_OF = {
+    "HELO": Phase.HELO, "EHLO": Phase.HELO, "MAIL": Phase.MAIL, "RCPT": Phase.RCPT,
+    "DATA": Phase.DATA, "RSET": Phase.RSET, "NOOP": Phase.NOOP, "VRFY": Phase.VRFY,
+    "QUIT": Phase.QUIT,
+}
+
+#: Enhanced status codes (RFC 3463) for replies of our own that carry none.
+_ENHANCED_FOR = {
+    250: "2.0.0", 221: "2.0.0", 252: "2.0.0", 421: "4.3.0", 451: "4.3.0", 500: "5.5.2",
+    501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0", 550: "5.0.0",
+    552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
+}
+
+MAX_BAD_COMMANDS = 20  # then 421 and close, as Postfix's smtpd_hard_error_limit
+MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
+MAX_TRANSCRIPT_TEXT = 2000
+_READ_CHUNK = 65536
+
+
+class _Hangup(Exception):
+    """Internal: the connection is closed or closing on purpose; stop the loop."""
+
+
+@dataclass
+class ListenerContext:
+    """What all connections of one listener share."""
+
+    engine: Engine
+    store: Store
+    name: str = "127.0.0.1:2525"
+    observers: list[Observer] = field(default_factory=list)
+    #: exceptions raised while serving (re-raised by test fixtures, never lost)
+    errors: list[BaseException] = field(default_factory=list)
+    #: called with (session id) when a session ends; (message id) when stored
+    on_session_end: list[Callable[[int], None]] = field(default_factory=list)
+    on_message: list[Callable[[int], None]] = field(default_factory=list)
+    #: connections being served now
+    active: set[HarnessSMTP] = field(default_factory=set)
+
+    @property
+    def scenario(self) -> Scenario:
+        return self.engine.scenario
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler object; every hook we need is a method below."""
+
+
+class HarnessSMTP(SMTP):  # type: ignore[misc]
+    """One SMTP connection, answered by the scenario engine."""
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        server = ctx.scenario.server
+        super().__init__(
+            _NoHandler(),
+            hostname=server.hostname,  # never None: aiosmtpd would resolve getfqdn()
+            ident=server.greeting,
+            data_size_limit=server.size_limit or None,
+            enable_SMTPUTF8=server.extensions.smtputf8,
+            decode_data=False,
+            timeout=server.timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self.ctx = ctx
+        self._scenario = ctx.scenario  # the scenario this connection started with
+        self._sid = 0
+        self._conn: ev.Connection | None = None
+        self._phase: Phase | None = None
+        self._rule: str | None = None
+        self._scripted = False  # the reply being pushed is from a rule: write as is
+        self._pending: list[tuple[float, str, str | None, str, str | None]] = []
+        self._end_reason = "client closed"
+        self._refused = False  # banner was 554: only QUIT is served
+        self._ehlo = False
+        self._mail_options: list[str] = []
+        self._rcpt_options: list[str] = []
+        self._accepted_pairs: list[str] = []
+        self._used: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ transcript
+
+    def _record(self, direction: str, text: str, rule: str | None = None) -> None:
+        if len(text) > MAX_TRANSCRIPT_TEXT:
+            text = text[:MAX_TRANSCRIPT_TEXT] + f"... ({len(text)} chars)"
+        t = time.time()
+        phase = self._phase.value if self._phase else None
+        self._pending.append((t, direction, phase, text, rule))
+        for obs in self.ctx.observers:
+            try:
+                obs(self._sid, t, direction, phase, text, rule)
+            except Exception as e:  # an observer must not break the session
+                self.ctx.errors.append(e)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.ctx.store.events(self._sid, self._pending)
+            self._pending = []
+
+    async def push(self, status: str | bytes) -> None:
+        line = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if (not self._scripted and self._scenario.server.extensions.enhancedstatuscodes
+                and len(line) > 4 and line[3] == " " and line[0] in "245"):
+            line = _with_enhanced(line)
+        self._record("S", line, self._rule)
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        await self._writer.drain()
+
+    # ---------------------------------------------------------- the session
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None and self.transport is not None
+        peer = self.session.peer or ("0.0.0.0", 0)
+        self.ctx.active.add(self)
+        self._conn = self.ctx.engine.connect(str(peer[0]))
+        self._sid = self.ctx.store.session_started(
+            listener=self.ctx.name, peer_ip=str(peer[0]), peer_port=int(peer[1]),
+            scenario=self._scenario.name)
+        try:
+            await self._serve()
+        except _Hangup:
+            pass
+        except asyncio.CancelledError:
+            if self._end_reason == "client closed" and self.transport is None:
+                self._end_reason = "connection lost"
+        except Exception as e:  # pragma: no cover - the loop catches per command
+            self.ctx.errors.append(e)
+            self._end_reason = f"internal error: {type(e).__name__}"
+        finally:
+            self._finish()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._handler_coroutine  # type: ignore[no-any-return]
+
+    def _finish(self) -> None:
+        self.ctx.active.discard(self)
+        t = time.time()
+        if self._accepted_pairs and self._conn is not None:
+            # The client vanished after recipients were accepted: the pair saw
+            # no verdict on this connection, but the sender did try.
+            for rcpt in self._accepted_pairs:
+                self.ctx.store.attempt(
+                    self._sid, t=t, mail_from=self._conn.mail_from or "", rcpt=rcpt,
+                    phase=(self._phase or Phase.DATA).value, code=None, enhanced=None,
+                    reply=None, outcome="lost", rule=None)
+            self._accepted_pairs = []
+        self._record("I", f"session ended: {self._end_reason}")
+        self._flush()
+        self.ctx.store.session_update(self._sid, ended_at=t, end_reason=self._end_reason,
+                                      helo=self._conn.helo if self._conn else None,
+                                      extensions=self._used)
+        for cb in self.ctx.on_session_end:
+            with contextlib.suppress(Exception):
+                cb(self._sid)
+
+    async def _serve(self) -> None:
+        assert self._conn is not None
+        self._phase = Phase.CONNECT
+        self._record("I", f"connection from {self.session.peer[0]}:{self.session.peer[1]}"
+                          f" (scenario {self._scenario.name})")
+        d = await self._decide(ev.Connect())
+        await self._answer(d, f"220 {self.hostname} {self.__ident__}")
+        if d.reply is not None and not d.reply.is_positive:
+            if d.reply.code == 421:
+                await self._hangup("421 at the banner")
+            self._refused = True  # RFC 5321 3.1: after 554, wait for QUIT
+        bad = 0
+        while self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            line = await self._read_command()
+            if line is None:
+                bad += 1
+            else:
+                ok = await self._dispatch(line)
+                bad += 0 if ok else 1
+            if bad >= MAX_BAD_COMMANDS:
+                self._phase = None
+                self._scripted = True
+                await self.push("421 4.7.0 Too many errors, closing connection")
+                await self._hangup("too many errors")
+
+    async def _read_command(self) -> bytes | None:
+        """One command line, or None after answering an over-long one."""
+        try:
+            line: bytes = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as e:
+            await self._reader.read(e.consumed)
+            while True:  # discard the rest of the line
+                try:
+                    await self._reader.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as e2:
+                    await self._reader.read(e2.consumed)
+            self._phase = None
+            self._record("C", "<command line too long>")
+            await self.push("500 5.5.2 Line too long")
+            return None
+        except asyncio.IncompleteReadError:
+            raise _Hangup() from None
+        return line.rstrip(b"\r\n")
+
+    async def _dispatch(self, line: bytes) -> bool:
+        """Run one command; False when it was not a valid command."""
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.decode("ascii").upper()
+        except UnicodeDecodeError:
+            verb = ""
+        self._phase = _PHASE_OF.get(verb)
+        self._rule = None
+        self._scripted = False
+        self._record("C", line.decode("utf-8", "replace"))
+        if not line.strip():
+            await self.push("500 5.5.2 Error: bad syntax")
+            return False
+        if not verb.isalpha():
+            await self.push("500 5.5.2 Error: bad syntax")
+            return False
+        if len(line) + 2 > MAX_COMMAND_LINE and verb not in ("MAIL", "RCPT"):
+            await self.push("500 5.5.2 Line too long")
+            return False
+        if self._refused and verb != "QUIT":
+            await self.push("503 5.5.1 Bad sequence of commands")
+            return True
+        method = getattr(self, f"cmd_{verb}", None)
+        if method is None:
+            await self.push(f'500 5.5.1 Error: command "{verb[:20]}" not recognized')
+            return False
+        arg = arg_bytes.strip().decode("utf-8", "surrogateescape") or None
+        self._reset_timeout()
+        try:
+            await method(arg)
+        except (_Hangup, asyncio.CancelledError):
+            raise
+        except ConnectionError:
+            raise _Hangup() from None
+        except Exception as e:
+            log.exception("error while answering %s", verb)
+            self.ctx.errors.append(e)
+            self._scripted = True
+            await self.push("451 4.3.0 Internal error in the harness (recorded)")
+        return True
+
+    # ----------------------------------------------------- decisions on wire
+
+    async def _decide(self, event: ev.Event) -> Decision:
+        assert self._conn is not None
+        d = self.ctx.engine.decide(self._conn, event)
+        self._rule = d.rule
+        if d.delay > 0:
+            self._record("I", f"delay {d.delay:.3f}s", d.rule)
+            await asyncio.sleep(d.delay)
+        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            await self._fault(d.fault, d.rule)
+        return d
+
+    async def _answer(self, d: Decision, default: str | list[str]) -> None:
+        """Write the scripted reply, or the default; tarpit and close as told."""
+        if d.reply is not None:
+            lines = d.reply.render()
+            self._scripted = True
+        else:
+            lines = [default] if isinstance(default, str) else default
+        if d.fault is Fault.TARPIT:
+            await self._drip(lines, d.drip)
+        else:
+            for line in lines:
+                await self.push(line)
+        self._scripted = False
+        if d.close or (d.reply is not None and d.reply.code == 421):
+            await self._hangup(f"closed after {lines[-1][:3]} (rule {d.rule})")
+
+    async def _drip(self, lines: list[str], interval: float) -> None:
+        for line in lines:
+            self._record("S", line, self._rule)
+            self._record("I", f"tarpit: one byte every {interval:g}s", self._rule)
+            self._flush()
+            for byte in (line + "\r\n").encode("utf-8", "surrogateescape"):
+                if self.transport is None or self.transport.is_closing():
+                    raise _Hangup()
+                self.transport.write(bytes([byte]))
+                await asyncio.sleep(interval)
+
+    async def _fault(self, fault: Fault, rule: str | None) -> None:
+        self._record("I", f"fault: {fault.value}", rule)
+        self._flush()
+        transport = self.transport
+        assert transport is not None
+        if fault is Fault.HANG:
+            self._end_reason = f"hang (rule {rule})"
+            await asyncio.Future()  # until the client gives up or the idle timeout
+        self._end_reason = f"{fault.value} (rule {rule})"
+        if fault is Fault.RESET:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # SO_LINGER on, timeout 0: close() sends RST instead of FIN.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        else:
+            transport.close()
+        raise _Hangup()
+
+    async def _hangup(self, reason: str) -> None:
+        self._end_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+        raise _Hangup()
+
+    # ------------------------------------------------------------- commands
+
+    async def cmd_HELO(self, arg: str | None) -> None:
+        await self._greet(arg, extended=False)
+
+    async def cmd_EHLO(self, arg: str | None) -> None:
+        await self._greet(arg, extended=True)
+
+    async def _greet(self, arg: str | None, *, extended: bool) -> None:
+        verb = "EHLO" if extended else "HELO"
+        if not arg:
+            await self.push(f"501 5.5.4 Syntax: {verb} hostname")
+            return
+        d = await self._decide(ev.Helo(name=arg, extended=extended))
+        if d.reply is not None and not d.reply.is_positive:
+            await self._answer(d, "")
+            return
+        self._ehlo = extended
+        self._reset_transaction()
+        assert self.session is not None
+        self.session.host_name = arg
+        self.session.extended_smtp = extended
+        first = (f"250 {d.reply.lines[0]}" if d.reply is not None
+                 else f"250 {self.hostname} Hello {arg}")
+        if not extended:
+            self._scripted = True
+            await self._answer(Decision(phase=Phase.HELO, rule=d.rule, fault=d.fault,
+                                        drip=d.drip, close=d.close), first)
+            return
+        lines = [first, *self._extensions()]
+        lines = [f"250-{x[4:]}" for x in lines[:-1]] + [f"250 {lines[-1][4:]}"]
+        self._scripted = True
+        await self._answer(Decision(phase=Phase.HELO, rule=d.rule, fault=d.fault,
+                                    drip=d.drip, close=d.close), lines)
+
+    def _extensions(self) -> list[str]:
+        ext = self._scenario.server.extensions
+        out = []
+        if self.data_size_limit:
+            out.append(f"250 SIZE {self.data_size_limit}")
+        if ext.eightbitmime:
+            out.append("250 8BITMIME")
+        if ext.pipelining:
+            out.append("250 PIPELINING")
+        if ext.enhancedstatuscodes:
+            out.append("250 ENHANCEDSTATUSCODES")
+        if ext.smtputf8:
+            out.append("250 SMTPUTF8")
+        return out
+
+    def _reset_transaction(self) -> None:
+        self._mail_options = []
+        self._rcpt_options = []
+        self._accepted_pairs = []
+        self.envelope = self._create_envelope()
+
+    async def cmd_MAIL(self, arg: str | None) -> None:
+        assert self._conn is not None
+        if self._conn.helo is None:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if self._conn.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        syntax = "501 5.5.4 Syntax: MAIL FROM:<address>"
+        rest = _strip_keyword(arg, "FROM:")
+        if rest is None:
+            await self.push(syntax)
+            return
+        address, params_text = self._getaddr(rest)
+        if address is None:
+            await self.push("553 5.1.3 Error: malformed address")
+            return
+        if address == "<>":
+            address = ""  # the null reverse-path of bounces (RFC 5321 4.5.5)
+        elif not address:
+            await self.push(syntax)
+            return
+        options = (params_text or "").split()
+        if options and not self._ehlo:
+            await self.push(syntax)
+            return
+        params = self._getparams(options)
+        if params is None:
+            await self.push(syntax)
+            return
+        upper = {k.upper(): v for k, v in params.items()}
+        declared: int | None = None
+        ext = self._scenario.server.extensions
+        for key, value in upper.items():
+            if key == "SIZE":
+                if not isinstance(value, str) or not value.isdigit():
+                    await self.push(syntax)
+                    return
+                declared = int(value)
+            elif key == "BODY" and ext.eightbitmime:
+                if not isinstance(value, str) or value.upper() not in ("7BIT", "8BITMIME"):
+                    await self.push("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+                    return
+                self._used["body"] = value.upper()
+            elif key == "SMTPUTF8" and ext.smtputf8:
+                if value is not True:
+                    await self.push("501 5.5.4 SMTPUTF8 takes no value")
+                    return
+                self._used["smtputf8"] = True
+            else:
+                await self.push(f"555 5.5.4 MAIL FROM parameter {key} not recognized")
+                return
+        if declared is not None:
+            self._used["size"] = declared
+        if declared is not None and self.data_size_limit and declared > self.data_size_limit:
+            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        d = await self._decide(ev.Mail(sender=address, size=declared))
+        if d.accepts:
+            self._reset_transaction()
+            self._mail_options = options
+        await self._answer(d, "250 2.1.0 Ok")
+
+    async def cmd_RCPT(self, arg: str | None) -> None:
+        assert self._conn is not None
+        if self._conn.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        syntax = "501 5.5.4 Syntax: RCPT TO:<address>"
+        rest = _strip_keyword(arg, "TO:")
+        if rest is None:
+            await self.push(syntax)
+            return
+        address, params_text = self._getaddr(rest)
+        if address is None:
+            await self.push("553 5.1.3 Error: malformed address")
+            return
+        if not address:
+            await self.push(syntax)
+            return
+        options = (params_text or "").split()
+        if options:
+            if self._getparams(options) is None:
+                await self.push(syntax)
+                return
+            await self.push("555 5.5.4 RCPT TO parameters not recognized")
+            return
+        mail_from = self._conn.mail_from
+        d = self.ctx.engine.decide(self._conn, ev.Rcpt(recipient=address))
+        self._rule = d.rule
+        t = time.time()
+        if not d.accepts:
+            # A verdict on this pair now: record it before acting (a fault
+            # never returns), then play it.
+            self._attempt_from(d, mail_from, address, t)
+        if d.delay > 0:
+            self._record("I", f"delay {d.delay:.3f}s", d.rule)
+            await asyncio.sleep(d.delay)
+        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            await self._fault(d.fault, d.rule)
+        if d.accepts:
+            self._accepted_pairs.append(address)
+            self._rcpt_options.extend(options)
+        await self._answer(d, "250 2.1.5 Ok")
+
+    def _attempt_from(self, d: Decision, mail_from: str, rcpt: str, t: float,
+                      message_id: int | None = None, default_code: int = 250) -> None:
+        code = d.reply.code if d.reply else (None if d.fault not in (None, Fault.TARPIT)
+                                             else default_code)
+        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            outcome = {Fault.DROP: "dropped", Fault.RESET: "reset", Fault.HANG: "hang"}[d.fault]
+            code = None
+        elif code is None or code < 400:
+            outcome = "accepted"
+        elif code < 500:
+            outcome = "deferred"
+        else:
+            outcome = "rejected"
+        self.ctx.store.attempt(
+            self._sid, t=t, mail_from=mail_from, rcpt=rcpt,
+            phase=d.phase.value, code=code,
+            enhanced=d.reply.enhanced if d.reply else None,
+            reply=str(d.reply) if d.reply else None, outcome=outcome, rule=d.rule,
+            message_id=message_id)
+
+    async def cmd_DATA(self, arg: str | None) -> None:
+        assert self._conn is not None
+        if self._conn.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self._accepted_pairs:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        mail_from = self._conn.mail_from
+        d = self.ctx.engine.decide(self._conn, ev.Data())
+        self._rule = d.rule
+        if not d.accepts:
+            t = time.time()
+            for rcpt in self._accepted_pairs:
+                self._attempt_from(d, mail_from, rcpt, t)
+            self._accepted_pairs = []
+            self._reset_transaction_engine()
+        if d.delay > 0:
+            self._record("I", f"delay {d.delay:.3f}s", d.rule)
+            await asyncio.sleep(d.delay)
+        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            await self._fault(d.fault, d.rule)
+        await self._answer(d, "354 End data with <CR><LF>.<CR><LF>")
+        if not d.accepts:
+            return
+        self._phase = Phase.MESSAGE
+        self._rule = None
+        content, too_big, size = await self._read_data()
+        self._record("C", f"<message: {size} bytes>")
+        await self._message(mail_from, content, too_big, size)
+
+    def _reset_transaction_engine(self) -> None:
+        assert self._conn is not None
+        self._conn.reset_transaction()
+        self._reset_transaction()
+
+    async def _read_data(self) -> tuple[bytes, bool, int]:
+        """Read up to CRLF.CRLF; returns (content unstuffed, over the limit, size).
+
+        aiosmtpd reads DATA a line at a time, which dominates its cost for
+        larger messages; here the stream is read in chunks and searched for
+        the terminator. Over the size limit the rest is drained, not kept."""
+        reader = self._reader
+        limit = self.data_size_limit
+        buf = bytearray()
+        dropped = 0  # bytes discarded once over the limit
+        scan = 0
+        while True:
+            if buf[:3] == b".\r\n" and dropped == 0:
+                end, tail = 0, 3
+                break
+            idx = buf.find(b"\r\n.\r\n", scan)
+            if idx >= 0:
+                end, tail = idx + 2, idx + 5
+                break
+            scan = max(0, len(buf) - 4)
+            chunk = await reader.read(_READ_CHUNK)
+            if not chunk:
+                raise _Hangup()
+            self._reset_timeout()
+            buf += chunk
+            if limit and dropped + len(buf) > limit + 5 and len(buf) > 8:
+                # Keep only a tail long enough to find the terminator.
+                dropped += len(buf) - 8
+                del buf[:-8]
+                scan = 0
+        leftover = bytes(buf[tail:])
+        if leftover:
+            # Pipelined commands after the dot belong to the command reader.
+            # StreamReader has no unread(); its buffer is a bytearray that
+            # read() has just emptied from the front, so put them back there.
+            reader._buffer[:0] = leftover  # noqa: SLF001
+        size = dropped + end
+        if dropped:
+            return b"", True, size
+        content = bytes(buf[:end])
+        if content.startswith(b"."):
+            content = content[1:]
+        content = content.replace(b"\r\n.", b"\r\n")
+        too_big = bool(limit and len(content) > limit)
+        return content, too_big, len(content)
+
+    async def _message(self, mail_from: str, content: bytes, too_big: bool, size: int) -> None:
+        assert self._conn is not None
+        rcpts = list(self._accepted_pairs)
+        self._accepted_pairs = []
+        t = time.time()
+        if too_big:
+            self._reset_transaction_engine()
+            d = Decision(phase=Phase.MESSAGE)
+            reply = "552 5.3.4 Message size exceeds fixed maximum message size"
+            for rcpt in rcpts:
+                self.ctx.store.attempt(self._sid, t=t, mail_from=mail_from, rcpt=rcpt,
+                                       phase="message", code=552, enhanced="5.3.4",
+                                       reply=reply, outcome="rejected", rule=None)
+            await self.push(reply)
+            return
+        d = self.ctx.engine.decide(self._conn, ev.Message(content=content))
+        self._rule = d.rule
+        subject, message_id = _headline(content)
+        mid = self.ctx.store.message(
+            self._sid, t=t, mail_from=mail_from, rcpt_tos=rcpts,
+            mail_options=self._mail_options, rcpt_options=self._rcpt_options, raw=content,
+            subject=subject, message_id=message_id)
+        for rcpt in rcpts:
+            self._attempt_from(d, mail_from, rcpt, t, message_id=mid)
+        self._record("I", f"stored as message {mid}", d.rule)
+        self._flush()
+        self._reset_transaction()
+        # Durable before any 2xx: wait for the commit that carries the message.
+        # shield(): a client that half-closes cancels this task, but the
+        # commit goes on and the message stays stored.
+        await asyncio.shield(self.ctx.store.barrier())
+        for cb in self.ctx.on_message:
+            with contextlib.suppress(Exception):
+                cb(mid)
+        if d.delay > 0:
+            self._record("I", f"delay {d.delay:.3f}s", d.rule)
+            await asyncio.sleep(d.delay)
+        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            await self._fault(d.fault, d.rule)
+        await self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
+
+    async def cmd_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        d = await self._decide(ev.Rset())
+        if d.accepts:
+            self._reset_transaction()
+        await self._answer(d, "250 2.0.0 Ok")
+
+    async def cmd_NOOP(self, arg: str | None) -> None:
+        d = await self._decide(ev.Noop())
+        await self._answer(d, "250 2.0.0 Ok")
+
+    async def cmd_VRFY(self, arg: str | None) -> None:
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        address, _ = self._getaddr(arg)
+        d = await self._decide(ev.Vrfy(argument=address or arg))
+        await self._answer(d, "252 2.0.0 Cannot VRFY user, but will accept message")
+
+    async def cmd_QUIT(self, arg: str | None) -> None:
+        d = await self._decide(ev.Quit())
+        self._end_reason = "quit"
+        await self._answer(d, "221 2.0.0 Bye")
+        await self._hangup("quit")
+
+    async def cmd_HELP(self, arg: str | None) -> None:
+        await self.push("214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY QUIT")
+
+    async def cmd_EXPN(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 EXPN not implemented")
+
+
+def _strip_keyword(arg: str | None, keyword: str) -> str | None:
+    if arg is None or arg[: len(keyword)].upper() != keyword:
+        return None
+    return arg[len(keyword):].strip()
+
+
+def _with_enhanced(line: str) -> str:
+    code = int(line[:3]) if line[:3].isdigit() else 0
+    rest = line[4:]
+    first = rest.split(" ", 1)[0]
+    if first.count(".") == 2 and first.replace(".", "").isdigit():
+        return line
+    status = _ENHANCED_FOR.get(code)
+    return f"{line[:4]}{status} {rest}" if status else line
+
+
+def _headline(content: bytes) -> tuple[str | None, str | None]:
+    """Subject and Message-ID, decoded for display; None when absent."""
+    head_end = content.find(b"\r\n\r\n")
+    head = content[: head_end + 2] if head_end >= 0 else content
+    msg = BytesHeaderParser(policy=compat32).parsebytes(head)
+    subject = msg.get("Subject")
+    mid = msg.get("Message-ID")
+    return (str(subject).strip() if subject is not None else None,
+            str(mid).strip() if mid is not None else None)

@@ -1,0 +1,505 @@
+"""The capture store: SQLite in WAL mode, one writer thread, grouped commits.
+
+The event loop never touches the database. It hands writes to `Store` methods
+that only append to a queue; a writer thread drains the queue, runs everything
+pending in one transaction and commits it (synchronous=FULL, so a commit is
+on disk). Under load many sessions' writes share one commit. A caller that
+must not answer before its data is durable (the 250 after the final dot)
+awaits the future `store_message` returns: it resolves after the commit that
+carried the message, and carries every earlier write too (the queue is FIFO).
+
+Readers (CLI, tests, API) open their own connections; WAL lets them read
+while the writer writes. IDs are allocated in memory by the one writer
+process, so the loop never waits for an INSERT to learn an ID; a lock file
+keeps a second writer off the same store."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import StoreError
+
+DEFAULT_PATH = Path(".harness") / "harness.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    listener TEXT NOT NULL,
+    peer_ip TEXT NOT NULL,
+    peer_port INTEGER NOT NULL,
+    scenario TEXT NOT NULL,
+    helo TEXT,
+    tls_version TEXT,
+    tls_cipher TEXT,
+    auth_user TEXT,
+    extensions TEXT,          -- JSON: what the server advertised / the client used
+    end_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    session_id INTEGER NOT NULL REFERENCES sessions(id),
+    t REAL NOT NULL,
+    direction TEXT NOT NULL,  -- 'C' client, 'S' server, 'I' info (faults, delays)
+    phase TEXT,
+    text TEXT NOT NULL,
+    rule TEXT
+);
+CREATE INDEX IF NOT EXISTS events_session ON events(session_id, id);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    session_id INTEGER NOT NULL REFERENCES sessions(id),
+    received_at REAL NOT NULL,
+    mail_from TEXT NOT NULL,
+    rcpt_tos TEXT NOT NULL,   -- JSON list
+    mail_options TEXT NOT NULL,
+    rcpt_options TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    subject TEXT,
+    message_id TEXT,
+    raw BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_session ON messages(session_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    session_id INTEGER NOT NULL REFERENCES sessions(id),
+    t REAL NOT NULL,
+    mail_from TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    phase TEXT NOT NULL,      -- where the verdict was reached
+    code INTEGER,             -- NULL when the verdict was a fault
+    enhanced TEXT,
+    reply TEXT,
+    outcome TEXT NOT NULL,    -- accepted | deferred | rejected | dropped | reset | hang | lost
+    rule TEXT,
+    message_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS attempts_rcpt ON attempts(rcpt, t);
+"""
+
+_Op = tuple[str, Sequence[Any]] | tuple[str, Iterable[Sequence[Any]], bool]
+
+
+@dataclass
+class Attempt:
+    id: int
+    session_id: int
+    t: float
+    mail_from: str
+    rcpt: str
+    phase: str
+    code: int | None
+    enhanced: str | None
+    reply: str | None
+    outcome: str
+    rule: str | None
+    message_id: int | None
+    interval: float | None = None  # seconds since the previous attempt of the pair
+
+
+@dataclass
+class Event:
+    t: float
+    direction: str
+    phase: str | None
+    text: str
+    rule: str | None
+
+
+@dataclass
+class MessageRecord:
+    id: int
+    session_id: int
+    received_at: float
+    mail_from: str
+    rcpt_tos: list[str]
+    mail_options: list[str]
+    rcpt_options: list[str]
+    size: int
+    subject: str | None
+    message_id: str | None
+    raw: bytes | None = None
+
+    def as_dict(self, raw: bool = False) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "raw"}
+        if raw and self.raw is not None:
+            d["raw"] = self.raw.decode("utf-8", errors="surrogateescape")
+        return d
+
+
+@dataclass
+class SessionRecord:
+    id: int
+    started_at: float
+    ended_at: float | None
+    listener: str
+    peer_ip: str
+    peer_port: int
+    scenario: str
+    helo: str | None
+    tls_version: str | None
+    tls_cipher: str | None
+    auth_user: str | None
+    extensions: dict[str, Any]
+    end_reason: str | None
+    mail_from: list[str] = field(default_factory=list)
+    rcpt_tos: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    message_ids: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["events"] = [e.__dict__ for e in self.events]
+        return d
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        uri = f"file:{path}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+class Store:
+    """Capture store. `open()` for the writer side (serve), `reader()` to query."""
+
+    def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
+        self.path = Path(path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lockfile: int | None = None
+        self._next_session = 1
+        self._next_message = 1
+        self._next_attempt = 1
+        self.commits = 0  # how many transactions the writer committed
+        self.error: BaseException | None = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def open(self) -> Store:
+        """Create or open the database, take the writer lock, start the writer."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f"{self.path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot create store {self.path}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise StoreError(
+                f"store {self.path} is in use by another harness serve (use --store PATH)"
+            ) from e
+        self._lockfile = fd
+        try:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(SCHEMA)
+            for table, attr in (("sessions", "_next_session"), ("messages", "_next_message"),
+                                ("attempts", "_next_attempt")):
+                (top,) = conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()
+                setattr(self, attr, top + 1)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open store {self.path}: {e}") from e
+        self._thread = threading.Thread(target=self._writer, args=(conn,),
+                                        name="harness-store", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Commit what is queued and stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._lockfile is not None:
+            os.close(self._lockfile)
+            self._lockfile = None
+
+    def __enter__(self) -> Store:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the writer thread -----------------------------------------------
+
+    def _writer(self, conn: sqlite3.Connection) -> None:
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            # Group: take everything already queued into the same commit.
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(b is None for b in batch)
+            waiters: list[Callable[[BaseException | None], None]] = []
+            try:
+                conn.execute("BEGIN")
+                for b in batch:
+                    if b is None:
+                        continue
+                    if callable(b):
+                        waiters.append(b)
+                        continue
+                    sql, params, many = b
+                    if many:
+                        conn.executemany(sql, params)
+                    else:
+                        conn.execute(sql, params)
+                conn.execute("COMMIT")
+                self.commits += 1
+                err: BaseException | None = None
+            except BaseException as e:  # keep serving; report to waiters
+                err = e
+                self.error = e
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            for w in waiters:
+                w(err)
+            if stop:
+                conn.close()
+                return
+
+    def _put(self, sql: str, params: Sequence[Any], many: bool = False) -> None:
+        self._queue.put((sql, params, many))
+
+    def barrier(self) -> asyncio.Future[None]:
+        """A future that resolves once everything queued so far is committed."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(err: BaseException | None) -> None:
+            def resolve() -> None:
+                if fut.done():
+                    return
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(StoreError(f"store write failed: {err}"))
+            loop.call_soon_threadsafe(resolve)
+
+        self._queue.put(done)
+        return fut
+
+    def sync_barrier(self, timeout: float = 10.0) -> None:
+        """Block until everything queued so far is committed (not for the loop)."""
+        ev = threading.Event()
+        self._queue.put(lambda err: ev.set())
+        ev.wait(timeout)
+
+    # -- writes (non-blocking: safe on the event loop) ---------------------
+
+    def session_started(self, *, listener: str, peer_ip: str, peer_port: int,
+                        scenario: str, t: float | None = None) -> int:
+        sid = self._next_session
+        self._next_session += 1
+        self._put("INSERT INTO sessions (id, started_at, listener, peer_ip, peer_port, scenario)"
+                  " VALUES (?, ?, ?, ?, ?, ?)",
+                  (sid, t or time.time(), listener, peer_ip, peer_port, scenario))
+        return sid
+
+    _SESSION_FIELDS = frozenset({"helo", "tls_version", "tls_cipher", "auth_user",
+                                 "ended_at", "end_reason", "extensions"})
+
+    def session_update(self, sid: int, **fields: Any) -> None:
+        bad = set(fields) - self._SESSION_FIELDS
+        if bad:
+            raise ValueError(f"unknown session fields: {sorted(bad)}")
+        if "extensions" in fields:
+            fields["extensions"] = json.dumps(fields["extensions"])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._put(f"UPDATE sessions SET {cols} WHERE id = ?", (*fields.values(), sid))
+
+    def events(self, sid: int, rows: Iterable[tuple[float, str, str | None, str, str | None]]
+               ) -> None:
+        """Transcript lines: (t, direction, phase, text, rule)."""
+        self._put("INSERT INTO events (session_id, t, direction, phase, text, rule)"
+                  " VALUES (?, ?, ?, ?, ?, ?)",
+                  [(sid, *r) for r in rows], True)
+
+    def attempt(self, sid: int, *, t: float, mail_from: str, rcpt: str, phase: str,
+                code: int | None, enhanced: str | None, reply: str | None, outcome: str,
+                rule: str | None, message_id: int | None = None) -> int:
+        aid = self._next_attempt
+        self._next_attempt += 1
+        self._put("INSERT INTO attempts (id, session_id, t, mail_from, rcpt, phase, code,"
+                  " enhanced, reply, outcome, rule, message_id)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (aid, sid, t, mail_from, rcpt, phase, code, enhanced, reply, outcome, rule,
+                   message_id))
+        return aid
+
+    def message(self, sid: int, *, t: float, mail_from: str, rcpt_tos: Sequence[str],
+                mail_options: Sequence[str], rcpt_options: Sequence[str], raw: bytes,
+                subject: str | None, message_id: str | None) -> int:
+        """Queue a message; pair it with `barrier()` before answering 250."""
+        mid = self._next_message
+        self._next_message += 1
+        self._put("INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos,"
+                  " mail_options, rcpt_options, size, subject, message_id, raw)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (mid, sid, t, mail_from, json.dumps(list(rcpt_tos)),
+                   json.dumps(list(mail_options)), json.dumps(list(rcpt_options)), len(raw),
+                   subject, message_id, raw))
+        return mid
+
+
+class Reader:
+    """Queries over a store, from any thread or process (read-only)."""
+
+    def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"no store at {self.path} (run harness serve first, "
+                             "or give --store PATH)")
+        try:
+            self.conn = _connect(self.path, readonly=True)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("SELECT 1 FROM sessions LIMIT 1")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot read store {self.path}: {e}") from e
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _session(self, row: sqlite3.Row) -> SessionRecord:
+        d = dict(row)
+        d["extensions"] = json.loads(d["extensions"]) if d["extensions"] else {}
+        return SessionRecord(**d)
+
+    def sessions(self, *, limit: int | None = None, session_ids: Sequence[int] | None = None,
+                 with_events: bool = False) -> list[SessionRecord]:
+        sql = "SELECT * FROM sessions"
+        params: list[Any] = []
+        if session_ids is not None:
+            sql += f" WHERE id IN ({','.join('?' * len(session_ids))})"
+            params.extend(session_ids)
+        sql += " ORDER BY id DESC"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        out = [self._session(r) for r in self.conn.execute(sql, params)]
+        out.reverse()
+        if not out:
+            return out
+        ids = [s.id for s in out]
+        by_id = {s.id: s for s in out}
+        marks = ",".join("?" * len(ids))
+        for r in self.conn.execute(
+            f"SELECT session_id, phase, text FROM events WHERE session_id IN ({marks})"
+            " AND direction = 'C' AND phase IN ('mail', 'rcpt') ORDER BY id", ids):
+            s = by_id[r["session_id"]]
+            addr = _address(r["text"])
+            target = s.mail_from if r["phase"] == "mail" else s.rcpt_tos
+            if addr is not None and addr not in target:
+                target.append(addr)
+        for r in self.conn.execute(
+            f"SELECT id, session_id FROM messages WHERE session_id IN ({marks}) ORDER BY id",
+                ids):
+            by_id[r["session_id"]].message_ids.append(r["id"])
+        if with_events:
+            for r in self.conn.execute(
+                f"SELECT session_id, t, direction, phase, text, rule FROM events"
+                f" WHERE session_id IN ({marks}) ORDER BY id", ids):
+                by_id[r["session_id"]].events.append(
+                    Event(r["t"], r["direction"], r["phase"], r["text"], r["rule"]))
+        return out
+
+    def session(self, sid: int) -> SessionRecord | None:
+        found = self.sessions(session_ids=[sid], with_events=True)
+        return found[0] if found else None
+
+    def _message(self, row: sqlite3.Row) -> MessageRecord:
+        d = dict(row)
+        for k in ("rcpt_tos", "mail_options", "rcpt_options"):
+            d[k] = json.loads(d[k])
+        return MessageRecord(**d)
+
+    def messages(self, *, limit: int | None = None, rcpt: str | None = None,
+                 session_id: int | None = None, raw: bool = False) -> list[MessageRecord]:
+        cols = "*" if raw else ("id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
+                                " rcpt_options, size, subject, message_id")
+        sql = f"SELECT {cols} FROM messages"
+        where: list[str] = []
+        params: list[Any] = []
+        if rcpt is not None:
+            where.append("EXISTS (SELECT 1 FROM json_each(rcpt_tos) WHERE lower(value) = ?)")
+            params.append(rcpt.lower())
+        if session_id is not None:
+            where.append("session_id = ?")
+            params.append(session_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        out = [self._message(r) for r in self.conn.execute(sql, params)]
+        out.reverse()
+        return out
+
+    def message(self, mid: int) -> MessageRecord | None:
+        row = self.conn.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
+        return self._message(row) if row else None
+
+    def attempts(self, *, rcpt: str | None = None, mail_from: str | None = None
+                 ) -> list[Attempt]:
+        sql = "SELECT * FROM attempts"
+        where: list[str] = []
+        params: list[Any] = []
+        if rcpt is not None:
+            where.append("lower(rcpt) = ?")
+            params.append(rcpt.lower())
+        if mail_from is not None:
+            where.append("lower(mail_from) = ?")
+            params.append(mail_from.lower())
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY t, id"
+        out = [Attempt(**dict(r)) for r in self.conn.execute(sql, params)]
+        last: dict[tuple[str, str], float] = {}
+        for a in out:
+            key = (a.mail_from.lower(), a.rcpt.lower())
+            if key in last:
+                a.interval = a.t - last[key]
+            last[key] = a.t
+        return out
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("sessions", "messages", "attempts", "events")}
+
+
+def _address(command: str) -> str | None:
+    start = command.find("<")
+    end = command.find(">", start + 1)
+    if start < 0 or end < 0:
+        return None
+    return command[start + 1:end]
