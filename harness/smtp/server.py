@@ -509,23 +509,25 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
         await self._answer(d, "250 2.1.5 Ok")
 
     def _attempt_from(self, d: Decision, mail_from: str, rcpt: str, t: float,
-                      message_id: int | None = None, default_code: int = 250) -> None:
-        code = d.reply.code if d.reply else (None if d.fault not in (None, Fault.TARPIT)
-                                             else default_code)
+                      message_id: int | None = None, default: str = "") -> None:
+        """Record one pair's verdict: the scripted reply, a fault, or `default`."""
+        code: int | None = None
+        enhanced: str | None = None
+        reply: str | None = None
         if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
             outcome = {Fault.DROP: "dropped", Fault.RESET: "reset", Fault.HANG: "hang"}[d.fault]
-            code = None
-        elif code is None or code < 400:
-            outcome = "accepted"
-        elif code < 500:
-            outcome = "deferred"
         else:
-            outcome = "rejected"
+            if d.reply is not None:
+                code, enhanced, reply = d.reply.code, d.reply.enhanced, str(d.reply)
+            elif default:
+                code, reply = int(default[:3]), default
+                first = default[4:].split(" ", 1)[0]
+                enhanced = first if first.count(".") == 2 else None
+            outcome = ("accepted" if code is None or code < 400
+                       else "deferred" if code < 500 else "rejected")
         self.ctx.store.attempt(
-            self._sid, t=t, mail_from=mail_from, rcpt=rcpt,
-            phase=d.phase.value, code=code,
-            enhanced=d.reply.enhanced if d.reply else None,
-            reply=str(d.reply) if d.reply else None, outcome=outcome, rule=d.rule,
+            self._sid, t=t, mail_from=mail_from, rcpt=rcpt, phase=d.phase.value, code=code,
+            enhanced=enhanced, reply=reply, outcome=outcome, rule=d.rule,
             message_id=message_id)
 
     async def cmd_DATA(self, arg: str | None) -> None:
@@ -636,7 +638,8 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
             mail_options=self._mail_options, rcpt_options=self._rcpt_options, raw=content,
             subject=subject, message_id=message_id)
         for rcpt in rcpts:
-            self._attempt_from(d, mail_from, rcpt, t, message_id=mid)
+            self._attempt_from(d, mail_from, rcpt, t, message_id=mid,
+                               default=f"250 2.0.0 Ok: queued as {mid}")
         self._record("I", f"stored as message {mid}", d.rule)
         self._flush()
         self._reset_transaction()
