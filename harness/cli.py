@@ -139,7 +139,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _scenarios(args: argparse.Namespace) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in library_names():
         s = load_file(library_dir() / f"{name}.yaml")
         rows.append({"name": s.name, "summary": s.summary, "tags": list(s.tags),

@@ -85,7 +85,7 @@ class _NoHandler:
     """aiosmtpd wants a handler object; every hook we need is a method below."""
 
 
-class HarnessSMTP(SMTP):  # type: ignore[misc]
+class HarnessSMTP(SMTP):
     """One SMTP connection, answered by the scenario engine."""
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -103,6 +103,7 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
         self.ctx = ctx
         self._scenario = ctx.scenario  # the scenario this connection started with
         self._sid = 0
+        self._peer = ""
         self._conn: ev.Connection | None = None
         self._phase: Phase | None = None
         self._rule: str | None = None
@@ -150,7 +151,8 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
 
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
-        peer = self.session.peer or ("0.0.0.0", 0)
+        peer: tuple[str, int] = self.session.peer or ("0.0.0.0", 0)  # type: ignore[assignment]
+        self._peer = f"{peer[0]}:{peer[1]}"
         self.ctx.active.add(self)
         self._conn = self.ctx.engine.connect(str(peer[0]))
         self._sid = self.ctx.store.session_started(
@@ -171,7 +173,7 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
 
     @property
     def task(self) -> asyncio.Task[None] | None:
-        return self._handler_coroutine  # type: ignore[no-any-return]
+        return self._handler_coroutine
 
     def _finish(self) -> None:
         self.ctx.active.discard(self)
@@ -197,8 +199,7 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
     async def _serve(self) -> None:
         assert self._conn is not None
         self._phase = Phase.CONNECT
-        self._record("I", f"connection from {self.session.peer[0]}:{self.session.peer[1]}"
-                          f" (scenario {self._scenario.name})")
+        self._record("I", f"connection from {self._peer} (scenario {self._scenario.name})")
         d = await self._decide(ev.Connect())
         await self._answer(d, f"220 {self.hostname} {self.__ident__}")
         if d.reply is not None and not d.reply.is_positive:
@@ -317,16 +318,17 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
             self._record("I", f"tarpit: one byte every {interval:g}s", self._rule)
             self._flush()
             for byte in (line + "\r\n").encode("utf-8", "surrogateescape"):
-                if self.transport is None or self.transport.is_closing():
+                transport = self.transport
+                if not isinstance(transport, asyncio.Transport) or transport.is_closing():
                     raise _Hangup()
-                self.transport.write(bytes([byte]))
+                transport.write(bytes([byte]))
                 await asyncio.sleep(interval)
 
     async def _fault(self, fault: Fault, rule: str | None) -> None:
         self._record("I", f"fault: {fault.value}", rule)
         self._flush()
         transport = self.transport
-        assert transport is not None
+        assert isinstance(transport, asyncio.Transport)
         if fault is Fault.HANG:
             self._end_reason = f"hang (rule {rule})"
             await asyncio.Future()  # until the client gives up or the idle timeout
@@ -604,7 +606,7 @@ class HarnessSMTP(SMTP):  # type: ignore[misc]
             # Pipelined commands after the dot belong to the command reader.
             # StreamReader has no unread(); its buffer is a bytearray that
             # read() has just emptied from the front, so put them back there.
-            reader._buffer[:0] = leftover  # noqa: SLF001
+            reader._buffer[:0] = leftover  # type: ignore[attr-defined]
         size = dropped + end
         if dropped:
             return b"", True, size

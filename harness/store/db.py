@@ -16,6 +16,7 @@ keeps a second writer off the same store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -271,10 +272,8 @@ class Store:
             except BaseException as e:  # keep serving; report to waiters
                 err = e
                 self.error = e
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             for w in waiters:
                 w(err)
             if stop:
