@@ -1,0 +1,33 @@
+"""Every YAML example in the docs loads as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from harness.scenario.loader import load_text
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _yaml_blocks() -> list[tuple[str, int, str]]:
+    out = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for m in re.finditer(r"^```yaml\n(.*?)^```", text, re.S | re.M):
+            line = text[: m.start()].count("\n") + 2
+            out.append((doc.name, line, m.group(1)))
+    return out
+
+
+@pytest.mark.parametrize(("doc", "line", "block"), _yaml_blocks(),
+                         ids=[f"{d}:{n}" for d, n, _ in _yaml_blocks()])
+def test_docs_yaml_example_loads(doc: str, line: int, block: str) -> None:
+    load_text(block, f"{doc}:{line}")
+
+
+def test_docs_have_examples() -> None:
+    assert len(_yaml_blocks()) >= 6
