@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -329,8 +330,13 @@ class Engine:
             conn.reset_transaction()
 
 
+#: The blank line that ends the header section, as the email parser reads it:
+#: CRLF or a bare LF, and possibly at the very start (no header fields).
+_END_OF_HEADERS = re.compile(rb"(?:\A|\n)\r?\n")
+
+
 def _split_message(content: bytes) -> tuple[EmailMessage, str]:
     headers = BytesHeaderParser(policy=compat32).parsebytes(content)
-    sep = content.find(b"\r\n\r\n")
-    body = content[sep + 4:] if sep >= 0 else b""
+    sep = _END_OF_HEADERS.search(content)
+    body = content[sep.end():] if sep is not None else b""
     return headers, body.decode("utf-8", errors="replace")

@@ -12,9 +12,11 @@ Reads files only in `load_file`; everything else works on text."""
 from __future__ import annotations
 
 import difflib
+import enum
 import ipaddress
+import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -362,8 +364,8 @@ def _delay(c: _Collector, node: Node) -> m.Delay | None:
         sigma = c.parsed(keys2["sigma"], "delay lognormal sigma", float)
         if median is None or sigma is None:
             return None
-        if median <= 0 or sigma < 0:
-            c.error(vnode, "delay lognormal needs median > 0 and sigma >= 0")
+        if median <= 0 or not math.isfinite(sigma) or sigma < 0:
+            c.error(vnode, "delay lognormal needs median > 0 and a finite sigma >= 0")
             return None
         return m.Delay("lognormal", median, sigma)
     seconds = c.parsed(node, "delay", parse_duration)
@@ -395,14 +397,15 @@ def _key_node(mapping: Node, key: str) -> Node:
 
 
 def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Rule | None:
+    first = len(c.problems)
     keys = c.mapping(node, f"rule {index + 1}", RULE_KEYS)
     if not isinstance(node, MappingNode):
         return None
     before = len(c.problems)
     phase: m.Phase | None = None
     if "on" not in keys:
-        if not any(p.line == node.start_mark.line + 1 and "on" in p.message
-                   for p in c.problems):
+        # A misspelt `on` was already reported with "did you mean on?".
+        if not any(p.hint == "did you mean on?" for p in c.problems[first:]):
             c.error(node, f"rule {index + 1} has no on:",
                     "on: connect, helo, mail, rcpt, data, message, ...")
     else:
@@ -413,15 +416,20 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
                 c.error(keys["on"], f"on: {word} is not supported by this version",
                         NOT_YET.get({"starttls": "starttls", "auth": "auth",
                                      "bdat": "chunking"}[word]))
+    # Unnamed rules are called "rule N"; those names take part in the
+    # duplicate check too (the engine counts `times` uses by name).
     name = f"rule {index + 1}"
+    name_node: Node = node
     if "name" in keys:
         given = c.scalar(keys["name"], "name")
         if given is not None:
             name = given
-            if name in names:
-                c.error(keys["name"], f"rule name {name!r} is used twice",
-                        f"first at line {names[name].start_mark.line + 1}")
-            names[name] = keys["name"]
+            name_node = keys["name"]
+    if name in names:
+        c.error(name_node, f"rule name {name!r} is used twice",
+                f"first at line {names[name].start_mark.line + 1}")
+    else:
+        names[name] = name_node
     when = _when(c, keys["when"], phase) if "when" in keys else ()
     reply = _reply(c, keys["reply"]) if "reply" in keys else None
     delay = _delay(c, keys["delay"]) if "delay" in keys else None
@@ -641,8 +649,12 @@ def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") 
 
     The values are written out as YAML and read back through the same code,
     so a rule added in code or over the API is validated like one in a file."""
-    text = yaml.safe_dump([spec], sort_keys=False, allow_unicode=True)
     c = _Collector(source)
+    try:
+        text = yaml.safe_dump([_plain(spec)], sort_keys=False, allow_unicode=True)
+    except yaml.YAMLError as e:
+        raise ScenarioError([Problem(source, 1, 1, f"the rule cannot be read: {e}",
+                                     "use strings, numbers, booleans, lists and dicts")]) from e
     root = _compose(c, text)
     rule = None
     if isinstance(root, SequenceNode) and root.value:
@@ -650,6 +662,19 @@ def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") 
     if c.problems or rule is None:
         raise ScenarioError(c.problems or [Problem(source, 1, 1, "not a rule")])
     return rule
+
+
+def _plain(value: Any) -> Any:
+    """Python values as YAML can write them: enums by value, tuples as lists."""
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def iter_problems(error: ScenarioError) -> Iterator[str]:

@@ -248,6 +248,9 @@ class ChanceMatcher(Matcher):
 
 # --------------------------------------------------------------------- delay
 
+#: exp() of more than about 709.8 overflows a float; e**700 s is "forever" anyway.
+_MAX_EXPONENT = 700.0
+
 @dataclass(frozen=True)
 class Delay:
     """fixed seconds, uniform [low, high], or lognormal (median, sigma)."""
@@ -261,7 +264,9 @@ class Delay:
             return self.a
         if self.kind == "uniform":
             return rng.uniform(self.a, self.b)
-        return rng.lognormvariate(math.log(self.a), self.b)
+        # rng.lognormvariate(mu, sigma) is exp(normalvariate(mu, sigma)); the
+        # same draw, with the exponent capped so a wide sigma cannot overflow.
+        return math.exp(min(rng.normalvariate(math.log(self.a), self.b), _MAX_EXPONENT))
 
     def __str__(self) -> str:
         if self.kind == "fixed":

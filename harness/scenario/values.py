@@ -7,6 +7,7 @@ the loader turns into a positioned problem."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +34,8 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, bool):
         raise ValueError(f"expected a duration such as 5s or 250ms, got {text!r}")
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise ValueError(f"a duration must be a finite number, got {text!r}")
         if text < 0:
             raise ValueError("a duration cannot be negative")
         return float(text)
@@ -40,7 +43,10 @@ def parse_duration(text: str | int | float) -> float:
     if not m:
         raise ValueError(f"expected a duration such as 5s, 250ms or 2m, got {text!r}")
     unit = (m.group(2) or "s").lower()
-    return float(m.group(1)) * _DURATION_UNITS[unit]
+    seconds = float(m.group(1)) * _DURATION_UNITS[unit]
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {text!r} is too large")
+    return seconds
 
 
 def parse_size(text: str | int) -> int:
@@ -55,12 +61,16 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"expected a size such as 10MB, 512KiB or 1024, got {text!r}")
     unit = (m.group(2) or "b").lower()
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    octets = float(m.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(octets):
+        raise ValueError(f"size {text!r} is too large")
+    return int(octets)
 
 
 Op = Literal["<", "<=", ">", ">=", "==", "!="]
 _COMPARE = re.compile(r"^\s*(<=|>=|==|!=|<|>|=)?\s*(.+?)\s*$")
-_RANGE = re.compile(r"^\s*([^.\s]+)\s*\.\.\s*([^.\s]*)\s*$")
+# Bounds may hold a decimal point ("1.5s..3s"); the lazy low bound stops at "..".
+_RANGE = re.compile(r"^\s*([^\s<>=!]\S*?)\s*\.\.\s*(\S*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ def parse_compare(text: str | int | float, unit: Literal["count", "duration", "s
     if isinstance(text, bool):
         raise ValueError(f"expected a number or a comparison such as '>= 2', got {text!r}")
     if isinstance(text, (int, float)):
-        return Compare("==", number(str(text)) if unit != "duration" else float(text),
+        return Compare("==", number(str(text)) if unit != "duration" else parse_duration(text),
                        text=str(text))
     r = _RANGE.match(text)
     if r:
