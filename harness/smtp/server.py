@@ -138,6 +138,7 @@ class HarnessSMTP(SMTP):
         self._scripted = False  # the reply being pushed is from a rule: write as is
         self._pending: list[tuple[float, str, str | None, str, str | None]] = []
         self._end_reason = "client closed"
+        self._closing_rule: str | None = None  # the rule that hung up, if one did
         self._refused = False  # banner was 554: only QUIT is served
         self._ehlo = False
         self._mail_options: list[str] = []
@@ -224,7 +225,7 @@ class HarnessSMTP(SMTP):
                 self.ctx.store.attempt(
                     self._sid, t=t, mail_from=self._conn.mail_from or "", rcpt=rcpt,
                     phase=(self._phase or Phase.DATA).value, code=None, enhanced=None,
-                    reply=None, outcome="lost", rule=None)
+                    reply=None, outcome="lost", rule=self._closing_rule)
             self._accepted_pairs = []
         self._record("I", f"session ended: {self._end_reason}")
         self._flush()
@@ -369,6 +370,7 @@ class HarnessSMTP(SMTP):
 
     async def _fault(self, fault: Fault, rule: str | None) -> None:
         self._record("I", f"fault: {fault.value}", rule)
+        self._closing_rule = rule
         self._flush()
         await self._send()
         transport = self.transport
@@ -390,6 +392,7 @@ class HarnessSMTP(SMTP):
     async def _hangup(self, reason: str) -> None:
         await self._send()
         self._end_reason = reason
+        self._closing_rule = self._rule
         if self.transport is not None:
             self.transport.close()
         raise _Hangup()
@@ -638,31 +641,40 @@ class HarnessSMTP(SMTP):
 
         aiosmtpd reads DATA a line at a time, which dominates its cost for
         larger messages; here the stream is read in chunks and searched for
-        the terminator. Over the size limit the rest is drained, not kept."""
+        the terminator. The size limit applies to the message (RFC 1870: the
+        doubled dots do not count); over it, the rest is drained, not kept."""
         await self._send()  # the 354
         reader = self._reader
         limit = self.data_size_limit
         buf = bytearray()
-        dropped = 0  # bytes discarded once over the limit
+        stuffed = 0  # "\r\n." sequences in buf: one wire byte each beyond the message
+        dropped = 0  # message bytes discarded once over the limit
         scan = 0
         while True:
-            if buf[:3] == b".\r\n" and dropped == 0:
+            if buf[:3] == b".\r\n" and not dropped:
                 end, tail = 0, 3
                 break
             idx = buf.find(b"\r\n.\r\n", scan)
             if idx >= 0:
                 end, tail = idx + 2, idx + 5
                 break
-            scan = max(0, len(buf) - 4)
             chunk = await reader.read(_READ_CHUNK)
             if not chunk:
                 raise _Hangup()
             self._reset_timeout()
+            old = len(buf)
             buf += chunk
-            if limit and dropped + len(buf) > limit + 5 and len(buf) > 8:
-                # Keep only a tail long enough to find the terminator.
-                dropped += len(buf) - 8
-                del buf[:-8]
+            stuffed += buf.count(b"\r\n.", max(0, old - 2))
+            scan = max(0, old - 4)
+            if limit and dropped + len(buf) - stuffed > limit + 5:
+                # Surely over the limit: keep only a tail long enough to find
+                # the terminator (and to count a "\r\n." across the cut).
+                keep = 8
+                cut = len(buf) - keep
+                stuffed_kept = bytes(buf[cut:]).count(b"\r\n.")
+                dropped += cut - (stuffed - stuffed_kept)
+                del buf[:cut]
+                stuffed = stuffed_kept
                 scan = 0
         leftover = bytes(buf[tail:])
         if leftover:
@@ -670,9 +682,8 @@ class HarnessSMTP(SMTP):
             # StreamReader has no unread(); its buffer is a bytearray that
             # read() has just emptied from the front, so put them back there.
             reader._buffer[:0] = leftover  # type: ignore[attr-defined]
-        size = dropped + end
         if dropped:
-            return b"", True, size
+            return b"", True, dropped + end
         content = bytes(buf[:end])
         if content.startswith(b"."):
             content = content[1:]

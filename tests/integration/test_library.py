@@ -470,11 +470,6 @@ def test_message_too_large_limit_is_inclusive() -> None:
         assert len(h.messages()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in harness/smtp/server.py _read_data: the size limit is checked against the "
-    "dot-stuffed bytes on the wire, so a message under the limit with lines starting "
-    "with '.' is answered 552 5.3.4 after the dot, though its SIZE= was accepted "
-    "(RFC 1870: the size excludes the doubled dots)"))
 def test_message_too_large_dot_stuffed_body_under_the_limit_is_accepted() -> None:
     with Harness("message-too-large") as h, closing(smtp(h)) as s:
         s.ehlo()
@@ -612,10 +607,6 @@ def test_drop_mid_data_354_then_the_connection_is_gone() -> None:
         assert h.messages() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in harness/smtp/server.py _finish: a pair lost because a rule closed the "
-    "connection (then: close after 354) is recorded with rule=None, so the attempt "
-    "does not say which rule decided it (fault: drop on message records its rule)"))
 def test_drop_mid_data_lost_attempt_names_the_rule() -> None:
     with Harness("drop-mid-data") as h, closing(smtp(h)) as s:
         s.ehlo()
