@@ -463,7 +463,11 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
             c.error(keys["reply"], "on: data takes 354 to go on, or a 4xx/5xx to refuse")
         if phase is m.Phase.QUIT and reply.code // 100 != 2:
             c.error(keys["reply"], "QUIT can only be answered 221; use a fault to misbehave")
-    if not any(k in keys for k in ("reply", "delay", "then", "fault", "set_state")):
+    outcomes = ("reply", "delay", "then", "fault", "set_state")
+    misspelt = {f"did you mean {k}?" for k in outcomes}
+    if not any(k in keys for k in outcomes) and not any(
+        p.hint in misspelt for p in c.problems[first:]  # reported already
+    ):
         c.error(node, f"{name} does nothing",
                 "give it a reply, delay, then, fault or set_state")
     if len(c.problems) > before or phase is None:

@@ -19,7 +19,6 @@ import logging
 import re
 import socket
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
@@ -151,7 +150,7 @@ class HarnessSMTP(SMTP):
     def _record(self, direction: str, text: str, rule: str | None = None) -> None:
         if len(text) > MAX_TRANSCRIPT_TEXT:
             text = text[:MAX_TRANSCRIPT_TEXT] + f"... ({len(text)} chars)"
-        t = time.time()
+        t = self.ctx.engine.clock()
         phase = self._phase.value if self._phase else None
         self._pending.append((t, direction, phase, text, rule))
         for obs in self.ctx.observers:
@@ -197,7 +196,7 @@ class HarnessSMTP(SMTP):
         self._conn = self.ctx.engine.connect(str(peer[0]))
         self._sid = self.ctx.store.session_started(
             listener=self.ctx.name, peer_ip=str(peer[0]), peer_port=int(peer[1]),
-            scenario=self._scenario.name)
+            scenario=self._scenario.name, t=self.ctx.engine.clock())
         try:
             await self._serve()
         except _Hangup:
@@ -217,7 +216,7 @@ class HarnessSMTP(SMTP):
 
     def _finish(self) -> None:
         self.ctx.active.discard(self)
-        t = time.time()
+        t = self.ctx.engine.clock()
         if self._accepted_pairs and self._conn is not None:
             # The client vanished after recipients were accepted: the pair saw
             # no verdict on this connection, but the sender did try.
@@ -558,7 +557,7 @@ class HarnessSMTP(SMTP):
         mail_from = self._conn.mail_from
         d = self.ctx.engine.decide(self._conn, ev.Rcpt(recipient=address))
         self._rule = d.rule
-        t = time.time()
+        t = self.ctx.engine.clock()
         if not d.accepts:
             # A verdict on this pair now: record it before acting (a fault
             # never returns), then play it.
@@ -611,7 +610,7 @@ class HarnessSMTP(SMTP):
         d = self.ctx.engine.decide(self._conn, ev.Data())
         self._rule = d.rule
         if not d.accepts:
-            t = time.time()
+            t = self.ctx.engine.clock()
             for rcpt in self._accepted_pairs:
                 self._attempt_from(d, mail_from, rcpt, t)
             self._accepted_pairs = []
@@ -695,7 +694,7 @@ class HarnessSMTP(SMTP):
         assert self._conn is not None
         rcpts = list(self._accepted_pairs)
         self._accepted_pairs = []
-        t = time.time()
+        t = self.ctx.engine.clock()
         if too_big:
             self._reset_transaction_engine()
             d = Decision(phase=Phase.MESSAGE)

@@ -315,7 +315,7 @@ class Store:
         self._next_session += 1
         self._put("INSERT INTO sessions (id, started_at, listener, peer_ip, peer_port, scenario)"
                   " VALUES (?, ?, ?, ?, ?, ?)",
-                  (sid, t or time.time(), listener, peer_ip, peer_port, scenario))
+                  (sid, time.time() if t is None else t, listener, peer_ip, peer_port, scenario))
         return sid
 
     _SESSION_FIELDS = frozenset({"helo", "tls_version", "tls_cipher", "auth_user",
