@@ -26,6 +26,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from harness.errors import Problem, ScenarioError
 from harness.scenario import model as m
 from harness.scenario.values import (
+    Reply,
     parse_compare,
     parse_duration,
     parse_reply,
@@ -372,7 +373,7 @@ def _delay(c: _Collector, node: Node) -> m.Delay | None:
     return m.Delay("fixed", seconds) if seconds is not None else None
 
 
-def _reply(c: _Collector, node: Node) -> m.Reply | None:
+def _reply(c: _Collector, node: Node) -> Reply | None:
     try:
         if isinstance(node, SequenceNode):
             lines: list[str] = []
@@ -392,7 +393,7 @@ def _reply(c: _Collector, node: Node) -> m.Reply | None:
 def _key_node(mapping: Node, key: str) -> Node:
     for knode, _ in mapping.value:
         if isinstance(knode, ScalarNode) and knode.value == key:
-            return knode  # type: ignore[no-any-return]
+            return knode
     return mapping
 
 
@@ -623,7 +624,7 @@ def _compose(c: _Collector, text: str) -> Node | None:
     if node is None:
         c.problems.append(Problem(c.path, 1, 1, "the file is empty",
                                   "a scenario needs at least a summary or rules"))
-    return node  # type: ignore[no-any-return]
+    return node
 
 
 def load_text(text: str, path: str = "<string>", default_name: str | None = None) -> m.Scenario:

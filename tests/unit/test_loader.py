@@ -236,19 +236,25 @@ def test_loader_boolean_field_reads_yaml11_words(word: str, value: bool) -> None
     assert s.expect is not None and s.expect.delay_notice is value
 
 
-@pytest.mark.parametrize("word", ["on", "off", "yes", "no", "null", "~", "true", "1", "0x1F",
-                                  "1_000", "2001-01-01", "3.0"])
+@pytest.mark.parametrize("word", ["on", "off", "yes", "no", "true", "1", "0x1F", "1_000",
+                                  "2001-01-01", "3.0", ".nan"])
 def test_loader_word_fields_keep_implicitly_typed_scalars_verbatim(word: str) -> None:
     rule = one_rule(f"rules:\n  - name: {word}\n    on: rcpt\n    when: {{state: {word}}}\n"
-                    f"    set_state: {word}\n") if word not in ("null", "~") else None
-    if rule is None:  # null is "empty", a problem, not the string "null"
-        (p,) = problems(f"rules:\n  - on: rcpt\n    set_state: {word}\n")
-        assert p.message == "set_state is empty"
-        return
+                    f"    set_state: {word}\n")
     assert rule.name == word
     assert rule.set_state == word
     (state,) = rule.when
     assert isinstance(state, m.StateMatcher) and state.states == (word,)
+
+
+@pytest.mark.parametrize("word", ["", "~", "null", "Null", "NULL"])
+def test_loader_null_is_empty_not_the_word_null(word: str) -> None:
+    (p,) = problems(f"rules:\n  - on: rcpt\n    set_state: {word}\n")
+    assert p.message == "set_state is empty"
+
+
+def test_loader_quoted_null_is_a_word() -> None:
+    assert one_rule("rules:\n  - on: rcpt\n    set_state: 'null'\n").set_state == "null"
 
 
 def test_loader_on_key_works_in_flow_style_and_uppercase_value() -> None:

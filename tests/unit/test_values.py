@@ -149,8 +149,9 @@ def test_size_rejects_bad_input(text: object) -> None:
 def test_compare_parses(text: str | int, unit: str, op: str, value: float,
                         high: float | None) -> None:
     c = parse_compare(text, unit)  # type: ignore[arg-type]
-    assert (c.op, c.value, c.high) == (op, pytest.approx(value),
-                                       None if high is None else pytest.approx(high))
+    assert c.op == op
+    assert c.value == pytest.approx(value)
+    assert c.high == (None if high is None else pytest.approx(high))
 
 
 @pytest.mark.parametrize(
