@@ -20,6 +20,7 @@ from typing import Literal
 
 from harness.scenario.values import Compare, Reply
 
+
 class Phase(enum.StrEnum):
     """The SMTP steps a rule can answer (`on:`)."""
 

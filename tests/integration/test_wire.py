@@ -387,12 +387,12 @@ def test_random_bytes_never_kill_the_server() -> None:
 def _chance_replies(seed: int) -> list[int]:
     s = scenario("  - on: rcpt\n    when: {chance: 50%}\n    reply: 451 4.4.2 Flaky\n")
     codes = []
-    with Harness(s, seed=seed) as h:
-        with smtplib.SMTP(h.host, h.port, local_hostname=HELO, timeout=5) as c:
-            c.ehlo()
-            c.mail("a@lab.test")
-            for i in range(24):
-                codes.append(c.rcpt(f"r{i}@lab.test")[0])
+    with Harness(s, seed=seed) as h, smtplib.SMTP(h.host, h.port, local_hostname=HELO,
+                                                  timeout=5) as c:
+        c.ehlo()
+        c.mail("a@lab.test")
+        for i in range(24):
+            codes.append(c.rcpt(f"r{i}@lab.test")[0])
     return codes
 
 

@@ -1,0 +1,687 @@
+"""`PostfixLab`: a private, throw-away Postfix instance relaying to the harness.
+
+    with Harness("mailbox-full") as h, PostfixLab((h.host, h.port)) as pf:
+        pf.submit("sender@lab.test", ["full@lab.test"], message)
+        pf.wait_queue_empty(timeout=10)
+        h.messages(rcpt="sender@lab.test")     # Postfix's NDR, MAIL FROM:<>
+
+The instance lives in its own directory tree (config, queue, log), listens on
+127.0.0.1 only (its smtpd on an ephemeral port it picks), does no DNS at all,
+and sends *everything* to the relay: ordinary mail and the bounces it
+generates for the sender (`mydestination =`, no local delivery). Timings are
+shrunk to seconds so retries, delay warnings and expiry happen within a test.
+Any main.cf key can be overridden with `settings`; `transports` routes
+domains elsewhere (e.g. to a second harness port).
+
+It needs Debian's postfix package and root (the master drops privileges to
+the `postfix` user); `PostfixLab.unavailable()` says why it cannot run here.
+Several instances coexist: each has its own directories, port, syslog name
+and myhostname.
+
+Postfix commands used: `postfix -c DIR check|start|status`, `postqueue -c DIR
+-j|-f|-i`, `postsuper -c DIR -e`, `sendmail -C DIR`, `postconf`. Stopping
+signals the instance's master directly (what `postfix stop` does, without its
+one-second sleeps) and waits for every process of the instance to exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from harness.errors import HarnessError
+
+LOOPBACK = "127.0.0.1"
+SUBMIT_HELO = "submit.lab.test"  # our EHLO name toward Postfix's smtpd: no getfqdn() lookup
+POLL_INTERVAL = 0.05
+_SBIN = ("/usr/sbin", "/sbin", "/usr/lib/sendmail")
+_NOTIFY = ("SUCCESS", "FAILURE", "DELAY", "NEVER")
+_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+_DOMAIN = re.compile(r"^[^\s:]+$")
+
+
+class PostfixLabError(HarnessError):
+    """The lab Postfix could not be set up, started, stopped or driven."""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _tool(name: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
+    return shutil.which(name, path=path)
+
+
+def _free_port() -> int:
+    """An ephemeral port on 127.0.0.1 that is free right now.
+
+    The master binds it a moment later (with SO_REUSEADDR); if someone else
+    took it in between, `start()` picks another and retries."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 xtext, for ENVID."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
+                   for c in value)
+
+
+def _notify(value: str | Iterable[str]) -> list[str]:
+    words = value.split(",") if isinstance(value, str) else list(value)
+    out = [w.strip().upper() for w in words if w.strip()]
+    bad = [w for w in out if w not in _NOTIFY]
+    if not out or bad:
+        raise PostfixLabError(f"dsn_notify {value!r}: use NEVER or any of SUCCESS, FAILURE, DELAY")
+    if "NEVER" in out and len(out) > 1:
+        raise PostfixLabError("dsn_notify: NEVER cannot be combined with other values")
+    return out
+
+
+def _ret(value: str) -> str:
+    ret = value.strip().upper()
+    if ret not in ("FULL", "HDRS"):
+        raise PostfixLabError(f"ret {value!r}: use FULL or HDRS")
+    return ret
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, session id) of a process, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[3])
+
+
+def _wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
+    """Wait until the processes exit; return those still alive at the timeout.
+
+    A pidfd becomes readable when its process exits: an event, not a poll.
+    (Kernels without pidfd_open fall back to a 50 ms check of /proc.)"""
+    deadline = time.monotonic() + timeout
+    fds: dict[int, int] = {}
+    poller = select.poll()
+    polled: set[int] = set()
+    try:
+        for pid in set(pids):
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            except OSError:
+                polled.add(pid)
+                continue
+            fds[fd] = pid
+            poller.register(fd, select.POLLIN)
+        while fds or polled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            wait_ms = int(min(left, POLL_INTERVAL) * 1000) if polled else int(left * 1000) + 1
+            for fd, _ in poller.poll(wait_ms):
+                poller.unregister(fd)
+                os.close(fd)
+                del fds[fd]
+            polled = {p for p in polled if (_proc_stat(p) or ("Z", 0))[0] != "Z"}
+        return set(fds.values()) | polled
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+_running: weakref.WeakSet[PostfixLab] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:  # an interpreter that exits without stop() leaves no Postfix behind
+    for lab in list(_running):
+        with contextlib.suppress(Exception):
+            lab.stop()
+
+
+# ---------------------------------------------------------------- the lab
+
+
+class PostfixLab:
+    """A private Postfix instance on loopback whose relayhost is `relay`.
+
+    `workdir`: where to build the instance (created if missing, kept after
+    `stop()`); default a temporary directory, removed by `stop()`.
+    `settings`: main.cf keys that override the lab defaults (values as
+    Postfix writes them, with units: "2s").
+    `transports`: domain -> (host, port) routes (texthash transport_maps),
+    or domain -> a raw Postfix transport such as "error:5.1.1 no such user".
+    """
+
+    def __init__(self, relay: tuple[str, int], workdir: str | Path | None = None, *,
+                 settings: Mapping[str, str] | None = None,
+                 transports: Mapping[str, tuple[str, int] | str] | None = None,
+                 keep: bool = False) -> None:
+        missing = [t for t in ("postfix", "postconf", "postqueue", "postsuper") if not _tool(t)]
+        if missing:
+            raise PostfixLabError(f"Postfix is not installed (missing {', '.join(missing)}):"
+                                  " apt-get install postfix")
+        self.relay = (str(relay[0]), int(relay[1]))
+        self.token = secrets.token_hex(4)
+        self._tmp = workdir is None
+        self.keep = keep
+        self.root = Path(tempfile.mkdtemp(prefix="postfix-lab-") if workdir is None else workdir
+                         ).resolve()
+        self.config_dir = self.root / "etc"
+        self.queue_directory = self.root / "spool"
+        self.data_directory = self.root / "data"  # created by `postfix check`, not by us
+        self.maillog_path = self.root / "log" / "maillog"
+        self.syslog_name = f"postfix-lab-{self.token}"
+        self.host = LOOPBACK
+        self.port = _free_port()
+        self.transports = dict(transports or {})
+        self.settings = self._settings(dict(settings or {}))
+        self._master_pid: int | None = None
+        self._started = False
+        self._final_log: str | None = None
+        self._write_tree()
+
+    # -- configuration ---------------------------------------------------
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why a lab Postfix cannot run on this machine, or None if it can."""
+        missing = [t for t in ("postfix", "postconf", "postqueue", "postsuper", "sendmail")
+                   if not _tool(t)]
+        if missing:
+            return f"Postfix is not installed (missing {', '.join(missing)})"
+        if os.geteuid() != 0:
+            return "a private Postfix instance needs root (its master drops privileges)"
+        return None
+
+    @property
+    def myhostname(self) -> str:
+        return self.settings["myhostname"]
+
+    def _settings(self, overrides: dict[str, str]) -> dict[str, str]:
+        host, port = self.relay
+        root = str(self.root)
+        s: dict[str, str] = {
+            "compatibility_level": _compatibility_level(),
+            # -- instance isolation (config_directory comes from -c)
+            "queue_directory": str(self.queue_directory),
+            "data_directory": str(self.data_directory),
+            "syslog_name": self.syslog_name,
+            "maillog_file": str(self.maillog_path),
+            "maillog_file_prefixes": root,
+            # -- identity; nothing is delivered locally, bounces go out via the relay
+            "myhostname": f"mta-{self.token}.lab.test",
+            "mydomain": "lab.test",
+            "myorigin": "$mydomain",
+            "mydestination": "",
+            "local_recipient_maps": "",
+            "alias_maps": "",
+            "alias_database": "",
+            "biff": "no",
+            # -- loopback only, relaying for loopback only
+            "inet_interfaces": LOOPBACK,
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject",
+            "smtp_bind_address": LOOPBACK,
+            "relayhost": f"[{host}]:{port}",
+            # -- no DNS at all
+            "smtp_dns_support_level": "disabled",
+            "smtp_host_lookup": "native",
+            "smtpd_peername_lookup": "no",
+            # -- fast queue, retry and DSN timing (Postfix counts in whole seconds)
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+            "maximal_queue_lifetime": "20s",
+            "bounce_queue_lifetime": "20s",
+            "delay_warning_time": "0s",
+            "in_flow_delay": "0s",
+            "bounce_template_file": str(self.config_dir / "bounce.cf"),
+            # -- short SMTP client timeouts (the wait for the banner is smtp_helo_timeout)
+            **{f"smtp_{phase}_timeout": "5s" for phase in (
+                "connect", "helo", "mail", "rcpt", "data_init", "data_xfer", "data_done",
+                "rset", "quit")},
+            "smtpd_timeout": "30s",
+        }
+        if self.transports:
+            s["transport_maps"] = f"texthash:{self.config_dir / 'transport'}"
+        for key, value in overrides.items():
+            value = str(value)
+            if not _KEY.match(key) or "\n" in value or "\r" in value:
+                raise PostfixLabError(f"setting {key!r} = {value!r}: one main.cf key, one line")
+            s[key] = value
+        return s
+
+    def _master_cf(self) -> str:
+        # service   type  private unpriv chroot wakeup maxproc command; chroot off everywhere
+        services = [
+            (f"{LOOPBACK}:{self.port}", "inet", "n", "-", "n", "-", "-", "smtpd"),
+            ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
+            ("cleanup", "unix", "n", "-", "n", "-", "0", "cleanup"),
+            ("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
+            ("rewrite", "unix", "-", "-", "n", "-", "-", "trivial-rewrite"),
+            ("bounce", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("defer", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("trace", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("verify", "unix", "-", "-", "n", "-", "1", "verify"),
+            ("flush", "unix", "n", "-", "n", "1000?", "0", "flush"),
+            ("showq", "unix", "n", "-", "n", "-", "-", "showq"),
+            ("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
+            ("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
+            ("error", "unix", "-", "-", "n", "-", "-", "error"),
+            ("retry", "unix", "-", "-", "n", "-", "-", "error"),
+            ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
+            ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+            ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+            ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
+        ]
+        lines = ["# Written by harness.lab.postfix; the smtpd port is picked per instance."]
+        lines += ["  ".join(f"{f:<10}" for f in row).rstrip() for row in services]
+        return "\n".join(lines) + "\n"
+
+    def _main_cf(self) -> str:
+        lines = [f"# Written by harness.lab.postfix for a private lab instance ({self.token}).",
+                 f"# Start by hand: postfix -c {self.config_dir} start"]
+        lines += [f"{k} = {v}" for k, v in self.settings.items()]
+        return "\n".join(lines) + "\n"
+
+    def _transport_map(self) -> str:
+        lines = ["# domain  transport:nexthop (texthash: read at start-up, no postmap)"]
+        for domain, route in self.transports.items():
+            if not _DOMAIN.match(domain):
+                raise PostfixLabError(f"transports: bad domain {domain!r}")
+            target = route if isinstance(route, str) else f"smtp:[{route[0]}]:{int(route[1])}"
+            if "\n" in target:
+                raise PostfixLabError(f"transports: bad route {route!r}")
+            lines.append(f"{domain}\t{target}")
+        return "\n".join(lines) + "\n"
+
+    def _write_tree(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # the postfix user must reach its queue below it
+        for d in (self.config_dir, self.queue_directory, self.maillog_path.parent):
+            d.mkdir(exist_ok=True)
+            d.chmod(0o755)
+        self._write_config("main.cf", self._main_cf())
+        self._write_config("master.cf", self._master_cf())
+        self._write_config("bounce.cf", _BOUNCE_TEMPLATES)
+        if self.transports:
+            self._write_config("transport", self._transport_map())
+
+    def _write_config(self, name: str, text: str) -> None:
+        """Write a config file, dated a few seconds back.
+
+        Postfix treats a file modified within the last second or so as "hot"
+        (it may still be being written) and re-reads it every 300 ms until it
+        has cooled down: every command run right after the file was written
+        (postfix check, start, postqueue) would stall for about 2 s."""
+        path = self.config_dir / name
+        path.write_text(text)
+        past = time.time() - 10
+        os.utime(path, (past, past))
+
+    # -- commands --------------------------------------------------------
+
+    def _run(self, *argv: str, input: bytes | None = None, timeout: float = 30,
+             check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        tool = _tool(argv[0])
+        if tool is None:
+            raise PostfixLabError(f"{argv[0]}: not installed")
+        env = {**os.environ, "LANG": "C", "LC_ALL": "C"}
+        env.pop("MAIL_CONFIG", None)
+        try:
+            p = subprocess.run([tool, *argv[1:]], input=input, capture_output=True,
+                               timeout=timeout, env=env, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise PostfixLabError(f"{' '.join(argv)}: no answer after {timeout:g}s"
+                                  f"{self._log_tail()}") from e
+        if check and p.returncode != 0:
+            out = (p.stdout + p.stderr).decode(errors="replace").strip()
+            raise PostfixLabError(f"{' '.join(argv)} failed (exit {p.returncode})"
+                                  f"{': ' + out if out else ''}{self._log_tail()}")
+        return p
+
+    def _postfix(self, command: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return self._run("postfix", "-c", str(self.config_dir), command, check=check)
+
+    def postconf(self, name: str) -> str:
+        """A parameter's value as this instance sees it (`postconf -c DIR -xh NAME`)."""
+        p = self._run("postconf", "-c", str(self.config_dir), "-xh", name)
+        return p.stdout.decode().strip()
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> PostfixLab:
+        """`postfix check` then `postfix start`; raises with the maillog tail on failure."""
+        if self._started:
+            return self
+        if self._final_log is not None:
+            raise PostfixLabError("this lab was stopped and its directory removed; make a new one")
+        try:
+            self._postfix("check")
+            for tries in range(3, 0, -1):
+                p = self._postfix("start", check=False)
+                if p.returncode == 0:
+                    break
+                if tries > 1 and "Address already in use" in self.maillog():
+                    self.port = _free_port()  # lost a race for the port: pick another
+                    self._write_config("master.cf", self._master_cf())
+                    self._kill_instance()
+                    continue
+                out = (p.stdout + p.stderr).decode(errors="replace").strip()
+                raise PostfixLabError(f"postfix -c {self.config_dir} start failed "
+                                      f"(exit {p.returncode}){': ' + out if out else ''}"
+                                      f"{self._log_tail()}")
+            self._master_pid = self._read_master_pid()
+            if self._master_pid is None:
+                raise PostfixLabError(f"postfix started but wrote no master.pid{self._log_tail()}")
+        except BaseException:
+            self._kill_instance()
+            raise
+        self._started = True
+        _running.add(self)
+        return self
+
+    def stop(self) -> None:
+        """Stop every process of this instance (always safe to call), then
+        remove the temporary directory (the maillog text is kept in memory)."""
+        _running.discard(self)
+        try:
+            if self.root.exists():
+                self._kill_instance()
+                self._verify_stopped()
+        finally:
+            self._started = False
+            if self._final_log is None and self._tmp and not self.keep:
+                self._final_log = self.maillog()
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PostfixLab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._started
+
+    def __repr__(self) -> str:
+        state = "running" if self._started else "stopped"
+        return (f"<PostfixLab {self.syslog_name} {state} smtpd {self.host}:{self.port}"
+                f" relay [{self.relay[0]}]:{self.relay[1]} dir {self.root}>")
+
+    def _read_master_pid(self) -> int | None:
+        try:
+            return int((self.queue_directory / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def processes(self) -> list[int]:
+        """PIDs of this instance's live processes: the master's session (it
+        calls setsid) and anything whose working directory is our queue
+        (every Postfix daemon chdirs there), so orphans are found too."""
+        master = self._master_pid or self._read_master_pid()
+        spool = str(self.queue_directory)
+        me = os.getpid()
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            pid = int(entry)
+            st = _proc_stat(pid)
+            if st is None or st[0] == "Z":
+                continue
+            mine = master is not None and (pid == master or st[1] == master)
+            if not mine:
+                with contextlib.suppress(OSError):
+                    mine = os.readlink(f"/proc/{pid}/cwd") == spool
+            if mine:
+                found.append(pid)
+        return found
+
+    def _kill_instance(self) -> None:
+        """SIGTERM the master (it terminates its process group, as on `postfix
+        stop`) and wait for every process of the instance; SIGKILL stragglers."""
+        master = self._master_pid or self._read_master_pid()
+        procs = set(self.processes())
+        if not procs:
+            return
+        targets = [master] if master in procs else sorted(procs)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        left = _wait_gone(procs, timeout=5)
+        left |= set(self.processes())
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait_gone(left, timeout=5)
+
+    def _verify_stopped(self) -> None:
+        if (self.config_dir / "main.cf").exists():
+            status = self._postfix("status", check=False)
+            if status.returncode == 0:
+                raise PostfixLabError(f"postfix -c {self.config_dir} status: still running"
+                                      f"{self._log_tail()}")
+        left = self.processes()
+        if left:
+            raise PostfixLabError(f"Postfix processes of {self.syslog_name} survived stop: {left}")
+
+    # -- submission ------------------------------------------------------
+
+    def submit(self, mail_from: str, rcpts: str | Iterable[str], message: bytes | str, *,
+               dsn_notify: str | Iterable[str] | None = None, envid: str | None = None,
+               ret: str | None = None, via: Literal["smtp", "sendmail"] = "smtp"
+               ) -> str | None:
+        """Hand a message to Postfix: `via="smtp"` (its smtpd; returns the queue
+        ID) or `via="sendmail"` (the sendmail command; returns None)."""
+        if via == "smtp":
+            return self.submit_smtp(mail_from, rcpts, message, dsn_notify=dsn_notify,
+                                    envid=envid, ret=ret)
+        if via == "sendmail":
+            self.submit_sendmail(mail_from, rcpts, message, dsn_notify=dsn_notify,
+                                 envid=envid, ret=ret)
+            return None
+        raise PostfixLabError(f"via {via!r}: use 'smtp' or 'sendmail'")
+
+    def submit_smtp(self, mail_from: str, rcpts: str | Iterable[str], message: bytes | str, *,
+                    dsn_notify: str | Iterable[str] | None = None, envid: str | None = None,
+                    ret: str | None = None, timeout: float = 10) -> str:
+        """Submit through this instance's smtpd with smtplib (explicit EHLO name,
+        no DNS). DSN parameters go on MAIL (RET, ENVID) and RCPT (NOTIFY).
+        Returns Postfix's queue ID; any refusal raises PostfixLabError."""
+        rcpt_list = [rcpts] if isinstance(rcpts, str) else list(rcpts)
+        data = message.encode() if isinstance(message, str) else bytes(message)
+        mail_opts: list[str] = []
+        rcpt_opts: list[str] = []
+        if any(not a.isascii() for a in (mail_from, *rcpt_list)):
+            mail_opts.append("SMTPUTF8")
+        if not data.isascii():
+            mail_opts.append("BODY=8BITMIME")
+        if ret is not None:
+            mail_opts.append(f"RET={_ret(ret)}")
+        if envid is not None:
+            mail_opts.append(f"ENVID={_xtext(envid)}")
+        if dsn_notify is not None:
+            rcpt_opts.append("NOTIFY=" + ",".join(_notify(dsn_notify)))
+        where = f"Postfix smtpd {self.host}:{self.port}"
+        try:
+            with smtplib.SMTP(self.host, self.port, local_hostname=SUBMIT_HELO,
+                              timeout=timeout) as s:
+                s.ehlo()
+                code, reply = s.mail(mail_from, mail_opts)
+                if code != 250:
+                    raise PostfixLabError(f"{where}: MAIL FROM:<{mail_from}> got {code} "
+                                          f"{reply.decode(errors='replace')}")
+                refused = {}
+                for r in rcpt_list:
+                    code, reply = s.rcpt(r, rcpt_opts)
+                    if code not in (250, 251):
+                        refused[r] = f"{code} {reply.decode(errors='replace')}"
+                if refused or not rcpt_list:
+                    s.rset()
+                    raise PostfixLabError(f"{where}: recipients refused: {refused or 'none given'}")
+                code, reply = s.data(data)
+                if code != 250:
+                    raise PostfixLabError(f"{where}: DATA got {code} "
+                                          f"{reply.decode(errors='replace')}")
+        except (OSError, smtplib.SMTPException) as e:
+            raise PostfixLabError(f"{where}: {e}{self._log_tail()}") from e
+        m = re.search(rb"queued as ([0-9A-Za-z]+)", reply)
+        if m is None:
+            raise PostfixLabError(f"{where}: no queue ID in {reply!r}")
+        return m.group(1).decode()
+
+    def submit_sendmail(self, mail_from: str, rcpts: str | Iterable[str],
+                        message: bytes | str, *, dsn_notify: str | Iterable[str] | None = None,
+                        envid: str | None = None, ret: str | None = None,
+                        timeout: float = 10) -> None:
+        """Submit with `sendmail -C DIR` (-N notify, -V envid, -R ret); the
+        message goes through maildrop and pickup, like a local program's mail.
+        The queue ID is assigned later by pickup, so none is returned."""
+        rcpt_list = [rcpts] if isinstance(rcpts, str) else list(rcpts)
+        if not rcpt_list:
+            raise PostfixLabError("submit_sendmail: no recipients")
+        data = message.encode() if isinstance(message, str) else bytes(message)
+        argv = ["sendmail", "-C", str(self.config_dir), "-i", "-f", mail_from]
+        if dsn_notify is not None:
+            argv += ["-N", ",".join(_notify(dsn_notify)).lower()]
+        if envid is not None:
+            argv += ["-V", envid]
+        if ret is not None:
+            argv += ["-R", _ret(ret).lower()]
+        self._run(*argv, "--", *rcpt_list, input=data, timeout=timeout)
+
+    # -- the queue -------------------------------------------------------
+
+    def queue(self) -> list[dict[str, Any]]:
+        """The queue as `postqueue -j` reports it: one dict per message
+        (queue_name, queue_id, arrival_time, message_size, forced_expire,
+        sender, recipients [{address, delay_reason}])."""
+        p = self._run("postqueue", "-c", str(self.config_dir), "-j")
+        return [json.loads(line) for line in p.stdout.decode().splitlines() if line.strip()]
+
+    def flush(self) -> None:
+        """Attempt delivery of all queued mail now (`postqueue -f`)."""
+        self._run("postqueue", "-c", str(self.config_dir), "-f")
+
+    def expire(self, queue_id: str, *, now: bool = True) -> None:
+        """Expire a message (`postsuper -e`): Postfix returns it to the sender
+        at its next delivery attempt, which `now` schedules at once
+        (`postqueue -i`; for a message that is not deferred it is a no-op)."""
+        self._run("postsuper", "-c", str(self.config_dir), "-e", queue_id)
+        if now:
+            if queue_id.upper() == "ALL":
+                self.flush()
+            else:
+                self._run("postqueue", "-c", str(self.config_dir), "-i", queue_id, check=False)
+
+    def _queue_files(self) -> int:
+        count = 0
+        for name in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _dir, _subdirs, files in os.walk(self.queue_directory / name):
+                count += len(files)
+        return count
+
+    def wait_queue_empty(self, timeout: float = 10) -> float:
+        """Wait until no message is queued (including bounces Postfix has just
+        generated); return the seconds waited.
+
+        Postfix offers no event to await for "queue empty", so this polls the
+        queue directories every 50 ms, bounded by `timeout`. Two empty looks
+        in a row are required: a message renamed between queue directories
+        during one scan could otherwise be missed."""
+        start = time.monotonic()
+        deadline = start + timeout
+        empty_seen = 0
+        while True:
+            if self._queue_files() == 0:
+                empty_seen += 1
+                if empty_seen >= 2:
+                    return time.monotonic() - start
+            else:
+                empty_seen = 0
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL)
+        queued = json.dumps(self.queue(), indent=1) if self._started else "(not running)"
+        raise PostfixLabError(f"{self.syslog_name}: queue not empty after {timeout:g}s: "
+                              f"{queued}{self._log_tail()}")
+
+    # -- logs ------------------------------------------------------------
+
+    def maillog(self) -> str:
+        """The instance's log (maillog_file) so far."""
+        if self._final_log is not None:
+            return self._final_log
+        try:
+            return self.maillog_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _log_tail(self, lines: int = 25) -> str:
+        tail = self.maillog().splitlines()[-lines:]
+        return ("\n--- maillog tail ---\n" + "\n".join(tail)) if tail else ""
+
+
+_compat: str | None = None
+
+
+def _compatibility_level() -> str:
+    """3.6 where Postfix knows it (3.6+), else 2 (the oldest current default)."""
+    global _compat
+    if _compat is None:
+        _compat = "2"
+        tool = _tool("postconf")
+        if tool is not None:
+            with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+                out = subprocess.run([tool, "-dh", "mail_version"], capture_output=True,
+                                     text=True, timeout=10, check=True).stdout
+                major, minor = (int(x) for x in out.strip().split(".")[:2])
+                if (major, minor) >= (3, 6):
+                    _compat = "3.6"
+    return _compat
+
+
+# Postfix's stock delay notice counts in hours ("0 hour(s)" with lab timings);
+# this one counts in seconds. The other templates are Postfix's own.
+_BOUNCE_TEMPLATES = """\
+delay_template = <<EOF
+Charset: us-ascii
+From: Mail Delivery System <MAILER-DAEMON>
+Subject: Delayed Mail (still being retried)
+Postmaster-Subject: Postmaster Warning: Delayed Mail
+
+This is the mail system at host $myhostname.
+
+Your message has not been delivered yet: it has been delayed for
+$delay_warning_time_seconds second(s). Delivery will be retried until the
+message is $maximal_queue_lifetime_seconds second(s) old. This is a warning
+only; there is no need to send the message again.
+
+The attached report says why delivery was delayed.
+
+                   The mail system
+EOF
+"""
