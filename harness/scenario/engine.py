@@ -115,6 +115,7 @@ class Decision:
     close: bool = False
     fault: Fault | None = None
     drip: float = 1.0
+    after_bytes: int | None = None
     #: rules of this phase that did not match, each with the first reason
     misses: tuple[tuple[str, str], ...] = ()
 
@@ -139,11 +140,13 @@ class Connection:
     declared_size: int | None = None
     rcpts: list[str] = field(default_factory=list)
     message_index: int = 0
+    rcpt_commands: int = 0  # RCPT commands in this transaction, accepted or not
 
     def reset_transaction(self) -> None:
         self.mail_from = None
         self.declared_size = None
         self.rcpts = []
+        self.rcpt_commands = 0
 
 
 def _parse_client(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -248,6 +251,8 @@ class Engine:
         # (connect, helo, ...) or client and sender (mail).
         if isinstance(event, Rcpt):
             facts.rcpts = (event.recipient,)
+            conn.rcpt_commands += 1
+            facts.rcpt_index = conn.rcpt_commands
         elif isinstance(event, Vrfy):
             facts.rcpts = (event.argument,)
         elif phase in (Phase.DATA, Phase.MESSAGE, Phase.BDAT):
@@ -305,6 +310,7 @@ class Engine:
                 close=rule.close,
                 fault=rule.fault,
                 drip=rule.drip,
+                after_bytes=rule.after_bytes,
                 misses=tuple(misses),
             )
         return Decision(phase=facts.phase, misses=tuple(misses))

@@ -44,10 +44,10 @@ SERVER_KEYS = ("hostname", "greeting", "size_limit", "timeout", "extensions",
 EXTENSION_KEYS = ("pipelining", "smtputf8", "8bitmime", "enhancedstatuscodes",
                   "dsn", "chunking")
 RULE_KEYS = ("name", "on", "when", "reply", "delay", "then", "fault", "drip",
-             "set_state", "times")
+             "after_bytes", "set_state", "times")
 WHEN_KEYS = ("client", "helo", "mail_from", "rcpt", "header", "body", "size", "tls",
              "auth_user", "attempt", "first_seen", "connection", "message_index",
-             "state", "chance", "spf", "dkim", "dmarc")
+             "rcpt_index", "state", "chance", "spf", "dkim", "dmarc")
 EXPECT_KEYS = ("outcome", "min_attempts", "max_attempts", "ndr", "delay_notice")
 NDR_KEYS = ("status", "action", "diagnostic")
 SEND_KEYS = ("mail_from", "rcpt", "subject", "size")
@@ -81,6 +81,7 @@ WHEN_PHASES: dict[str, frozenset[m.Phase]] = {
     "auth_user": _AFTER_HELO - {m.Phase.HELO},
     "mail_from": m.TRANSACTION_PHASES,
     "message_index": m.TRANSACTION_PHASES,
+    "rcpt_index": frozenset({m.Phase.RCPT}),
     "rcpt": m.RECIPIENT_PHASES,
     "first_seen": m.RECIPIENT_PHASES - {m.Phase.VRFY},
     "size": frozenset({m.Phase.MAIL, m.Phase.MESSAGE, m.Phase.BDAT}),
@@ -119,9 +120,14 @@ class _Collector:
                            f"first at line {keynodes[key].start_mark.line + 1}")
                 continue
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-                hint = (f"did you mean {close[0]}?" if close
-                        else "known keys: " + ", ".join(allowed))
+                lowered = {a.lower(): a for a in allowed}
+                close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)
+                if close:
+                    hint = f"did you mean {lowered[close[0]]}?"
+                elif what.startswith("rule") and key in WHEN_KEYS:
+                    hint = f"{key} is a condition: put it under when:"
+                else:
+                    hint = "known keys: " + ", ".join(allowed)
                 self.error(knode, f"unknown key {key} in {what}", hint)
                 continue
             if key in NOT_YET:
@@ -303,7 +309,8 @@ def _when(c: _Collector, node: Node, phase: m.Phase | None) -> tuple[m.Matcher, 
         elif key == "tls":
             b = c.boolean(vnode, "tls")
             matcher = m.BoolMatcher(key, b) if b is not None else None
-        elif key in ("size", "attempt", "first_seen", "connection", "message_index"):
+        elif key in ("size", "attempt", "first_seen", "connection", "message_index",
+                     "rcpt_index"):
             unit = {"size": "size", "first_seen": "duration"}.get(key, "count")
             cmp = c.parsed(vnode, key, lambda s, u=unit: parse_compare(s, u))  # type: ignore[misc]
             matcher = m.CompareMatcher(key, cmp) if cmp is not None else None
@@ -447,6 +454,14 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
         drip = d if d is not None else drip
         if fault is not m.Fault.TARPIT:
             c.error(keys["drip"], "drip only applies to fault: tarpit")
+    after_bytes: int | None = None
+    if "after_bytes" in keys:
+        after_bytes = c.parsed(keys["after_bytes"], "after_bytes", parse_size)
+        if phase is not m.Phase.DATA or fault not in (m.Fault.DROP, m.Fault.RESET,
+                                                        m.Fault.HANG):
+            c.error(keys["after_bytes"],
+                    "after_bytes applies to on: data with fault: drop, reset or hang",
+                    "the server answers 354, reads that much of the body, then the fault")
     set_state = c.scalar(keys["set_state"], "set_state") if "set_state" in keys else None
     times = c.integer(keys["times"], "times", minimum=1) if "times" in keys else None
 
@@ -462,6 +477,8 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
             c.error(keys["reply"], f"a {reply.code} reply means 'go on' and only fits on: data")
         if phase is m.Phase.DATA and reply.code // 100 == 2:
             c.error(keys["reply"], "on: data takes 354 to go on, or a 4xx/5xx to refuse")
+        if phase is m.Phase.CONNECT and reply.code // 100 == 2 and reply.code != 220:
+            c.error(keys["reply"], f"a banner is 220 (or 421/554 to refuse), not {reply.code}")
         if phase is m.Phase.QUIT and reply.code // 100 != 2:
             c.error(keys["reply"], "QUIT can only be answered 221; use a fault to misbehave")
     outcomes = ("reply", "delay", "then", "fault", "set_state")
@@ -474,7 +491,7 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
     if len(c.problems) > before or phase is None:
         return None
     return m.Rule(name=name, on=phase, when=when, reply=reply, delay=delay, close=close,
-                  fault=fault, drip=drip, set_state=set_state, times=times,
+                  fault=fault, drip=drip, after_bytes=after_bytes, set_state=set_state, times=times,
                   line=node.start_mark.line + 1)
 
 

@@ -82,6 +82,7 @@ class Facts:
     #: seconds since each client/sender/recipient triplet was first seen
     first_seen_ages: tuple[float, ...] = ()
     message_index: int = 0
+    rcpt_index: int = 0  # Nth RCPT command of this transaction
     size: int | None = None
     headers: Message | None = None
     body: str | None = None
@@ -201,7 +202,7 @@ class BoolMatcher(Matcher):
 
 @dataclass(frozen=True)
 class CompareMatcher(Matcher):
-    """size, attempt, first_seen, connection, message_index."""
+    """size, attempt, first_seen, connection, message_index, rcpt_index."""
 
     compare: Compare = field(default_factory=lambda: Compare("==", 0))
 
@@ -217,6 +218,8 @@ class CompareMatcher(Matcher):
             values = facts.first_seen_ages
         elif self.key == "connection":
             values = (float(facts.connection),)
+        elif self.key == "rcpt_index":
+            values = (float(facts.rcpt_index),)
         else:
             values = (float(facts.message_index),)
         if any(self.compare.holds(v) for v in values):
@@ -288,6 +291,7 @@ class Rule:
     close: bool = False  # `then: close`
     fault: Fault | None = None
     drip: float = 1.0  # tarpit: seconds between bytes
+    after_bytes: int | None = None  # on: data faults: 354, read this much, then the fault
     set_state: str | None = None
     times: int | None = None
     line: int = 0  # where the rule starts in its file (0: built in code)

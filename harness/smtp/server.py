@@ -620,6 +620,8 @@ class HarnessSMTP(SMTP):
             await self._send()
             await asyncio.sleep(d.delay)
         if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            if d.after_bytes is not None:
+                await self._part_of_body(d.after_bytes)
             await self._fault(d.fault, d.rule)
         await self._answer(d, "354 End data with <CR><LF>.<CR><LF>")
         if not d.accepts:
@@ -629,6 +631,21 @@ class HarnessSMTP(SMTP):
         content, too_big, size = await self._read_data()
         self._record("C", f"<message: {size} bytes>")
         await self._message(mail_from, content, too_big, size)
+
+    async def _part_of_body(self, limit: int) -> None:
+        """354, then read up to `limit` bytes of the body (for faults mid-DATA)."""
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self._send()
+        got = 0
+        while got < limit:
+            chunk = await self._reader.read(min(_READ_CHUNK, limit - got))
+            if not chunk:
+                raise _Hangup()
+            got += len(chunk)
+            if b"\r\n.\r\n" in chunk:
+                break
+        self._phase = Phase.MESSAGE
+        self._record("C", f"<{got} bytes of the message>")
 
     def _reset_transaction_engine(self) -> None:
         assert self._conn is not None

@@ -874,3 +874,23 @@ def test_engine_connect_counts_per_client_address() -> None:
                ["10.0.0.1", "10.0.0.2", "10.0.0.1", "::ffff:10.0.0.1", "10.0.0.2"]]
     assert numbers == [1, 1, 2, 3, 2]
     assert eng.connect("10.0.0.9").client == ipaddress.ip_address("10.0.0.9")
+
+
+def test_engine_rcpt_index_counts_per_transaction_on_each_connection() -> None:
+    eng = engine("""\
+        - on: rcpt
+          when: {rcpt_index: "> 2"}
+          reply: 452 4.5.3 Too many recipients
+        """)
+    a = eng.connect(CLIENT)
+    b = eng.connect(CLIENT)
+    for conn in (a, b):
+        eng.decide(conn, Helo(name="c.lab.test"))
+        eng.decide(conn, Mail(sender="s@lab.test"))
+    # interleaved transactions keep their own counts
+    got = [code(eng.decide(conn, Rcpt(recipient=f"r{i}@lab.test")))
+           for i in range(3) for conn in (a, b)]
+    assert got == [None, None, None, None, 452, 452]
+    eng.decide(a, Rset())
+    eng.decide(a, Mail(sender="s@lab.test"))
+    assert code(eng.decide(a, Rcpt(recipient="x@lab.test"))) is None

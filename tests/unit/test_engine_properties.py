@@ -92,6 +92,7 @@ WHEN_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "first_seen": st.sampled_from(["< 60s", ">= 1s", "0s..5m", "> 250ms", "1.5s..3s"]),
     "connection": COUNT,
     "message_index": COUNT,
+    "rcpt_index": COUNT,
     "state": st.one_of(st.sampled_from(["started", "a", "b", "off", "no"]),
                        st.lists(st.sampled_from(["started", "a", "b"]), min_size=1,
                                 max_size=2)),

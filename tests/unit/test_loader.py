@@ -766,3 +766,50 @@ def test_build_rule_names_its_source() -> None:
         build_rule({"on": "rcpt"}, index=4, source="api")
     (p,) = info.value.problems
     assert (p.path, p.message) == ("api", "rule 5 does nothing")
+
+
+# ------------------------------------------------------------ later additions
+
+
+def test_loader_did_you_mean_ignores_case() -> None:
+    (p,) = problems("""\
+        rules:
+          - On: rcpt
+            reply: 550 5.1.1 no
+        """)
+    assert p.hint == "did you mean on?"
+
+
+def test_loader_condition_at_rule_level_is_pointed_under_when() -> None:
+    (p,) = problems("""\
+        rules:
+          - on: rcpt
+            rcpt: a@lab.test
+            reply: 550 5.1.1 no
+        """)
+    assert p.message == "unknown key rcpt in rule 1"
+    assert p.hint == "rcpt is a condition: put it under when:"
+
+
+def test_loader_banner_reply_must_be_220_or_a_refusal() -> None:
+    (p,) = problems("""\
+        rules:
+          - on: connect
+            reply: 250 hello
+        """)
+    assert "a banner is 220" in p.message
+    assert one_rule("rules: [{on: connect, reply: 554 5.7.1 go away}]").reply is not None
+
+
+def test_loader_after_bytes_only_with_a_fault_on_data() -> None:
+    rule = one_rule("rules: [{on: data, fault: reset, after_bytes: 2KB}]")
+    assert rule.after_bytes == 2000
+    (p,) = problems("rules: [{on: message, fault: drop, after_bytes: 2KB}]")
+    assert "after_bytes applies to on: data" in p.message
+
+
+def test_loader_rcpt_index_only_at_rcpt() -> None:
+    rule = one_rule("rules: [{on: rcpt, when: {rcpt_index: '> 3'}, reply: 452 4.5.3 no}]")
+    assert [mt.key for mt in rule.when] == ["rcpt_index"]
+    (p,) = problems("rules: [{on: message, when: {rcpt_index: 2}, reply: 550 5.0.0 no}]")
+    assert "rcpt_index is not known at on: message" in p.message
