@@ -112,6 +112,56 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[3])
 
 
+def _env() -> dict[str, str]:
+    env = {**os.environ, "LANG": "C", "LC_ALL": "C"}
+    env.pop("MAIL_CONFIG", None)  # -c / -C say which instance
+    return env
+
+
+def _read_until_exit(proc: subprocess.Popen[bytes], fd: int, timeout: float) -> bytes:
+    """Collect what `proc` writes to the pty `fd` until it exits.
+
+    Waits on the output and on the process's pidfd (both events); daemons it
+    started may keep the terminal open, so EOF is not awaited."""
+    deadline = time.monotonic() + timeout
+    out = bytearray()
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except OSError:
+        pidfd = None
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            waitables = [fd] if pidfd is None else [fd, pidfd]
+            ready, _, _ = select.select(waitables, [], [],
+                                        min(left, POLL_INTERVAL) if pidfd is None else left)
+            if fd in ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    chunk = b""
+                if chunk:
+                    out += chunk
+                    continue
+                proc.wait(max(0.0, deadline - time.monotonic()))
+                return bytes(out)
+            if proc.poll() is not None:  # exited; take what is still buffered
+                while select.select([fd], [], [], 0)[0]:
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    out += chunk
+                return bytes(out)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 def _wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
     """Wait until the processes exit; return those still alive at the timeout.
 
@@ -182,7 +232,7 @@ class PostfixLab:
                                   " apt-get install postfix")
         self.relay = (str(relay[0]), int(relay[1]))
         self.token = secrets.token_hex(4)
-        self._tmp = workdir is None
+        self.temporary = workdir is None  # ours to remove at stop()
         self.keep = keep
         self.root = Path(tempfile.mkdtemp(prefix="postfix-lab-") if workdir is None else workdir
                          ).resolve()
@@ -347,11 +397,9 @@ class PostfixLab:
         tool = _tool(argv[0])
         if tool is None:
             raise PostfixLabError(f"{argv[0]}: not installed")
-        env = {**os.environ, "LANG": "C", "LC_ALL": "C"}
-        env.pop("MAIL_CONFIG", None)
         try:
             p = subprocess.run([tool, *argv[1:]], input=input, capture_output=True,
-                               timeout=timeout, env=env, check=False)
+                               timeout=timeout, env=_env(), check=False)
         except subprocess.TimeoutExpired as e:
             raise PostfixLabError(f"{' '.join(argv)}: no answer after {timeout:g}s"
                                   f"{self._log_tail()}") from e
@@ -362,7 +410,38 @@ class PostfixLab:
         return p
 
     def _postfix(self, command: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        return self._run("postfix", "-c", str(self.config_dir), command, check=check)
+        """`postfix -c DIR COMMAND`, its output captured through a pseudo-terminal:
+        Postfix commands write their messages to stderr only when it is a
+        terminal (else only to syslog/maillog, and errors found while reading
+        main.cf go nowhere: there is no syslog here)."""
+        argv = ["postfix", "-c", str(self.config_dir), command]
+        tool = _tool("postfix")
+        if tool is None:
+            raise PostfixLabError("postfix: not installed")
+        primary, secondary = os.openpty()
+        out = bytearray()
+        try:
+            proc = subprocess.Popen([tool, *argv[1:]], stdin=subprocess.DEVNULL,
+                                    stdout=secondary, stderr=secondary, env=_env())
+        except BaseException:
+            os.close(primary)
+            os.close(secondary)
+            raise
+        os.close(secondary)
+        try:
+            out += _read_until_exit(proc, primary, timeout=30)
+        except subprocess.TimeoutExpired as e:
+            proc.kill()
+            proc.wait()
+            raise PostfixLabError(f"{' '.join(argv)}: no answer after 30s"
+                                  f"{self._log_tail()}") from e
+        finally:
+            os.close(primary)
+        text = out.decode(errors="replace").replace("\r\n", "\n").strip()
+        if check and proc.returncode != 0:
+            raise PostfixLabError(f"{' '.join(argv)} failed (exit {proc.returncode})"
+                                  f"{': ' + text if text else ''}{self._log_tail()}")
+        return subprocess.CompletedProcess(argv, proc.returncode, text.encode(), b"")
 
     def postconf(self, name: str) -> str:
         """A parameter's value as this instance sees it (`postconf -c DIR -xh NAME`)."""
@@ -395,6 +474,11 @@ class PostfixLab:
             self._master_pid = self._read_master_pid()
             if self._master_pid is None:
                 raise PostfixLabError(f"postfix started but wrote no master.pid{self._log_tail()}")
+            # A round trip through the master (showq) proves it serves requests;
+            # a daemon that already died on its settings is reported now (the
+            # queue waits report later ones as soon as they are logged).
+            self.queue()
+            self._raise_if_daemon_failed()
         except BaseException:
             self._kill_instance()
             raise
@@ -412,7 +496,7 @@ class PostfixLab:
                 self._verify_stopped()
         finally:
             self._started = False
-            if self._final_log is None and self._tmp and not self.keep:
+            if self._final_log is None and self.temporary and not self.keep:
                 self._final_log = self.maillog()
                 shutil.rmtree(self.root, ignore_errors=True)
 
@@ -479,7 +563,7 @@ class PostfixLab:
         _wait_gone(left, timeout=5)
 
     def _verify_stopped(self) -> None:
-        if (self.config_dir / "main.cf").exists():
+        if (self.queue_directory / "pid" / "master.pid").exists():  # a master ever ran
             status = self._postfix("status", check=False)
             if status.returncode == 0:
                 raise PostfixLabError(f"postfix -c {self.config_dir} status: still running"
@@ -616,6 +700,7 @@ class PostfixLab:
         deadline = start + timeout
         empty_seen = 0
         while True:
+            self._raise_if_daemon_failed()
             if self._queue_files() == 0:
                 empty_seen += 1
                 if empty_seen >= 2:
@@ -629,6 +714,24 @@ class PostfixLab:
         raise PostfixLabError(f"{self.syslog_name}: queue not empty after {timeout:g}s: "
                               f"{queued}{self._log_tail()}")
 
+    def wait_deferred(self, queue_id: str, timeout: float = 10) -> dict[str, Any]:
+        """Wait until the message is in the deferred queue (a delivery attempt
+        failed temporarily); return its `postqueue -j` entry.
+
+        Polls `postqueue -j` every 50 ms, bounded by `timeout`: Postfix has no
+        event for "message deferred" either."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_if_daemon_failed()
+            for entry in self.queue():
+                if entry.get("queue_id") == queue_id and entry.get("queue_name") == "deferred":
+                    return entry
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL)
+        raise PostfixLabError(f"{self.syslog_name}: {queue_id} not deferred after {timeout:g}s: "
+                              f"{json.dumps(self.queue(), indent=1)}{self._log_tail()}")
+
     # -- logs ------------------------------------------------------------
 
     def maillog(self) -> str:
@@ -639,6 +742,18 @@ class PostfixLab:
             return self.maillog_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def failures(self) -> list[str]:
+        """The maillog's fatal/panic lines: a daemon died (often a bad setting
+        that only that daemon reads, which `postfix check` does not catch)."""
+        marker = re.compile(rf"\s{re.escape(self.syslog_name)}/[\w.-]+\[\d+\]: (fatal|panic): ")
+        return [line for line in self.maillog().splitlines() if marker.search(line)]
+
+    def _raise_if_daemon_failed(self) -> None:
+        failed = self.failures()
+        if failed:
+            raise PostfixLabError(f"{self.syslog_name}: a Postfix daemon failed: {failed[0]}"
+                                  f"{self._log_tail()}")
 
     def _log_tail(self, lines: int = 25) -> str:
         tail = self.maillog().splitlines()[-lines:]

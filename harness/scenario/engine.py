@@ -32,9 +32,17 @@ from harness.scenario.model import (
     Rule,
     Scenario,
 )
-from harness.scenario.values import Reply
+from harness.scenario.values import Reply, parse_reply
 
 INITIAL_STATE = "started"
+
+# Replies of the server limits (scenario `server.limits`), worded as real MTAs do.
+_TOO_MANY_CONNECTIONS = parse_reply("421 4.7.0 Too many connections, try again later")
+_TOO_MANY_FROM_YOU = parse_reply("421 4.7.0 Too many connections from your host")
+_TOO_MANY_MESSAGES = parse_reply("421 4.7.0 Too many messages in this connection")
+_TOO_MANY_RECIPIENTS = parse_reply("452 4.5.3 Too many recipients")
+_RATE_CLIENT = parse_reply("421 4.7.0 Rate limit exceeded for your host, try again later")
+_RATE_SENDER = parse_reply("451 4.7.1 Rate limit exceeded for this sender, try again later")
 
 # ------------------------------------------------------------------- events
 
@@ -54,6 +62,19 @@ class Helo(Event):
     phase = Phase.HELO
     name: str
     extended: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartTls(Event):
+    phase = Phase.STARTTLS
+
+
+@dataclass(frozen=True, kw_only=True)
+class Auth(Event):
+    phase = Phase.AUTH
+    mechanism: str
+    user: str
+    valid: bool  # the credentials are right (the adapter checked them)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +99,14 @@ class Data(Event):
 class Message(Event):
     phase = Phase.MESSAGE
     content: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bdat(Event):
+    phase = Phase.BDAT
+    size: int  # this chunk
+    last: bool
+    total: int  # the message so far, this chunk included
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +151,7 @@ class Decision:
     @property
     def accepts(self) -> bool:
         """True when the client will see a positive (or the normal) reply."""
-        if self.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+        if self.fault in (Fault.DROP, Fault.RESET, Fault.HANG, Fault.TLS_FAIL):
             return False
         return self.reply is None or self.reply.is_positive
 
@@ -141,6 +170,7 @@ class Connection:
     rcpts: list[str] = field(default_factory=list)
     message_index: int = 0
     rcpt_commands: int = 0  # RCPT commands in this transaction, accepted or not
+    open: bool = True
 
     def reset_transaction(self) -> None:
         self.mail_from = None
@@ -205,6 +235,11 @@ class Engine:
             self.first_seen: dict[tuple[str, str, str], float] = {}
             self.connections: Counter[str] = Counter()
             self.rule_uses: Counter[str] = Counter()
+            self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+            if not hasattr(self, "active"):
+                # Open connections are facts of the sockets, not of a run:
+                # a reset keeps counting the ones still open.
+                self.active: Counter[str] = Counter()
 
     # -- events -----------------------------------------------------------
 
@@ -212,7 +247,18 @@ class Engine:
         ip = _parse_client(client)
         with self._lock:
             self.connections[str(ip)] += 1
+            self.active[str(ip)] += 1
             return Connection(client=ip, number=self.connections[str(ip)], tls=tls)
+
+    def disconnect(self, conn: Connection) -> None:
+        """The connection is closed (counts for the concurrency limits)."""
+        with self._lock:
+            if conn.open:
+                conn.open = False
+                key = str(conn.client)
+                self.active[key] -= 1
+                if self.active[key] <= 0:
+                    del self.active[key]
 
     def decide(self, conn: Connection, event: Event) -> Decision:
         """The decision for `event` on `conn`, updating the bookkeeping."""
@@ -246,6 +292,10 @@ class Engine:
             facts.size = len(event.content)
             if self._needs_content[phase]:
                 facts.headers, facts.body = _split_message(event.content)
+        elif isinstance(event, Bdat):
+            facts.size = event.total
+        elif isinstance(event, Auth):
+            facts.auth_user = event.user
 
         # Attempt counters: per pair once recipients are known, else per client
         # (connect, helo, ...) or client and sender (mail).
@@ -275,9 +325,47 @@ class Engine:
             self.attempts[key] += 1
             facts.attempts = (self.attempts[key],)
 
-        decision = self._match(facts)
+        decision = self._limit(conn, event, now) or self._match(facts)
         self._apply(conn, event, decision)
         return decision
+
+    def _limit(self, conn: Connection, event: Event, now: float) -> Decision | None:
+        """The scenario's server limits, checked before its rules."""
+        limits = self.scenario.server.limits
+        phase = event.phase
+
+        def refuse(name: str, reply: Reply, close: bool) -> Decision:
+            return Decision(phase=phase, rule=f"limit {name}", reply=reply, close=close)
+
+        if isinstance(event, Connect):
+            total = sum(self.active.values())
+            if limits.max_connections is not None and total > limits.max_connections:
+                return refuse("max_connections", _TOO_MANY_CONNECTIONS, True)
+            if (limits.max_connections_per_client is not None
+                    and self.active[str(conn.client)] > limits.max_connections_per_client):
+                return refuse("max_connections_per_client", _TOO_MANY_FROM_YOU, True)
+        elif isinstance(event, Mail):
+            if (limits.messages_per_connection is not None
+                    and conn.message_index >= limits.messages_per_connection):
+                return refuse("messages_per_connection", _TOO_MANY_MESSAGES, True)
+            rate = limits.rate
+            if rate is not None:
+                key = (f"client {conn.client}" if rate.key == "client"
+                       else f"sender {event.sender.lower()}")
+                tokens, then = self.buckets.get(key, (float(rate.messages), now))
+                tokens = min(float(rate.messages),
+                             tokens + (now - then) * rate.messages / rate.per)
+                if tokens < 1.0:
+                    self.buckets[key] = (tokens, now)
+                    if rate.key == "client":
+                        return refuse("rate", _RATE_CLIENT, True)
+                    return refuse("rate", _RATE_SENDER, False)
+                self.buckets[key] = (tokens - 1.0, now)
+        elif isinstance(event, Rcpt):
+            if (limits.recipients_per_message is not None
+                    and len(conn.rcpts) >= limits.recipients_per_message):
+                return refuse("recipients_per_message", _TOO_MANY_RECIPIENTS, False)
+        return None
 
     def _match(self, facts: Facts) -> Decision:
         misses: list[tuple[str, str]] = []
@@ -332,6 +420,13 @@ class Engine:
         elif isinstance(event, Rcpt):
             if ok:
                 conn.rcpts.append(event.recipient)
+        elif isinstance(event, Auth):
+            positive = decision.reply.is_positive if decision.reply is not None else event.valid
+            if ok and positive:
+                conn.auth_user = event.user
+        elif isinstance(event, Bdat):
+            if not ok:
+                conn.reset_transaction()
         elif isinstance(event, Message) or (isinstance(event, Rset) and ok):
             conn.reset_transaction()
 

@@ -40,9 +40,15 @@ _FALSE = {"false", "no", "off", "n"}
 
 TOP_KEYS = ("scenario", "summary", "tags", "server", "dns", "rules", "expect", "send")
 SERVER_KEYS = ("hostname", "greeting", "size_limit", "timeout", "extensions",
-               "starttls", "tls", "auth", "limits")
+               "starttls", "tls", "auth", "limits", "max_line_length")
 EXTENSION_KEYS = ("pipelining", "smtputf8", "8bitmime", "enhancedstatuscodes",
-                  "dsn", "chunking")
+                  "dsn", "chunking", "requiretls")
+TLS_KEYS = ("cert", "key", "certificate")
+AUTH_KEYS = ("mechanisms", "users", "required", "before_tls")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+LIMIT_KEYS = ("max_connections", "max_connections_per_client", "messages_per_connection",
+              "recipients_per_message", "rate")
+RATE_KEYS = ("messages", "per", "key")
 RULE_KEYS = ("name", "on", "when", "reply", "delay", "then", "fault", "drip",
              "after_bytes", "set_state", "times")
 WHEN_KEYS = ("client", "helo", "mail_from", "rcpt", "header", "body", "size", "tls",
@@ -56,12 +62,6 @@ DNS_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME")
 #: Keys of the contract that this version does not implement yet: named in
 #: the error so a user knows the key is right but the feature is not here.
 NOT_YET = {
-    "starttls": "STARTTLS arrives with the protocol-completeness work",
-    "tls": "TLS arrives with the protocol-completeness work",
-    "auth": "AUTH arrives with the protocol-completeness work",
-    "limits": "connection and rate limits arrive with the protocol-completeness work",
-    "dsn": "the DSN extension arrives with the protocol-completeness work",
-    "chunking": "CHUNKING/BDAT arrives with the protocol-completeness work",
     "spf": "SPF checks arrive with the analysis work",
     "dkim": "DKIM checks arrive with the analysis work",
     "dmarc": "DMARC checks arrive with the analysis work",
@@ -420,10 +420,6 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
         word = c.word(keys["on"], "on", tuple(p.value for p in m.Phase))
         if word is not None:
             phase = m.Phase(word)
-            if phase not in m.SUPPORTED_PHASES:
-                c.error(keys["on"], f"on: {word} is not supported by this version",
-                        NOT_YET.get({"starttls": "starttls", "auth": "auth",
-                                     "bdat": "chunking"}[word]))
     # Unnamed rules are called "rule N"; those names take part in the
     # duplicate check too (the engine counts `times` uses by name).
     name = f"rule {index + 1}"
@@ -466,6 +462,12 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
     times = c.integer(keys["times"], "times", minimum=1) if "times" in keys else None
 
     # Combinations that cannot be played on the wire.
+    if fault is m.Fault.TLS_FAIL:
+        if phase is not None and phase is not m.Phase.STARTTLS:
+            c.error(keys["fault"], "fault: tls_fail only fits on: starttls")
+        if reply is not None:
+            c.error(keys["fault"], "fault: tls_fail answers 220 itself, then breaks the "
+                    "handshake; remove reply (or reply 454 4.7.0 without the fault)")
     if fault in (m.Fault.DROP, m.Fault.RESET, m.Fault.HANG):
         if reply is not None:
             c.error(keys["fault"], f"fault: {fault.value} sends no reply, yet the rule has one",
@@ -477,6 +479,8 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
             c.error(keys["reply"], f"a {reply.code} reply means 'go on' and only fits on: data")
         if phase is m.Phase.DATA and reply.code // 100 == 2:
             c.error(keys["reply"], "on: data takes 354 to go on, or a 4xx/5xx to refuse")
+        if phase is m.Phase.STARTTLS and reply.code // 100 == 2 and reply.code != 220:
+            c.error(keys["reply"], f"STARTTLS goes ahead with 220, not {reply.code}")
         if phase is m.Phase.CONNECT and reply.code // 100 == 2 and reply.code != 220:
             c.error(keys["reply"], f"a banner is 220 (or 421/554 to refuse), not {reply.code}")
         if phase is m.Phase.QUIT and reply.code // 100 != 2:
@@ -528,7 +532,119 @@ def _server(c: _Collector, node: Node) -> m.Server:
             if b is not None:
                 ekw["eightbitmime" if key == "8bitmime" else key] = b
         kw["extensions"] = m.Extensions(**ekw)
+    if "starttls" in keys:
+        mode = c.word(keys["starttls"], "starttls", tuple(x.value for x in m.TlsMode))
+        if mode is not None:
+            kw["starttls"] = m.TlsMode(mode)
+    if "tls" in keys:
+        kw["tls"] = _tls(c, keys["tls"])
+    if "auth" in keys:
+        kw["auth"] = _auth(c, keys["auth"])
+        if (kw["auth"] is not None and not kw["auth"].before_tls
+                and kw.get("starttls") is m.TlsMode.OFF):
+            c.error(keys["auth"], "auth is offered only after STARTTLS, which is off",
+                    "set starttls: offer, or auth before_tls: true")
+    if "limits" in keys:
+        kw["limits"] = _limits(c, keys["limits"])
+    if "max_line_length" in keys:
+        n = c.parsed(keys["max_line_length"], "max_line_length", parse_size)
+        if n is not None:
+            if n < 3:
+                c.error(keys["max_line_length"], "max_line_length must be at least 3 bytes")
+            else:
+                kw["max_line_length"] = n
     return m.Server(**kw)
+
+
+def _tls(c: _Collector, node: Node) -> m.Tls:
+    keys = c.mapping(node, "tls", TLS_KEYS)
+    kw: dict[str, Any] = {}
+    base = Path(c.path).parent if not c.path.startswith("<") else Path(".")
+    for key in ("cert", "key"):
+        if key in keys:
+            text = c.scalar(keys[key], f"tls {key}")
+            if text is None:
+                continue
+            path = Path(text) if Path(text).is_absolute() else base / text
+            if not path.is_file():
+                c.error(keys[key], f"tls {key} file {text} does not exist",
+                        f"looked at {path}")
+                continue
+            kw[key] = str(path)
+    if ("cert" in keys) != ("key" in keys):
+        c.error(node, "tls needs both cert and key, or neither")
+    if "certificate" in keys:
+        kind = c.word(keys["certificate"], "tls certificate", tuple(x.value for x in m.CertKind))
+        if kind is not None:
+            kw["certificate"] = m.CertKind(kind)
+            if "cert" in keys:
+                c.error(keys["certificate"], "tls certificate makes a certificate; "
+                        "it cannot go with cert and key files")
+    return m.Tls(**kw)
+
+
+def _auth(c: _Collector, node: Node) -> m.Auth | None:
+    keys = c.mapping(node, "auth", AUTH_KEYS)
+    if not isinstance(node, MappingNode):
+        return None
+    kw: dict[str, Any] = {}
+    if "mechanisms" in keys:
+        mechs = []
+        for text, item in c.strings(keys["mechanisms"], "auth mechanisms"):
+            if text.upper() not in AUTH_MECHANISMS:
+                c.error(item, f"auth mechanism {text!r} is not supported",
+                        "one of: " + ", ".join(AUTH_MECHANISMS))
+            else:
+                mechs.append(text.upper())
+        kw["mechanisms"] = tuple(mechs)
+    if "users" in keys:
+        unode = keys["users"]
+        if not isinstance(unode, MappingNode):
+            c.error(unode, "auth users must map user names to passwords",
+                    "e.g. users: {alice: s3cret}")
+        else:
+            users: dict[str, str] = {}
+            for knode, vnode in unode.value:
+                name = c.scalar(knode, "a user name")
+                password = c.scalar(vnode, f"the password of {name}")
+                if name is not None and password is not None:
+                    users[name] = password
+            kw["users"] = users
+    for key in ("required", "before_tls"):
+        if key in keys:
+            b = c.boolean(keys[key], f"auth {key}")
+            if b is not None:
+                kw[key] = b
+    return m.Auth(**kw)
+
+
+def _limits(c: _Collector, node: Node) -> m.Limits:
+    keys = c.mapping(node, "limits", LIMIT_KEYS)
+    kw: dict[str, Any] = {}
+    for key in LIMIT_KEYS[:-1]:
+        if key in keys:
+            kw[key] = c.integer(keys[key], key, minimum=1)
+    if "rate" in keys:
+        rkeys = c.mapping(keys["rate"], "limits rate", RATE_KEYS)
+        messages = c.integer(rkeys["messages"], "rate messages", 1) if "messages" in rkeys \
+            else None
+        per = c.parsed(rkeys["per"], "rate per", parse_duration) if "per" in rkeys else None
+        key = "client"
+        if "key" in rkeys:
+            key = c.word(rkeys["key"], "rate key", ("client", "sender")) or key
+        if messages is None or per is None:
+            if isinstance(keys["rate"], MappingNode) and not ({"messages", "per"} & set(rkeys)):
+                c.error(keys["rate"], "limits rate needs messages and per",
+                        "e.g. rate: {messages: 5, per: 1m}")
+            elif ("messages" in rkeys) != ("per" in rkeys):
+                c.error(keys["rate"], "limits rate needs messages and per",
+                        "e.g. rate: {messages: 5, per: 1m}")
+        elif per <= 0:
+            c.error(rkeys["per"], "rate per must be above zero")
+        else:
+            kw["rate"] = m.RateLimit(messages=messages, per=per,
+                                     key=key)  # type: ignore[arg-type]
+    return m.Limits(**kw)
 
 
 def _dns(c: _Collector, node: Node) -> dict[str, dict[str, tuple[str, ...]]]:

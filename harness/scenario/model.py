@@ -38,10 +38,6 @@ class Phase(enum.StrEnum):
     VRFY = "vrfy"
     QUIT = "quit"
 
-#: Phases the SMTP adapter of this version answers. STARTTLS, AUTH and BDAT
-#: are part of the contract and arrive with the protocol-completeness work.
-SUPPORTED_PHASES = frozenset(Phase) - {Phase.STARTTLS, Phase.AUTH, Phase.BDAT}
-
 #: Phases at which a transaction (MAIL FROM) is known.
 TRANSACTION_PHASES = frozenset({Phase.MAIL, Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT})
 #: Phases at which recipients are known (at RCPT: the one being asked for; at
@@ -55,6 +51,22 @@ class Fault(enum.StrEnum):
     RESET = "reset"  # TCP RST
     HANG = "hang"  # never answer; the client gives up
     TARPIT = "tarpit"  # drip the reply one byte at a time
+    TLS_FAIL = "tls_fail"  # on starttls: 220, then break the handshake
+
+
+class TlsMode(enum.StrEnum):
+    OFF = "off"  # STARTTLS not offered
+    OFFER = "offer"  # offered, optional
+    REQUIRE = "require"  # MAIL before STARTTLS gets 530 5.7.0
+
+
+class CertKind(enum.StrEnum):
+    """The certificate the harness makes at start when none is given."""
+
+    SELF_SIGNED = "self_signed"  # for the hostname, signed by itself
+    CA_SIGNED = "ca_signed"  # for the hostname, by the harness's own lab CA
+    EXPIRED = "expired"  # for the hostname, validity ended a year ago
+    WRONG_HOST = "wrong_host"  # valid, but for another name
 
 class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
@@ -302,6 +314,42 @@ class Extensions:
     smtputf8: bool = True
     eightbitmime: bool = True
     enhancedstatuscodes: bool = True
+    dsn: bool = True
+    chunking: bool = True  # CHUNKING (BDAT) and BINARYMIME
+    requiretls: bool = True  # advertised once TLS is on (RFC 8689)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tls:
+    cert: str | None = None  # PEM file; with key, used instead of a made one
+    key: str | None = None
+    certificate: CertKind = CertKind.SELF_SIGNED
+
+
+@dataclass(frozen=True, kw_only=True)
+class Auth:
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    users: Mapping[str, str] = field(default_factory=dict)
+    required: bool = False  # MAIL before AUTH gets 530 5.7.0
+    before_tls: bool = False  # offer AUTH on a plaintext connection too
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimit:
+    """A token bucket: `messages` per `per` seconds, per client IP or sender."""
+
+    messages: int
+    per: float
+    key: Literal["client", "sender"] = "client"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    max_connections: int | None = None
+    max_connections_per_client: int | None = None
+    messages_per_connection: int | None = None
+    recipients_per_message: int | None = None
+    rate: RateLimit | None = None
 
 @dataclass(frozen=True, kw_only=True)
 class Server:
@@ -310,6 +358,11 @@ class Server:
     size_limit: int = 32 * 1024 * 1024
     timeout: float = 300.0  # idle timeout, RFC 5321 4.5.3.2.7 asks for 5 minutes
     extensions: Extensions = field(default_factory=Extensions)
+    starttls: TlsMode = TlsMode.OFFER
+    tls: Tls = field(default_factory=Tls)
+    auth: Auth | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_line_length: int | None = None  # longest DATA line taken, CRLF included
 
 @dataclass(frozen=True, kw_only=True)
 class ExpectedNdr:

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from harness.errors import ScenarioError
 from harness.scenario import model as m
 from harness.scenario.engine import (
+    Auth,
+    Bdat,
     Connect,
     Data,
     Decision,
@@ -29,6 +31,7 @@ from harness.scenario.engine import (
     Quit,
     Rcpt,
     Rset,
+    StartTls,
     Vrfy,
 )
 from harness.scenario.loader import NOT_YET, WHEN_PHASES, build_rule, load_file
@@ -93,6 +96,7 @@ WHEN_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "connection": COUNT,
     "message_index": COUNT,
     "rcpt_index": COUNT,
+    "tls": st.sampled_from([True, False, "yes", "off"]),
     "state": st.one_of(st.sampled_from(["started", "a", "b", "off", "no"]),
                        st.lists(st.sampled_from(["started", "a", "b"]), min_size=1,
                                 max_size=2)),
@@ -104,6 +108,7 @@ REPLY_CODES: dict[m.Phase, list[int]] = {
     m.Phase.CONNECT: [220, 421, 554],
     m.Phase.DATA: [354, 421, 451, 452, 503, 554],
     m.Phase.QUIT: [221],
+    m.Phase.STARTTLS: [220, 454, 501, 554],
 }
 OTHER_CODES = [220, 250, 251, 252, 421, 450, 451, 452, 500, 501, 503, 530, 550, 552, 553, 554]
 
@@ -133,13 +138,16 @@ DELAYS = st.one_of(
 
 @st.composite
 def rule_specs(draw: st.DrawFn, index: int) -> dict[str, Any]:
-    phase = draw(st.sampled_from(sorted(m.SUPPORTED_PHASES)))
+    phase = draw(st.sampled_from(sorted(m.Phase)))
     keys = sorted(k for k, phases in WHEN_PHASES.items() if phase in phases and k not in NOT_YET)
     spec: dict[str, Any] = {"name": f"generated {index}", "on": phase.value}
     chosen = draw(st.lists(st.sampled_from(keys), unique=True, max_size=2))
     if chosen:
         spec["when"] = {k: draw(WHEN_VALUES[k]) for k in chosen}
-    fault = draw(st.sampled_from([None, None, None, "drop", "reset", "hang", "tarpit"]))
+    faults = [None, None, None, "drop", "reset", "hang", "tarpit"]
+    if phase is m.Phase.STARTTLS:
+        faults.append("tls_fail")
+    fault = draw(st.sampled_from(faults))
     if fault is not None:
         spec["fault"] = fault
         if fault == "tarpit" and draw(st.booleans()):
@@ -197,6 +205,11 @@ EVENTS: st.SearchStrategy[Event] = st.one_of(
     st.just(Noop()),
     st.builds(Vrfy, argument=ANY_TEXT),
     st.just(Quit()),
+    st.just(StartTls()),
+    st.builds(Auth, mechanism=st.sampled_from(["PLAIN", "LOGIN", "CRAM-MD5"]),
+              user=ANY_TEXT, valid=st.booleans()),
+    st.builds(Bdat, size=st.integers(0, 10**9), last=st.booleans(),
+              total=st.integers(0, 10**12)),
 )
 CLIENTS = st.one_of(
     st.sampled_from(["127.0.0.1", "10.1.2.3", "192.0.2.1", "::1", "::ffff:10.0.0.1",
