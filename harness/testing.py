@@ -48,7 +48,8 @@ class Harness:
 
     def __init__(self, scenario: str | Path | Scenario | None = None, *,
                  host: str = "127.0.0.1", port: int = 0, store: str | Path | None = None,
-                 seed: int | None = None, clock: Callable[[], float] | None = None) -> None:
+                 seed: int | None = None, clock: Callable[[], float] | None = None,
+                 implicit_tls: bool = False, proxy_protocol: bool = False) -> None:
         self.scenario = _scenario(scenario)
         self._bind = (host, port)
         self._tmp: str | None = None
@@ -62,7 +63,9 @@ class Harness:
             engine_kw["clock"] = clock
         self.engine = Engine(self.scenario, **engine_kw)
         self.store = Store(self.store_path)
-        self.ctx = ListenerContext(engine=self.engine, store=self.store)
+        self.ctx = ListenerContext(engine=self.engine, store=self.store,
+                                   implicit_tls=implicit_tls, proxy_protocol=proxy_protocol,
+                                   ca_dir=self.store_path.parent)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = None
@@ -127,6 +130,7 @@ class Harness:
         """Switch scenario for new decisions (counters and state carry on)."""
         self.scenario = _scenario(scenario)
         self.engine.use(self.scenario)
+        self.ctx.prepare_tls()
 
     def reset(self) -> None:
         self.engine.reset()

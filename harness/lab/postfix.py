@@ -248,6 +248,7 @@ class PostfixLab:
         self._master_pid: int | None = None
         self._started = False
         self._final_log: str | None = None
+        self._log_mark = 0  # maillog offset at the last start attempt
         self._write_tree()
 
     # -- configuration ---------------------------------------------------
@@ -459,10 +460,11 @@ class PostfixLab:
         try:
             self._postfix("check")
             for tries in range(3, 0, -1):
+                self._log_mark = len(self.maillog())
                 p = self._postfix("start", check=False)
                 if p.returncode == 0:
                     break
-                if tries > 1 and "Address already in use" in self.maillog():
+                if tries > 1 and "Address already in use" in self.maillog()[self._log_mark:]:
                     self.port = _free_port()  # lost a race for the port: pick another
                     self._write_config("master.cf", self._master_cf())
                     self._kill_instance()
@@ -522,13 +524,17 @@ class PostfixLab:
             return None
 
     def processes(self) -> list[int]:
-        """PIDs of this instance's live processes: the master's session (it
-        calls setsid) and anything whose working directory is our queue
-        (every Postfix daemon chdirs there), so orphans are found too."""
-        master = self._master_pid or self._read_master_pid()
+        """PIDs of this instance's live processes.
+
+        Every Postfix daemon runs in the queue directory (the master chdirs
+        there before it forks), and ours is a unique path: that identifies
+        the instance's processes, orphans included, and never another
+        program's. The master's session (it calls setsid) is added, once the
+        master itself is identified that way; a stale master.pid is ignored."""
         spool = str(self.queue_directory)
         me = os.getpid()
-        found = []
+        stats: dict[int, tuple[str, int]] = {}
+        found: set[int] = set()
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == me:
                 continue
@@ -536,21 +542,22 @@ class PostfixLab:
             st = _proc_stat(pid)
             if st is None or st[0] == "Z":
                 continue
-            mine = master is not None and (pid == master or st[1] == master)
-            if not mine:
-                with contextlib.suppress(OSError):
-                    mine = os.readlink(f"/proc/{pid}/cwd") == spool
-            if mine:
-                found.append(pid)
-        return found
+            stats[pid] = st
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/cwd") == spool:
+                    found.add(pid)
+        master = self._read_master_pid()
+        if master in found:
+            found |= {pid for pid, st in stats.items() if st[1] == master}
+        return sorted(found)
 
     def _kill_instance(self) -> None:
         """SIGTERM the master (it terminates its process group, as on `postfix
         stop`) and wait for every process of the instance; SIGKILL stragglers."""
-        master = self._master_pid or self._read_master_pid()
         procs = set(self.processes())
         if not procs:
             return
+        master = self._read_master_pid()
         targets = [master] if master in procs else sorted(procs)
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):
@@ -744,10 +751,11 @@ class PostfixLab:
             return ""
 
     def failures(self) -> list[str]:
-        """The maillog's fatal/panic lines: a daemon died (often a bad setting
-        that only that daemon reads, which `postfix check` does not catch)."""
+        """The maillog's fatal/panic lines since the last start: a daemon died
+        (often on a setting only it reads, which `postfix check` does not check)."""
         marker = re.compile(rf"\s{re.escape(self.syslog_name)}/[\w.-]+\[\d+\]: (fatal|panic): ")
-        return [line for line in self.maillog().splitlines() if marker.search(line)]
+        log = self.maillog()[self._log_mark:]
+        return [line for line in log.splitlines() if marker.search(line)]
 
     def _raise_if_daemon_failed(self) -> None:
         failed = self.failures()

@@ -361,10 +361,9 @@ class Engine:
                         return refuse("rate", _RATE_CLIENT, True)
                     return refuse("rate", _RATE_SENDER, False)
                 self.buckets[key] = (tokens - 1.0, now)
-        elif isinstance(event, Rcpt):
-            if (limits.recipients_per_message is not None
-                    and len(conn.rcpts) >= limits.recipients_per_message):
-                return refuse("recipients_per_message", _TOO_MANY_RECIPIENTS, False)
+        elif (isinstance(event, Rcpt) and limits.recipients_per_message is not None
+                and len(conn.rcpts) >= limits.recipients_per_message):
+            return refuse("recipients_per_message", _TOO_MANY_RECIPIENTS, False)
         return None
 
     def _match(self, facts: Facts) -> Decision:

@@ -632,13 +632,12 @@ def _limits(c: _Collector, node: Node) -> m.Limits:
         key = "client"
         if "key" in rkeys:
             key = c.word(rkeys["key"], "rate key", ("client", "sender")) or key
+        missing = isinstance(keys["rate"], MappingNode) and not {"messages", "per"} <= set(rkeys)
+        if missing:
+            c.error(keys["rate"], "limits rate needs messages and per",
+                    "e.g. rate: {messages: 5, per: 1m}")
         if messages is None or per is None:
-            if isinstance(keys["rate"], MappingNode) and not ({"messages", "per"} & set(rkeys)):
-                c.error(keys["rate"], "limits rate needs messages and per",
-                        "e.g. rate: {messages: 5, per: 1m}")
-            elif ("messages" in rkeys) != ("per" in rkeys):
-                c.error(keys["rate"], "limits rate needs messages and per",
-                        "e.g. rate: {messages: 5, per: 1m}")
+            pass  # reported above, or by the value's own check
         elif per <= 0:
             c.error(rkeys["per"], "rate per must be above zero")
         else:

@@ -76,9 +76,12 @@ class Listener:
 async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: int = 2525
                          ) -> Listener:
     loop = asyncio.get_running_loop()
+    ctx.prepare_tls()
     try:
-        server = await loop.create_server(lambda: HarnessSMTP(ctx), host, port,
-                                          reuse_address=True)
+        server = await loop.create_server(
+            lambda: HarnessSMTP(ctx), host, port, reuse_address=True,
+            ssl=ctx.tls_context() if ctx.implicit_tls else None,
+            ssl_handshake_timeout=30 if ctx.implicit_tls else None)
     except OSError as e:
         raise HarnessError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     listener = Listener(ctx, server)

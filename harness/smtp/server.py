@@ -17,18 +17,23 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
 from harness.scenario import engine as ev
 from harness.scenario.engine import Decision, Engine
-from harness.scenario.model import Fault, Phase, Scenario
+from harness.scenario.model import Fault, Phase, Scenario, TlsMode
+from harness.smtp import params as px
+from harness.smtp.tls import HANDSHAKE_FAILURE_ALERT, server_context
 from harness.store.db import Store
 
 log = logging.getLogger("harness.smtp")
@@ -39,7 +44,7 @@ Observer = Callable[[int, float, str, str | None, str, str | None], None]
 _PHASE_OF = {
     "HELO": Phase.HELO, "EHLO": Phase.HELO, "MAIL": Phase.MAIL, "RCPT": Phase.RCPT,
     "DATA": Phase.DATA, "RSET": Phase.RSET, "NOOP": Phase.NOOP, "VRFY": Phase.VRFY,
-    "QUIT": Phase.QUIT,
+    "QUIT": Phase.QUIT, "STARTTLS": Phase.STARTTLS, "AUTH": Phase.AUTH, "BDAT": Phase.BDAT,
 }
 
 #: Enhanced status codes (RFC 3463) for replies of our own that carry none.
@@ -53,6 +58,7 @@ MAX_BAD_COMMANDS = 20  # then 421 and close, as Postfix's smtpd_hard_error_limit
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
 MAX_TRANSCRIPT_TEXT = 2000
 _READ_CHUNK = 65536
+PROXY_TIMEOUT = 10.0
 
 
 class _Hangup(Exception):
@@ -74,10 +80,31 @@ class ListenerContext:
     on_message: list[Callable[[int], None]] = field(default_factory=list)
     #: connections being served now
     active: set[HarnessSMTP] = field(default_factory=set)
+    #: the port-465 style: TLS from the first byte
+    implicit_tls: bool = False
+    #: a PROXY protocol v1/v2 header precedes SMTP (behind a load balancer)
+    proxy_protocol: bool = False
+    #: where a made lab CA certificate is written (beside the store)
+    ca_dir: Path | None = None
+    _tls: tuple[object, ssl.SSLContext] | None = None
 
     @property
     def scenario(self) -> Scenario:
         return self.engine.scenario
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the current scenario, made once per scenario
+        (call `prepare_tls` before serving and after switching scenarios)."""
+        return self._tls[1] if self._tls is not None else None
+
+    def prepare_tls(self) -> None:
+        server = self.scenario.server
+        if server.starttls is TlsMode.OFF and not self.implicit_tls:
+            self._tls = None
+            return
+        key = (server.tls, server.hostname)
+        if self._tls is None or self._tls[0] != key:
+            self._tls = (key, server_context(server.tls, server.hostname, self.ca_dir))
 
 
 class _NoHandler:
@@ -106,8 +133,8 @@ class HarnessSMTP(SMTP):
         self.enable_SMTPUTF8 = server.extensions.smtputf8
         self._decode_data = False
         self.hostname = server.hostname  # never getfqdn(): no DNS per connection
-        self.tls_context = None
-        self.require_starttls = False
+        self.tls_context = ctx.tls_context()
+        self.require_starttls = server.starttls is TlsMode.REQUIRE
         self._timeout_duration = server.timeout
         self._timeout_handle = None
         self._tls_handshake_okay = True
@@ -144,6 +171,14 @@ class HarnessSMTP(SMTP):
         self._rcpt_options: list[str] = []
         self._accepted_pairs: list[str] = []
         self._used: dict[str, Any] = {}
+        self._tls_on = False
+        self._helo_seen: str | None = None  # the last HELO/EHLO name, across STARTTLS
+        self._hanging = False
+        self._mail = px.MailParams()
+        self._rcpt_params: dict[str, px.RcptParams] = {}
+        self._chunks: list[bytes] | None = None  # BDAT chunks of this transaction
+        self._chunks_size = 0
+        self._chunk_failed = False
 
     # ------------------------------------------------------------ transcript
 
@@ -191,12 +226,25 @@ class HarnessSMTP(SMTP):
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
         peer: tuple[str, int] = self.session.peer or ("0.0.0.0", 0)  # type: ignore[assignment]
-        self._peer = f"{peer[0]}:{peer[1]}"
         self.ctx.active.add(self)
-        self._conn = self.ctx.engine.connect(str(peer[0]))
+        proxied = ""
+        if self.ctx.proxy_protocol:
+            got = await self._read_proxy_header()
+            if got is None:
+                self.ctx.active.discard(self)
+                return
+            proxied = f" via {peer[0]}:{peer[1]}"
+            peer = got
+        self._peer = f"{peer[0]}:{peer[1]}"
+        self._tls_on = self.transport.get_extra_info("ssl_object") is not None
+        self._conn = self.ctx.engine.connect(str(peer[0]), tls=self._tls_on)
         self._sid = self.ctx.store.session_started(
             listener=self.ctx.name, peer_ip=str(peer[0]), peer_port=int(peer[1]),
             scenario=self._scenario.name, t=self.ctx.engine.clock())
+        if proxied:
+            self._record("I", f"PROXY header: client {self._peer}{proxied}")
+        if self._tls_on:
+            self._record_tls("implicit TLS")
         try:
             await self._serve()
         except _Hangup:
@@ -214,8 +262,49 @@ class HarnessSMTP(SMTP):
     def task(self) -> asyncio.Task[None] | None:
         return self._handler_coroutine
 
+    async def _read_proxy_header(self) -> tuple[str, int] | None:
+        """The client address a PROXY v1/v2 header names (aiosmtpd parses it)."""
+        from aiosmtpd.proxy_protocol import get_proxy
+
+        try:
+            data = await asyncio.wait_for(get_proxy(self._reader), PROXY_TIMEOUT)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            data = None
+        if not data or not data.valid or data.src_addr is None:
+            log.warning("connection without a valid PROXY header: closed")
+            if self.transport is not None:
+                self.transport.close()
+            return None
+        if data.command == 0 or data.src_addr is None:  # LOCAL: health check
+            return ("0.0.0.0", 0)
+        return (str(data.src_addr), int(data.src_port or 0))
+
+    def _record_tls(self, how: str) -> None:
+        assert self.transport is not None
+        obj = self.transport.get_extra_info("ssl_object")
+        version = obj.version() if obj is not None else None
+        cipher = obj.cipher()[0] if obj is not None and obj.cipher() else None
+        self._record("I", f"{how}: {version} {cipher}")
+        self.ctx.store.session_update(self._sid, tls_version=version, tls_cipher=cipher)
+
+    def _timeout_cb(self) -> None:
+        """Idle timeout: 421 4.4.2 and close (a hung session just closes)."""
+        self._end_reason = "hang ended by the idle timeout" if self._hanging else "idle timeout"
+        transport = self.transport
+        if transport is None:
+            return
+        if not self._hanging and not transport.is_closing():
+            line = "421 4.4.2 Idle timeout, closing connection"
+            self._phase = None
+            self._rule = None
+            self._record("S", line)
+            self._writer.write(line.encode() + b"\r\n")
+        transport.close()
+
     def _finish(self) -> None:
         self.ctx.active.discard(self)
+        if self._conn is not None:
+            self.ctx.engine.disconnect(self._conn)
         t = self.ctx.engine.clock()
         if self._accepted_pairs and self._conn is not None:
             # The client vanished after recipients were accepted: the pair saw
@@ -229,8 +318,8 @@ class HarnessSMTP(SMTP):
         self._record("I", f"session ended: {self._end_reason}")
         self._flush()
         self.ctx.store.session_update(self._sid, ended_at=t, end_reason=self._end_reason,
-                                      helo=self._conn.helo if self._conn else None,
-                                      extensions=self._used)
+                                      helo=self._helo_seen, extensions=self._used,
+                                      auth_user=self._conn.auth_user if self._conn else None)
         for cb in self.ctx.on_session_end:
             with contextlib.suppress(Exception):
                 cb(self._sid)
@@ -292,7 +381,10 @@ class HarnessSMTP(SMTP):
         self._phase = _PHASE_OF.get(verb)
         self._rule = None
         self._scripted = False
-        self._record("C", line.decode("utf-8", "replace"))
+        shown = line.decode("utf-8", "replace")
+        if verb == "AUTH" and shown.count(" ") >= 2:
+            shown = " ".join(shown.split(" ")[:2]) + " <credentials>"
+        self._record("C", shown)
         if not line.strip():
             await self.push("500 5.5.2 Error: bad syntax")
             return False
@@ -311,6 +403,8 @@ class HarnessSMTP(SMTP):
             return False
         arg = arg_bytes.strip().decode("utf-8", "surrogateescape") or None
         self._reset_timeout()
+        if verb in ("MAIL", "RCPT", "BDAT"):
+            self._note_pipelining()
         try:
             await method(arg)
         except (_Hangup, asyncio.CancelledError):
@@ -337,6 +431,11 @@ class HarnessSMTP(SMTP):
         if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
             await self._fault(d.fault, d.rule)
         return d
+
+    def _note_pipelining(self) -> None:
+        """Count command groups the client pipelined (more input was waiting)."""
+        if b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            self._used["pipelined"] = self._used.get("pipelined", 0) + 1
 
     async def _answer(self, d: Decision, default: str | list[str]) -> None:
         """Write the scripted reply, or the default; tarpit and close as told."""
@@ -376,6 +475,7 @@ class HarnessSMTP(SMTP):
         assert isinstance(transport, asyncio.Transport)
         if fault is Fault.HANG:
             self._end_reason = f"hang (rule {rule})"
+            self._hanging = True
             await asyncio.Future()  # until the client gives up or the idle timeout
         self._end_reason = f"{fault.value} (rule {rule})"
         if fault is Fault.RESET:
@@ -429,6 +529,7 @@ class HarnessSMTP(SMTP):
             await self._answer(d, "")
             return
         self._ehlo = extended
+        self._helo_seen = arg
         self._reset_transaction()
         assert self.session is not None
         self.session.host_name = arg
@@ -440,14 +541,21 @@ class HarnessSMTP(SMTP):
             await self._answer(Decision(phase=Phase.HELO, rule=d.rule, fault=d.fault,
                                         drip=d.drip, close=d.close), first)
             return
-        lines = [first, *self._extensions()]
+        advertised = self._extensions()
+        self._used["advertised"] = [x[4:] for x in advertised]
+        lines = [first, *advertised]
         lines = [f"250-{x[4:]}" for x in lines[:-1]] + [f"250 {lines[-1][4:]}"]
         self._scripted = True
         await self._answer(Decision(phase=Phase.HELO, rule=d.rule, fault=d.fault,
                                     drip=d.drip, close=d.close), lines)
 
+    def _auth_offered(self) -> bool:
+        auth = self._scenario.server.auth
+        return auth is not None and (self._tls_on or auth.before_tls)
+
     def _extensions(self) -> list[str]:
-        ext = self._scenario.server.extensions
+        server = self._scenario.server
+        ext = server.extensions
         out = []
         if self.data_size_limit:
             out.append(f"250 SIZE {self.data_size_limit}")
@@ -455,22 +563,196 @@ class HarnessSMTP(SMTP):
             out.append("250 8BITMIME")
         if ext.pipelining:
             out.append("250 PIPELINING")
+        if ext.chunking:
+            out.append("250 CHUNKING")
+            if ext.eightbitmime:
+                out.append("250 BINARYMIME")
+        if ext.dsn:
+            out.append("250 DSN")
         if ext.enhancedstatuscodes:
             out.append("250 ENHANCEDSTATUSCODES")
         if ext.smtputf8:
             out.append("250 SMTPUTF8")
+        if self.tls_context is not None and not self._tls_on and (
+            server.starttls is not TlsMode.OFF
+        ):
+            out.append("250 STARTTLS")
+        if self._tls_on and ext.requiretls:
+            out.append("250 REQUIRETLS")
+        if self._auth_offered():
+            assert server.auth is not None
+            out.append("250 AUTH " + " ".join(server.auth.mechanisms))
         return out
 
     def _reset_transaction(self) -> None:
         self._mail_options = []
         self._rcpt_options = []
         self._accepted_pairs = []
+        self._mail = px.MailParams()
+        self._rcpt_params = {}
+        self._chunks = None
+        self._chunks_size = 0
+        self._chunk_failed = False
         self.envelope = self._create_envelope()
+
+    # -------------------------------------------------------------- STARTTLS
+
+    async def cmd_STARTTLS(self, arg: str | None) -> None:
+        assert self._conn is not None
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self._tls_on:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        if self.tls_context is None or self._scenario.server.starttls is TlsMode.OFF:
+            await self.push("502 5.5.1 STARTTLS not offered")
+            return
+        d = await self._decide(ev.StartTls())
+        if d.fault is Fault.TLS_FAIL:
+            await self.push("220 2.0.0 Ready to start TLS")
+            await self._send()
+            self._record("I", "fault: tls_fail (handshake_failure alert, then close)", d.rule)
+            self._closing_rule = d.rule
+            transport = self.transport
+            assert transport is not None
+            # Read the ClientHello's start (if it came) so the alert answers it.
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await asyncio.wait_for(self._reader.read(5), 5)
+            self._writer.write(HANDSHAKE_FAILURE_ALERT)
+            await self._hangup(f"tls_fail (rule {d.rule})")
+        if not d.accepts:
+            await self._answer(d, "")
+            return
+        await self._answer(d, "220 2.0.0 Ready to start TLS")
+        await self._send()
+        old = self.transport
+        try:
+            await self._writer.start_tls(self.tls_context, ssl_handshake_timeout=30)
+        except (ssl.SSLError, OSError, TimeoutError) as e:
+            self._record("I", f"TLS handshake failed: {e}")
+            self._end_reason = "TLS handshake failed"
+            raise _Hangup() from None
+        # RFC 3207 4.2: forget everything learnt before TLS.
+        self._original_transport = old
+        self.transport = self._writer.transport
+        self._reader._transport = self.transport  # type: ignore[attr-defined]
+        self._tls_on = True
+        assert self.session is not None
+        self.session.ssl = {}
+        self.session.host_name = None
+        self._conn.tls = True
+        self._conn.helo = None
+        self._conn.reset_transaction()
+        self._reset_transaction()
+        self._used["starttls"] = True
+        self._record_tls("STARTTLS")
+
+    # ------------------------------------------------------------------ AUTH
+
+    async def cmd_AUTH(self, arg: str | None) -> None:
+        assert self._conn is not None
+        auth = self._scenario.server.auth
+        if self._conn.helo is None:
+            await self.push("503 5.5.1 Error: send EHLO first")
+            return
+        if auth is None:
+            await self.push("502 5.5.1 AUTH not offered")
+            return
+        if not self._auth_offered():
+            await self.push("538 5.7.11 Encryption required for requested authentication "
+                            "mechanism")
+            return
+        if self._conn.auth_user is not None:
+            await self.push("503 5.5.1 Already authenticated")
+            return
+        if self._conn.mail_from is not None:
+            await self.push("503 5.5.1 AUTH not allowed during a mail transaction")
+            return
+        mechanism, _, initial = (arg or "").partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in auth.mechanisms:
+            await self.push(f"504 5.5.4 Unrecognized authentication type {mechanism[:20]}")
+            return
+        try:
+            got = await self._sasl(mechanism, initial.strip() or None, auth.users)
+        except px.ParamError as e:
+            await self.push(e.reply)
+            return
+        if got is None:
+            await self.push("501 5.7.0 Authentication cancelled")
+            return
+        user, valid = got
+        d = await self._decide(ev.Auth(mechanism=mechanism, user=user, valid=valid))
+        self._used["auth"] = mechanism
+        positive = d.reply.is_positive if d.reply is not None else valid
+        if d.accepts and positive:
+            self._record("I", f"authenticated as {user} ({mechanism})", d.rule)
+            self.ctx.store.session_update(self._sid, auth_user=user)
+        await self._answer(d, "235 2.7.0 Authentication successful" if valid
+                           else "535 5.7.8 Authentication credentials invalid")
+
+    async def _sasl(self, mechanism: str, initial: str | None,
+                    users: Any) -> tuple[str, bool] | None:
+        """Run the SASL exchange; (user, credentials right) or None if cancelled."""
+        if mechanism == "PLAIN":
+            response = initial if initial not in (None, "=") else await self._challenge("")
+            if response is None:
+                return None
+            user, password = px.plain_credentials(response)
+            return user, users.get(user) == password
+        if mechanism == "LOGIN":
+            if initial is not None and initial != "=":
+                user_b64: str | None = initial
+            else:
+                user_b64 = await self._challenge(px.b64("Username:"))
+            if user_b64 is None:
+                return None
+            user = px.b64_decode(user_b64)
+            pw_b64 = await self._challenge(px.b64("Password:"))
+            if pw_b64 is None:
+                return None
+            return user, users.get(user) == px.b64_decode(pw_b64)
+        challenge = f"<{secrets.randbelow(10**12)}.{int(self.ctx.engine.clock())}@{self.hostname}>"
+        response = await self._challenge(px.b64(challenge))
+        if response is None:
+            return None
+        user, ok = px.cram_md5_valid(challenge, response, users.get(
+            px.b64_decode(response).rpartition(" ")[0]))
+        return user, ok
+
+    async def _challenge(self, text: str) -> str | None:
+        """334 challenge; the client's line, or None for "*" (cancel)."""
+        self._scripted = True
+        await self.push(f"334 {text}".rstrip() if text else "334 ")
+        self._scripted = False
+        await self._send()
+        line = await self._read_line_raw()
+        self._record("C", "<credentials>" if line != "*" else "*")
+        return None if line == "*" else line
+
+    async def _read_line_raw(self) -> str:
+        try:
+            data: bytes = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise px.ParamError("500 5.5.6 Authentication exchange line is too long") from None
+        except asyncio.IncompleteReadError:
+            raise _Hangup() from None
+        return data.rstrip(b"\r\n").decode("utf-8", "replace")
+
+    # ------------------------------------------------------------- MAIL RCPT
 
     async def cmd_MAIL(self, arg: str | None) -> None:
         assert self._conn is not None
+        server = self._scenario.server
         if self._conn.helo is None:
             await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if self.require_starttls and not self._tls_on:
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
+        if server.auth is not None and server.auth.required and self._conn.auth_user is None:
+            await self.push("530 5.7.0 Authentication required")
             return
         if self._conn.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
@@ -493,41 +775,34 @@ class HarnessSMTP(SMTP):
         if options and not self._ehlo:
             await self.push(syntax)
             return
-        params = self._getparams(options)
-        if params is None:
-            await self.push(syntax)
+        ext = server.extensions
+        try:
+            mail = px.parse_mail_params(
+                options, dsn=ext.dsn, eightbitmime=ext.eightbitmime, smtputf8=ext.smtputf8,
+                binarymime=ext.chunking and ext.eightbitmime,
+                requiretls=ext.requiretls and self._tls_on)
+        except px.ParamError as e:
+            await self.push(e.reply)
             return
-        upper = {k.upper(): v for k, v in params.items()}
-        declared: int | None = None
-        ext = self._scenario.server.extensions
-        for key, value in upper.items():
-            if key == "SIZE":
-                if not isinstance(value, str) or not value.isdigit():
-                    await self.push(syntax)
-                    return
-                declared = int(value)
-            elif key == "BODY" and ext.eightbitmime:
-                if not isinstance(value, str) or value.upper() not in ("7BIT", "8BITMIME"):
-                    await self.push("501 5.5.4 BODY must be 7BIT or 8BITMIME")
-                    return
-                self._used["body"] = value.upper()
-            elif key == "SMTPUTF8" and ext.smtputf8:
-                if value is not True:
-                    await self.push("501 5.5.4 SMTPUTF8 takes no value")
-                    return
-                self._used["smtputf8"] = True
-            else:
-                await self.push(f"555 5.5.4 MAIL FROM parameter {key} not recognized")
-                return
-        if declared is not None:
-            self._used["size"] = declared
-        if declared is not None and self.data_size_limit and declared > self.data_size_limit:
+        if not address.isascii() and not mail.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address needs SMTPUTF8")
+            return
+        for key, value in (("size", mail.size), ("body", mail.body), ("ret", mail.ret),
+                           ("envid", mail.envid)):
+            if value is not None:
+                self._used[key] = value
+        if mail.smtputf8:
+            self._used["smtputf8"] = True
+        if mail.requiretls:
+            self._used["requiretls"] = True
+        if mail.size is not None and self.data_size_limit and mail.size > self.data_size_limit:
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
-        d = await self._decide(ev.Mail(sender=address, size=declared))
+        d = await self._decide(ev.Mail(sender=address, size=mail.size))
         if d.accepts:
             self._reset_transaction()
             self._mail_options = options
+            self._mail = mail
         await self._answer(d, "250 2.1.0 Ok")
 
     async def cmd_RCPT(self, arg: str | None) -> None:
@@ -544,16 +819,20 @@ class HarnessSMTP(SMTP):
         if address is None:
             await self.push("553 5.1.3 Error: malformed address")
             return
-        if not address:
+        if not address or address == "<>":
             await self.push(syntax)
             return
-        options = (params_text or "").split()
-        if options:
-            if self._getparams(options) is None:
-                await self.push(syntax)
-                return
-            await self.push("555 5.5.4 RCPT TO parameters not recognized")
+        if not address.isascii() and not self._mail.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address needs SMTPUTF8")
             return
+        options = (params_text or "").split()
+        try:
+            rparams = px.parse_rcpt_params(options, dsn=self._scenario.server.extensions.dsn)
+        except px.ParamError as e:
+            await self.push(e.reply)
+            return
+        if rparams.notify or rparams.orcpt:
+            self._used["dsn_rcpt"] = True
         mail_from = self._conn.mail_from
         d = self.ctx.engine.decide(self._conn, ev.Rcpt(recipient=address))
         self._rule = d.rule
@@ -570,7 +849,8 @@ class HarnessSMTP(SMTP):
             await self._fault(d.fault, d.rule)
         if d.accepts:
             self._accepted_pairs.append(address)
-            self._rcpt_options.extend(options)
+            self._rcpt_options.append(" ".join(options))
+            self._rcpt_params[address] = rparams
         await self._answer(d, "250 2.1.5 Ok")
 
     def _attempt_from(self, d: Decision, mail_from: str, rcpt: str, t: float,
@@ -595,10 +875,25 @@ class HarnessSMTP(SMTP):
             enhanced=enhanced, reply=reply, outcome=outcome, rule=d.rule,
             message_id=message_id)
 
+    # ------------------------------------------------------------ DATA, BDAT
+
+    def _attempts_for_all(self, d: Decision, default: str = "") -> None:
+        assert self._conn is not None
+        t = self.ctx.engine.clock()
+        for rcpt in self._accepted_pairs:
+            self._attempt_from(d, self._conn.mail_from or "", rcpt, t, default=default)
+        self._accepted_pairs = []
+
     async def cmd_DATA(self, arg: str | None) -> None:
         assert self._conn is not None
         if self._conn.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if self._chunks is not None:
+            await self.push("503 5.5.1 DATA cannot follow BDAT in one transaction")
+            return
+        if self._mail.body == "BINARYMIME":
+            await self.push("503 5.5.1 BODY=BINARYMIME needs BDAT, not DATA")
             return
         if not self._accepted_pairs:
             await self.push("554 5.5.1 Error: no valid recipients")
@@ -610,10 +905,7 @@ class HarnessSMTP(SMTP):
         d = self.ctx.engine.decide(self._conn, ev.Data())
         self._rule = d.rule
         if not d.accepts:
-            t = self.ctx.engine.clock()
-            for rcpt in self._accepted_pairs:
-                self._attempt_from(d, mail_from, rcpt, t)
-            self._accepted_pairs = []
+            self._attempts_for_all(d)
             self._reset_transaction_engine()
         if d.delay > 0:
             self._record("I", f"delay {d.delay:.3f}s", d.rule)
@@ -631,6 +923,67 @@ class HarnessSMTP(SMTP):
         content, too_big, size = await self._read_data()
         self._record("C", f"<message: {size} bytes>")
         await self._message(mail_from, content, too_big, size)
+
+    async def cmd_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 CHUNKING: BDAT <size> [LAST]; the chunk is read whatever
+        the verdict (the client has already sent it)."""
+        assert self._conn is not None
+        words = (arg or "").split()
+        if (not self._scenario.server.extensions.chunking or not words
+                or not words[0].isdigit() or len(words) > 2
+                or (len(words) == 2 and words[1].upper() != "LAST")):
+            # Without a valid size the chunk cannot be skipped: the stream is lost.
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]" if
+                            self._scenario.server.extensions.chunking
+                            else "502 5.5.1 BDAT not offered")
+            if words and not words[0].isdigit():
+                await self._hangup("unreadable BDAT size")
+            return
+        size = int(words[0])
+        last = len(words) == 2
+        await self._send()
+        try:
+            chunk = await self._reader.readexactly(size) if size else b""
+        except asyncio.IncompleteReadError:
+            raise _Hangup() from None
+        self._record("C", f"<chunk: {size} bytes{', last' if last else ''}>")
+        self._used["bdat"] = self._used.get("bdat", 0) + 1
+        if self._conn.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self._accepted_pairs:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if self._chunk_failed:
+            await self.push("503 5.5.1 Earlier chunk was refused; send RSET")
+            return
+        if self._chunks is None:
+            self._chunks = []
+        self._chunks.append(chunk)
+        self._chunks_size += size
+        limit = self.data_size_limit
+        d = self.ctx.engine.decide(self._conn, ev.Bdat(size=size, last=last,
+                                                       total=self._chunks_size))
+        self._rule = d.rule
+        if not d.accepts:
+            self._attempts_for_all(d)
+            self._chunk_failed = True
+        if d.delay > 0:
+            self._record("I", f"delay {d.delay:.3f}s", d.rule)
+            await self._send()
+            await asyncio.sleep(d.delay)
+        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
+            await self._fault(d.fault, d.rule)
+        if not d.accepts or not last:
+            await self._answer(d, f"250 2.0.0 {size} octets received")
+            return
+        content = b"".join(self._chunks)
+        self._chunks = None
+        self._phase = Phase.MESSAGE
+        self._rule = None
+        assert self._conn.mail_from is not None
+        await self._message(self._conn.mail_from, content,
+                            bool(limit and len(content) > limit), len(content))
 
     async def _part_of_body(self, limit: int) -> None:
         """354, then read up to `limit` bytes of the body (for faults mid-DATA)."""
@@ -728,7 +1081,7 @@ class HarnessSMTP(SMTP):
         mid = self.ctx.store.message(
             self._sid, t=t, mail_from=mail_from, rcpt_tos=rcpts,
             mail_options=self._mail_options, rcpt_options=self._rcpt_options, raw=content,
-            subject=subject, message_id=message_id)
+            subject=subject, message_id=message_id, dsn=self._dsn_record(rcpts))
         for rcpt in rcpts:
             self._attempt_from(d, mail_from, rcpt, t, message_id=mid,
                                default=f"250 2.0.0 Ok: queued as {mid}")
@@ -749,6 +1102,27 @@ class HarnessSMTP(SMTP):
         if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
             await self._fault(d.fault, d.rule)
         await self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
+
+    def _dsn_record(self, rcpts: list[str]) -> dict[str, Any]:
+        """DSN (RFC 3461) and related parameters as sent, decoded."""
+        mail = self._mail
+        out: dict[str, Any] = {}
+        if mail.ret is not None:
+            out["ret"] = mail.ret
+        if mail.envid is not None:
+            out["envid"] = mail.envid
+        if mail.body is not None:
+            out["body"] = mail.body
+        if mail.requiretls:
+            out["requiretls"] = True
+        per = {}
+        for r in rcpts:
+            p = self._rcpt_params.get(r)
+            if p is not None and (p.notify or p.orcpt):
+                per[r] = {"notify": p.notify, "orcpt": p.orcpt}
+        if per:
+            out["recipients"] = per
+        return out
 
     async def cmd_RSET(self, arg: str | None) -> None:
         if arg:

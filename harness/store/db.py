@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS messages (
     mail_from TEXT NOT NULL,
     rcpt_tos TEXT NOT NULL,   -- JSON list
     mail_options TEXT NOT NULL,
-    rcpt_options TEXT NOT NULL,
+    rcpt_options TEXT NOT NULL,   -- JSON list: each accepted RCPT's parameters as sent
+    dsn TEXT,                     -- JSON: RET, ENVID, NOTIFY, ORCPT decoded (RFC 3461)
     size INTEGER NOT NULL,
     subject TEXT,
     message_id TEXT,
@@ -129,6 +130,7 @@ class MessageRecord:
     mail_options: list[str]
     rcpt_options: list[str]
     size: int
+    dsn: dict[str, Any]
     subject: str | None
     message_id: str | None
     raw: bytes | None = None
@@ -351,16 +353,17 @@ class Store:
 
     def message(self, sid: int, *, t: float, mail_from: str, rcpt_tos: Sequence[str],
                 mail_options: Sequence[str], rcpt_options: Sequence[str], raw: bytes,
-                subject: str | None, message_id: str | None) -> int:
+                subject: str | None, message_id: str | None,
+                dsn: dict[str, Any] | None = None) -> int:
         """Queue a message; pair it with `barrier()` before answering 250."""
         mid = self._next_message
         self._next_message += 1
         self._put("INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos,"
-                  " mail_options, rcpt_options, size, subject, message_id, raw)"
-                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  " mail_options, rcpt_options, dsn, size, subject, message_id, raw)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   (mid, sid, t, mail_from, json.dumps(list(rcpt_tos)),
-                   json.dumps(list(mail_options)), json.dumps(list(rcpt_options)), len(raw),
-                   subject, message_id, raw))
+                   json.dumps(list(mail_options)), json.dumps(list(rcpt_options)),
+                   json.dumps(dsn or {}), len(raw), subject, message_id, raw))
         return mid
 
 
@@ -439,12 +442,13 @@ class Reader:
         d = dict(row)
         for k in ("rcpt_tos", "mail_options", "rcpt_options"):
             d[k] = json.loads(d[k])
+        d["dsn"] = json.loads(d.get("dsn") or "{}")
         return MessageRecord(**d)
 
     def messages(self, *, limit: int | None = None, rcpt: str | None = None,
                  session_id: int | None = None, raw: bool = False) -> list[MessageRecord]:
         cols = "*" if raw else ("id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
-                                " rcpt_options, size, subject, message_id")
+                                " rcpt_options, dsn, size, subject, message_id")
         sql = f"SELECT {cols} FROM messages"
         where: list[str] = []
         params: list[Any] = []
