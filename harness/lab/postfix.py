@@ -198,12 +198,13 @@ def _wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
             os.close(fd)
 
 
-_running: weakref.WeakSet[PostfixLab] = weakref.WeakSet()
+_labs: weakref.WeakSet[PostfixLab] = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_all() -> None:  # an interpreter that exits without stop() leaves no Postfix behind
-    for lab in list(_running):
+def _stop_all() -> None:
+    """An interpreter that exits without stop() leaves no Postfix and no temp dir behind."""
+    for lab in list(_labs):
         with contextlib.suppress(Exception):
             lab.stop()
 
@@ -242,14 +243,20 @@ class PostfixLab:
         self.maillog_path = self.root / "log" / "maillog"
         self.syslog_name = f"postfix-lab-{self.token}"
         self.host = LOOPBACK
-        self.port = _free_port()
-        self.transports = dict(transports or {})
-        self.settings = self._settings(dict(settings or {}))
         self._master_pid: int | None = None
         self._started = False
         self._final_log: str | None = None
         self._log_mark = 0  # maillog offset at the last start attempt
-        self._write_tree()
+        try:
+            self.port = _free_port()
+            self.transports = dict(transports or {})
+            self.settings = self._settings(dict(settings or {}))
+            self._write_tree()
+        except BaseException:
+            if self.temporary:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise
+        _labs.add(self)
 
     # -- configuration ---------------------------------------------------
 
@@ -485,13 +492,12 @@ class PostfixLab:
             self._kill_instance()
             raise
         self._started = True
-        _running.add(self)
         return self
 
     def stop(self) -> None:
         """Stop every process of this instance (always safe to call), then
         remove the temporary directory (the maillog text is kept in memory)."""
-        _running.discard(self)
+        _labs.discard(self)
         try:
             if self.root.exists():
                 self._kill_instance()
@@ -659,6 +665,13 @@ class PostfixLab:
         if dsn_notify is not None:
             argv += ["-N", ",".join(_notify(dsn_notify)).lower()]
         if envid is not None:
+            # Postfix's sendmail reads "-V xy" (two characters) as the pre-2.3 VERP
+            # option, not as an envelope ID, and ignores unprintable or long ones.
+            if len(envid) == 2 or len(envid) > 100 or not envid.isascii() \
+                    or not envid.isprintable():
+                raise PostfixLabError(f"envid {envid!r}: sendmail -V takes 1 or 3-100 printable"
+                                      " ASCII characters (two would mean VERP); use"
+                                      " submit_smtp() for others")
             argv += ["-V", envid]
         if ret is not None:
             argv += ["-R", _ret(ret).lower()]

@@ -65,8 +65,8 @@ class CertKind(enum.StrEnum):
 
     SELF_SIGNED = "self_signed"  # for the hostname, signed by itself
     CA_SIGNED = "ca_signed"  # for the hostname, by the harness's own lab CA
-    EXPIRED = "expired"  # for the hostname, validity ended a year ago
-    WRONG_HOST = "wrong_host"  # valid, but for another name
+    EXPIRED = "expired"  # by the lab CA, for the hostname, validity ended a year ago
+    WRONG_HOST = "wrong_host"  # by the lab CA, valid, but for another name
 
 class Outcome(enum.StrEnum):
     DELIVERED = "delivered"

@@ -1065,15 +1065,19 @@ class HarnessSMTP(SMTP):
         rcpts = list(self._accepted_pairs)
         self._accepted_pairs = []
         t = self.ctx.engine.clock()
+        refusal = None
         if too_big:
+            refusal = "552 5.3.4 Message size exceeds fixed maximum message size"
+        elif self._line_too_long(content):
+            refusal = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
+        if refusal is not None:
             self._reset_transaction_engine()
-            d = Decision(phase=Phase.MESSAGE)
-            reply = "552 5.3.4 Message size exceeds fixed maximum message size"
             for rcpt in rcpts:
                 self.ctx.store.attempt(self._sid, t=t, mail_from=mail_from, rcpt=rcpt,
-                                       phase="message", code=552, enhanced="5.3.4",
-                                       reply=reply, outcome="rejected", rule=None)
-            await self.push(reply)
+                                       phase="message", code=int(refusal[:3]),
+                                       enhanced=refusal[4:9], reply=refusal,
+                                       outcome="rejected", rule=None)
+            await self.push(refusal)
             return
         d = self.ctx.engine.decide(self._conn, ev.Message(content=content))
         self._rule = d.rule
@@ -1102,6 +1106,12 @@ class HarnessSMTP(SMTP):
         if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
             await self._fault(d.fault, d.rule)
         await self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
+
+    def _line_too_long(self, content: bytes) -> bool:
+        limit = self._scenario.server.max_line_length
+        if limit is None or len(content) + 2 <= limit:
+            return False
+        return any(len(line) + 2 > limit for line in content.split(b"\r\n"))
 
     def _dsn_record(self, rcpts: list[str]) -> dict[str, Any]:
         """DSN (RFC 3461) and related parameters as sent, decoded."""

@@ -3,7 +3,9 @@
 With no certificate files in the scenario, the harness makes one at start for
 its hostname (cryptography), of the kind the scenario asks for: self-signed,
 signed by the harness's own lab CA (whose certificate is written beside the
-store so a sender can be told to trust it), expired, or for the wrong host.
+store as harness-ca.pem, so a sender can be told to trust it), expired, or for
+the wrong host (these two are signed by the lab CA too, so a sender that trusts
+it fails for that one reason).
 Runs once per listener at start, never on the event loop while serving."""
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def make_certificate(hostname: str, kind: CertKind = CertKind.SELF_SIGNED) -> Ma
     issuer_name = _name(name)
     signer: ec.EllipticCurvePrivateKey = key
     ca_pem = None
-    if kind is CertKind.CA_SIGNED:
+    if kind is not CertKind.SELF_SIGNED:
+        # Signed by the lab CA, so a sender that trusts it fails for the one
+        # reason this kind is about (expiry, name), not for self-signing.
         ca_cert, signer = lab_ca()
         issuer_name = ca_cert.subject
         ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
