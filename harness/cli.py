@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,28 +82,101 @@ class LivePrinter:
             f"[{_style(text)}]{escape(text)}[/]{rule_txt}")
 
 
+@dataclass
+class ListenerSpec:
+    host: str
+    port: int
+    scenario: str | None
+    implicit_tls: bool = False
+    proxy_protocol: bool = False
+
+
+def _listener_arg(text: str, *, implicit_tls: bool, proxy: bool) -> ListenerSpec:
+    from harness.smtp.runner import parse_hostport
+
+    where, _, scenario = text.partition("=")
+    host, port = parse_hostport(where, 465 if implicit_tls else 2525)
+    return ListenerSpec(host, port, scenario or None, implicit_tls, proxy)
+
+
+def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
+    """A serve configuration file: listeners, and optionally store and seed."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise HarnessError(f"cannot read config {path}: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("listeners"), list):
+        raise HarnessError(f"{path}: a config needs a list of listeners "
+                           "(listen: HOST:PORT, scenario: NAME, tls: implicit)")
+    unknown = set(data) - {"listeners", "store", "seed"}
+    if unknown:
+        raise HarnessError(f"{path}: unknown keys {', '.join(sorted(map(str, unknown)))}")
+    if "store" in data:
+        args.store = (path.parent / str(data["store"])) if not Path(
+            str(data["store"])).is_absolute() else Path(str(data["store"]))
+    if "seed" in data:
+        args.seed = int(data["seed"])
+    specs = []
+    for i, item in enumerate(data["listeners"], 1):
+        if not isinstance(item, dict) or "listen" not in item:
+            raise HarnessError(f"{path}: listener {i} needs listen: HOST:PORT")
+        bad = set(item) - {"listen", "scenario", "tls", "proxy_protocol"}
+        if bad:
+            raise HarnessError(f"{path}: listener {i}: unknown keys {', '.join(sorted(bad))}")
+        if item.get("tls") not in (None, "implicit", "starttls"):
+            raise HarnessError(f"{path}: listener {i}: tls is implicit or starttls")
+        scenario = item.get("scenario")
+        if scenario is not None and not Path(str(scenario)).is_absolute() and (
+            path.parent / str(scenario)).is_file():
+            scenario = str(path.parent / str(scenario))
+        spec = _listener_arg(str(item["listen"]), implicit_tls=item.get("tls") == "implicit",
+                             proxy=bool(item.get("proxy_protocol", args.proxy_protocol)))
+        spec.scenario = None if scenario is None else str(scenario)
+        specs.append(spec)
+    return specs
+
+
 async def _serve(args: argparse.Namespace) -> int:
-    from harness.smtp.runner import parse_hostport, start_listener
+    from harness.smtp.runner import Listener, start_listener
     from harness.smtp.server import ListenerContext
 
-    scenario = load(args.scenario)
-    host, port = parse_hostport(args.listen)
+    if args.config is not None:
+        specs = _config(args.config, args)
+    else:
+        specs = [_listener_arg(x, implicit_tls=False, proxy=args.proxy_protocol)
+                 for x in (args.listen or ["127.0.0.1:2525"])]
+        specs += [_listener_arg(x, implicit_tls=True, proxy=args.proxy_protocol)
+                  for x in args.listen_tls]
+    # Load every scenario before anything listens: a bad file starts nothing.
+    scenarios = [load(spec.scenario or args.scenario) for spec in specs]
     store = Store(args.store).open()
-    engine = Engine(scenario, seed=args.seed)
-    ctx = ListenerContext(engine=engine, store=store)
-    if not args.quiet:
-        ctx.observers.append(LivePrinter(out))
+    printer = LivePrinter(out)
+    listeners: list[Listener] = []
     try:
-        listener = await start_listener(ctx, host, port)
+        for spec, scenario in zip(specs, scenarios, strict=True):
+            ctx = ListenerContext(engine=Engine(scenario, seed=args.seed), store=store,
+                                  implicit_tls=spec.implicit_tls,
+                                  proxy_protocol=spec.proxy_protocol,
+                                  ca_dir=Path(args.store).parent)
+            if not args.quiet:
+                ctx.observers.append(printer)
+            listeners.append(await start_listener(ctx, spec.host, spec.port))
     except BaseException:
+        for listener in listeners:
+            await listener.close()
         store.close()
         raise
-    h, p = listener.address
-    out.print(f"SMTP Harness {__version__} listening on {h}:{p} "
-              f"(scenario {scenario.name}, store {args.store}"
-              + (f", seed {args.seed}" if args.seed is not None else "") + ")")
-    out.print("[dim]Ctrl-C stops.[/]" if not args.quiet else "", end="\n" if not args.quiet
-              else "")
+    for spec, listener in zip(specs, listeners, strict=True):
+        h, p = listener.address
+        extras = [x for x in ("implicit TLS" if spec.implicit_tls else "",
+                              "PROXY protocol" if spec.proxy_protocol else "") if x]
+        out.print(f"SMTP Harness {__version__} listening on {h}:{p} "
+                  f"(scenario {listener.ctx.scenario.name}"
+                  + "".join(f", {x}" for x in extras) + ")")
+    out.print(f"store {args.store}" + (f", seed {args.seed}" if args.seed is not None else "")
+              + ("" if args.quiet else "; Ctrl-C stops"))
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,13 +185,15 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
     finally:
-        await listener.close()
+        for listener in listeners:
+            await listener.close()
         store.close()
     with Reader(args.store) as r:
         c = r.counts()
     out.print(f"stopped: {c['sessions']} sessions, {c['messages']} messages in {args.store}")
-    for e in ctx.errors:
-        err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
+    for listener in listeners:
+        for e in listener.ctx.errors:
+            err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
     return 0
 
 
@@ -273,8 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="run the SMTP server")
     sp.add_argument("scenario", nargs="?", default=None,
                     help="a library scenario name or a YAML file (default: accept)")
-    sp.add_argument("--listen", default="127.0.0.1:2525", metavar="HOST:PORT",
-                    help="where SMTP listens (default 127.0.0.1:2525; port 0 picks one)")
+    sp.add_argument("--listen", action="append", default=None, metavar="HOST:PORT[=SCENARIO]",
+                    help="where SMTP listens (default 127.0.0.1:2525; port 0 picks one); "
+                         "repeat for several listeners, each with its own scenario")
+    sp.add_argument("--listen-tls", action="append", default=[],
+                    metavar="HOST:PORT[=SCENARIO]",
+                    help="a listener with implicit TLS (the port-465 style)")
+    sp.add_argument("--proxy-protocol", action="store_true",
+                    help="expect a PROXY v1/v2 header on every connection")
+    sp.add_argument("--config", type=Path, default=None,
+                    help="a YAML file of listeners (listen, scenario, tls, proxy_protocol)")
     sp.add_argument("--seed", type=int, default=None,
                     help="seed the RNG (chance:, random delays) to replay a run")
     sp.add_argument("--quiet", action="store_true", help="do not print sessions live")

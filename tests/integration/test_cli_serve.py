@@ -194,3 +194,65 @@ def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path) -> None
     assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:3]}"
     assert all(stored[k] == v for k, v in acked.items())
     db.close()
+
+
+def _serve_many(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], list[tuple[str, int]],
+                                                        list[str]]:
+    proc = subprocess.Popen([*HARNESS, "serve", "--quiet", "--store", str(tmp_path / "s.db"),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
+    assert proc.stdout is not None
+    addrs, lines = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"listening on ([\d.]+):(\d+)", line)
+        if m:
+            addrs.append((m.group(1), int(m.group(2))))
+        if line.startswith("store "):
+            break
+    return proc, addrs, lines
+
+
+def test_serve_several_listeners_each_with_its_own_scenario(tmp_path: Path) -> None:
+    proc, addrs, lines = _serve_many(tmp_path, "--listen", "127.0.0.1:0=service-unavailable",
+                                     "--listen", "127.0.0.2:0=accept")
+    try:
+        assert len(addrs) == 2, lines
+        (h1, p1), (h2, p2) = addrs
+        assert "service-unavailable" in lines[0] and "scenario accept" in lines[1]
+        with pytest.raises(smtplib.SMTPConnectError) as e:
+            smtplib.SMTP(h1, p1, local_hostname=HELO, timeout=5)
+        assert e.value.smtp_code == 421
+        with smtplib.SMTP(h2, p2, local_hostname=HELO, timeout=5) as c:
+            c.sendmail("a@lab.test", ["b@lab.test"], b"Subject: mx2\r\n\r\nx\r\n")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    sessions = json.loads(cli("sessions", "--json", "--store", str(tmp_path / "s.db")).stdout)
+    assert sorted(s["listener"] for s in sessions) == sorted(f"{h}:{p}" for h, p in addrs)
+    assert sorted(s["scenario"] for s in sessions) == ["accept", "service-unavailable"]
+
+
+def test_serve_config_file_with_an_implicit_tls_listener(tmp_path: Path) -> None:
+    import ssl
+
+    (tmp_path / "lab.yaml").write_text(
+        "store: captures.db\n"
+        "listeners:\n"
+        "  - {listen: '127.0.0.1:0', scenario: mailbox-full}\n"
+        "  - {listen: '127.0.0.1:0', scenario: accept, tls: implicit}\n")
+    proc, addrs, lines = _serve_many(tmp_path, "--config", str(tmp_path / "lab.yaml"))
+    try:
+        assert len(addrs) == 2, lines
+        assert "implicit TLS" in lines[1]
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with smtplib.SMTP_SSL(*addrs[1], local_hostname=HELO, timeout=5, context=ctx) as c:
+            c.sendmail("a@lab.test", ["b@lab.test"], b"Subject: 465\r\n\r\nx\r\n")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    assert (tmp_path / "captures.db").is_file()
+    msgs = json.loads(cli("messages", "--json", "--store", str(tmp_path / "captures.db")).stdout)
+    assert [m["subject"] for m in msgs] == ["465"]
