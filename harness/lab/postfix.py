@@ -18,6 +18,13 @@ the `postfix` user); `PostfixLab.unavailable()` says why it cannot run here.
 Several instances coexist: each has its own directories, port, syslog name
 and myhostname.
 
+Retry timing, as Postfix 3.7 does it (qmgr, whole seconds): a deferred
+message is dated int(now) + backoff and taken back once that date is at most
+int(now) + 1, at a deferred-queue scan (every queue_run_delay). So with
+queue_run_delay = 1s a retry comes about minimal_backoff_time - 1 s after
+the failed attempt (measured: 1.01 s for 2s, 2.01 s for 3s), never earlier
+than that whole second.
+
 Postfix commands used: `postfix -c DIR check|start|status`, `postqueue -c DIR
 -j|-f|-i`, `postsuper -c DIR -e`, `sendmail -C DIR`, `postconf`. Stopping
 signals the instance's master directly (what `postfix stop` does, without its

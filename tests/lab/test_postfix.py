@@ -78,11 +78,12 @@ def test_postfix_relays_a_message_to_the_harness_byte_for_byte(lab_harness, post
     assert (m.mail_from, m.rcpt_tos) == (SENDER, ["user@lab.test"])
     assert m.raw is not None
     assert body_of(m.raw) == body
-    # Postfix prepends its Received header (naming this queue ID) and changes nothing else
-    trace, _, rest = m.raw.partition(b"\r\n" + original[:5])
-    assert trace.startswith(b"Received: from submit.lab.test")
-    assert f"with ESMTP id {queue_id}".encode() in trace
-    assert original[:5] + rest == original
+    # Postfix prepends one Received header (naming this queue ID) and changes nothing else
+    assert m.raw.endswith(original)
+    trace = m.raw[:-len(original)]
+    assert trace.startswith(b"Received: from submit.lab.test (unknown [127.0.0.1])\r\n")
+    assert all(line.startswith(b"\t") for line in trace.split(b"\r\n")[1:-1])
+    assert f"by {pf.myhostname} (Postfix) with ESMTP id {queue_id}".encode() in trace
 
     [s] = h.sessions()
     assert s.helo == pf.myhostname == pf.postconf("myhostname")
@@ -128,7 +129,7 @@ rules:
     reply: "451 4.7.1 Greylisted"
 """
 
-BACKOFF = 3  # seconds; minimal = maximal, so every retry waits this long
+BACKOFF = 3  # seconds: minimal_backoff_time = maximal_backoff_time (see the assertion)
 
 
 def test_a_451_is_retried_after_the_backoff(lab_harness, postfix_lab):
@@ -160,8 +161,46 @@ def test_a_451_is_retried_after_the_backoff(lab_harness, postfix_lab):
 # ------------------------------------------------------------------ the rest of the API
 
 
-def test_sendmail_dsn_options_and_expire(lab_harness, postfix_lab):
-    """sendmail -N/-V/-R reach Postfix's DSNs; expire() bounces a deferred message."""
+DSN_OFFERED = "server:\n  extensions: {dsn: true}\nrules: []\n"
+DSN_NOT_OFFERED = "server:\n  extensions: {dsn: false}\nrules: []\n"
+
+
+def test_sendmail_dsn_options_reach_the_next_hop_or_postfixs_own_dsn(lab_harness, postfix_lab):
+    """sendmail -N/-V/-R: passed on to a server that offers DSN; reported by
+    Postfix itself ("relayed", envelope ID, headers only) to one that does not."""
+    h = lab_harness(DSN_OFFERED)
+    plain = lab_harness(DSN_NOT_OFFERED)
+    pf = postfix_lab(h, transports={"nodsn.test": (plain.host, plain.port)})
+    dsn = {"dsn_notify": ["success", "failure"], "envid": "lab env+1", "ret": "hdrs"}
+    pf.submit_sendmail(SENDER, ["ok@lab.test"], message("ok@lab.test", "dsn on", b"1\r\n"), **dsn)
+    pf.submit_sendmail(SENDER, ["ok@nodsn.test"], message("ok@nodsn.test", "dsn off", b"2\r\n"),
+                       **dsn)
+    pf.wait_queue_empty(WAIT)
+
+    [passed_on] = h.messages(rcpt="ok@lab.test")
+    assert passed_on.mail_from == SENDER
+    assert {"ENVID=lab+20env+2B1", "RET=HDRS"} <= set(passed_on.mail_options)  # xtext
+    assert passed_on.rcpt_options == ["ORCPT=rfc822;ok@lab.test NOTIFY=SUCCESS,FAILURE"]
+
+    [delivered] = plain.messages()
+    assert delivered.rcpt_tos == ["ok@nodsn.test"]
+    sent = " ".join(delivered.mail_options + delivered.rcpt_options)
+    assert "NOTIFY" not in sent and "ENVID" not in sent and "RET" not in sent
+    [report] = h.messages(rcpt=SENDER)  # Postfix's success DSN, via the relayhost
+    assert report.mail_from == "" and report.raw is not None
+    per_message, [rcpt] = delivery_status(report.raw)
+    assert field(rcpt, "Final-Recipient") == "rfc822; ok@nodsn.test"
+    assert field(rcpt, "Action") == "relayed"
+    assert field(per_message, "Original-Envelope-Id") == "lab env+1"
+    types = [p.get_content_type()
+             for p in email.message_from_bytes(report.raw, policy=policy.default).walk()]
+    assert "text/rfc822-headers" in types and "message/rfc822" not in types  # RET=HDRS
+
+    with pytest.raises(PostfixLabError, match="VERP"):  # Postfix would read -V xy as VERP
+        pf.submit_sendmail(SENDER, ["ok@lab.test"], b"\r\nx\r\n", envid="xy")
+
+
+def test_expire_returns_a_deferred_message_at_once(lab_harness, postfix_lab):
     h = lab_harness("""
 rules:
   - on: rcpt
@@ -169,35 +208,21 @@ rules:
     reply: "451 4.3.0 Try again later"
 """)
     pf = postfix_lab(h)
-    # The harness does not offer DSN, so Postfix itself reports the success
-    # ("relayed") that -N success asked for, with the envelope ID, headers only.
-    pf.submit_sendmail(SENDER, ["ok@lab.test"], message("ok@lab.test", "dsn test", b"hi\r\n"),
-                       dsn_notify=["success", "failure"], envid="lab-env-1", ret="hdrs")
     queue_id = pf.submit_smtp(SENDER, ["slow@lab.test"],
                               message("slow@lab.test", "expire test", b"later\r\n"))
-    pf.wait_deferred(queue_id, WAIT)
+    entry = pf.wait_deferred(queue_id, WAIT)
+    assert entry["recipients"][0]["address"] == "slow@lab.test"
     pf.expire(queue_id)
     pf.wait_queue_empty(WAIT)
 
-    reports = {}
-    for m in h.messages(rcpt=SENDER):
-        assert m.mail_from == "" and m.raw is not None
-        per_message, [rcpt] = delivery_status(m.raw)
-        reports[field(rcpt, "Final-Recipient")] = (per_message, rcpt, m.raw)
-    assert set(reports) == {"rfc822; ok@lab.test", "rfc822; slow@lab.test"}
-
-    per_message, rcpt, raw = reports["rfc822; ok@lab.test"]
-    assert field(rcpt, "Action") == "relayed"
-    assert field(per_message, "Original-Envelope-Id") == "lab-env-1"
-    types = [p.get_content_type()
-             for p in email.message_from_bytes(raw, policy=policy.default).walk()]
-    assert "text/rfc822-headers" in types and "message/rfc822" not in types
-
-    _, rcpt, _ = reports["rfc822; slow@lab.test"]
+    assert [a.outcome for a in h.attempts(rcpt="slow@lab.test")] == ["deferred"]
+    [ndr] = h.messages(rcpt=SENDER)
+    assert ndr.mail_from == "" and ndr.raw is not None
+    _, [rcpt] = delivery_status(ndr.raw)
     assert field(rcpt, "Action") == "failed"
     assert field(rcpt, "Status") == "4.3.0"  # an expired message keeps the last 4xx
     assert field(rcpt, "Diagnostic-Code") == "smtp; 451 4.3.0 Try again later"
-    assert [a.outcome for a in h.attempts(rcpt="slow@lab.test")] == ["deferred"]
+    assert f"{queue_id}: from=<{SENDER}>, status=force-expired" in pf.maillog()
 
 
 def test_two_instances_coexist_and_stop_without_leftovers(lab_harness, postfix_lab):
