@@ -358,6 +358,8 @@ class PostfixLab:
             ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
             ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
             ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+            # TLS session cache and PRNG seeding, needed for smtp_tls_security_level
+            ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
         ]
         lines = ["# Written by harness.lab.postfix; the smtpd port is picked per instance."]

@@ -331,8 +331,6 @@ class HarnessSMTP(SMTP):
         d = await self._decide(ev.Connect())
         await self._answer(d, f"220 {self.hostname} {self.__ident__}")
         if d.reply is not None and not d.reply.is_positive:
-            if d.reply.code == 421:
-                await self._hangup("421 at the banner")
             self._refused = True  # RFC 5321 3.1: after 554, wait for QUIT
         bad = 0
         while self.transport is not None and not self.transport.is_closing():
