@@ -1,12 +1,17 @@
 """`Harness`: the server in a background thread, for tests and scripts.
 
     with Harness("greylisting") as h:
-        smtplib.SMTP(h.host, h.port)...
-        h.attempts(rcpt="user@lab.test")
+        with smtplib.SMTP(h.host, h.port, local_hostname="client.test") as c: ...
+        msg = h.wait_for_message(rcpt="user@lab.test", timeout=5)
+        h.verify(rule="greylist", count=1)
 
 SMTP runs on an ephemeral loopback port in the harness's own event loop (a
-thread), with a temporary store unless one is given. Queries read the store
-after the writer has committed everything queued so far."""
+thread), with a temporary store unless one is given; `async with` works too
+(the server still has its own loop, so a test's loop never waits on it).
+Queries read the store after the writer has committed everything queued.
+Waits wake on the server's own "something was recorded" events (a
+condition variable), never by sleeping and polling. Errors raised inside the
+server are collected and re-raised by `check()` (and at `stop()`)."""
 
 from __future__ import annotations
 
@@ -14,21 +19,38 @@ import asyncio
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.errors import HarnessError
 from harness.scenario.engine import Engine
 from harness.scenario.library import load
-from harness.scenario.loader import load_file, load_text
+from harness.scenario.loader import build_rule, load_file, load_text
 from harness.scenario.model import Scenario
 from harness.smtp.runner import Listener, start_listener
-from harness.smtp.server import ListenerContext
+from harness.smtp.server import JournalEntry, ListenerContext
 from harness.store.db import Attempt, MessageRecord, Reader, SessionRecord, Store
 
 T = TypeVar("T")
+
+
+class HarnessAssertionError(AssertionError):
+    """An expectation about what the harness saw failed; the message says what
+    was expected, what happened, the transcripts and the near misses."""
+
+
+class HarnessServerError(HarnessError):
+    """Errors raised inside the server while serving, re-raised in the test."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        self.errors = list(errors)
+        lines = [f"  {type(e).__name__}: {e}" for e in self.errors]
+        super().__init__(f"{len(self.errors)} error(s) inside the harness while serving:\n"
+                         + "\n".join(lines))
 
 
 def _scenario(spec: str | Path | Scenario | None) -> Scenario:
@@ -44,31 +66,37 @@ def _scenario(spec: str | Path | Scenario | None) -> Scenario:
 
 
 class Harness:
-    """A running SMTP Harness; use as a context manager (sync)."""
+    """A running SMTP Harness; use as a context manager (sync or async)."""
 
     def __init__(self, scenario: str | Path | Scenario | None = None, *,
                  host: str = "127.0.0.1", port: int = 0, store: str | Path | None = None,
                  seed: int | None = None, clock: Callable[[], float] | None = None,
-                 implicit_tls: bool = False, proxy_protocol: bool = False) -> None:
+                 implicit_tls: bool = False, proxy_protocol: bool = False,
+                 keep_store: bool = False) -> None:
         self.scenario = _scenario(scenario)
+        self._base = self.scenario  # what reset() goes back to
         self._bind = (host, port)
         self._tmp: str | None = None
         if store is None:
             self._tmp = tempfile.mkdtemp(prefix="harness-")
             store = Path(self._tmp) / "harness.db"
         self.store_path = Path(store)
+        self.keep_store = keep_store
         self.seed = seed
-        engine_kw: dict[str, Any] = {"seed": seed}
-        if clock is not None:
-            engine_kw["clock"] = clock
-        self.engine = Engine(self.scenario, **engine_kw)
+        self._offset = 0.0
+        self._clock = clock or time.time
+        self.engine = Engine(self.scenario, seed=seed, clock=self.now)
         self.store = Store(self.store_path)
         self.ctx = ListenerContext(engine=self.engine, store=self.store,
                                    implicit_tls=implicit_tls, proxy_protocol=proxy_protocol,
                                    ca_dir=self.store_path.parent)
+        self._changed = threading.Condition()
+        self._generation = 0
+        self.ctx.on_change.append(self._notify)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = None
+        self._rule_seq = 0
         self.host, self.port = host, port
 
     # -- lifecycle --------------------------------------------------------
@@ -101,7 +129,8 @@ class Harness:
         self.host, self.port = self._listener.address
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, check: bool = True) -> None:
+        """Stop serving; re-raise errors from inside the server (unless check=False)."""
         if self._loop is not None and self._listener is not None:
             self._call(self._listener.close(), timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -110,21 +139,47 @@ class Harness:
             self._loop.close()
             self._loop = None
         self.store.close()
-        if self._tmp is not None:
+        if self._tmp is not None and not self.keep_store:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        if check:
+            self.check()
 
     def __enter__(self) -> Harness:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Do not hide the test's own exception behind the server's errors.
+        self.stop(check=exc_type is None)
+
+    async def __aenter__(self) -> Harness:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        await asyncio.to_thread(self.stop, check=exc_type is None)
 
     def _call(self, coro: Any, timeout: float = 10) -> Any:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def _notify(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
     # -- control ----------------------------------------------------------
+
+    def now(self) -> float:
+        """The harness's clock: the given clock (or the wall clock) plus any
+        `advance()`; rules (first_seen, rate limits) and the store use it."""
+        return self._clock() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the harness's clock forward: greylisting windows, rate-limit
+        buckets and attempt intervals see the time pass, no test sleeps."""
+        if seconds < 0:
+            raise ValueError("time only moves forward")
+        self._offset += seconds
 
     def use(self, scenario: str | Path | Scenario) -> None:
         """Switch scenario for new decisions (counters and state carry on)."""
@@ -132,12 +187,42 @@ class Harness:
         self.engine.use(self.scenario)
         self.ctx.prepare_tls()
 
-    def reset(self) -> None:
+    def add_rule(self, *, on: str, name: str | None = None, **spec: Any) -> str:
+        """Add a rule in code, checked exactly as one in a file; it goes before
+        the scenario's own rules (first match wins). Returns its name."""
+        self._rule_seq += 1
+        rule_spec: dict[str, Any] = {"name": name or f"added rule {self._rule_seq}", "on": on}
+        rule_spec.update(spec)
+        rule = build_rule(rule_spec, index=self._rule_seq - 1, source="<add_rule>")
+        if any(r.name == rule.name for r in self.scenario.rules):
+            raise HarnessError(f"a rule named {rule.name!r} exists already")
+        self.scenario = replace(self.scenario, rules=(rule, *self.scenario.rules))
+        self.engine.use(self.scenario)
+        return rule.name
+
+    def reset(self, *, scenario: str | Path | Scenario | None = None) -> None:
+        """Back to a clean slate: the base scenario (or `scenario`), no added
+        rules, counters, state and journal forgotten, captures deleted."""
+        if scenario is not None:
+            self._base = _scenario(scenario)
+        self.use(self._base)
+        self._offset = 0.0
         self.engine.reset()
+        self.ctx.journal.clear()
+        self.ctx.errors.clear()
+        self.store.clear()
+        self.store.sync_barrier()
 
     @property
     def errors(self) -> list[BaseException]:
         return self.ctx.errors
+
+    def check(self) -> None:
+        """Raise the errors that happened inside the server, if any."""
+        if self.ctx.errors:
+            errors = list(self.ctx.errors)
+            self.ctx.errors.clear()
+            raise HarnessServerError(errors) from errors[0]
 
     # -- queries ----------------------------------------------------------
 
@@ -156,7 +241,58 @@ class Harness:
 
     def attempts(self, *, rcpt: str | None = None, mail_from: str | None = None
                  ) -> list[Attempt]:
+        """Delivery attempts (one pair's verdict on one connection), oldest
+        first, each with `interval` since the pair's previous attempt."""
         return self._read(lambda r: r.attempts(rcpt=rcpt, mail_from=mail_from))
+
+    @property
+    def journal(self) -> list[JournalEntry]:
+        return list(self.ctx.journal)
+
+    # -- waits ------------------------------------------------------------
+
+    def _wait(self, ready: Callable[[], T | None], timeout: float) -> T | None:
+        """Evaluate `ready` now and after each server event until it returns
+        something, or the timeout passes (then None)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changed:
+                seen = self._generation
+            result = ready()
+            if result is not None:
+                return result
+            with self._changed:
+                while self._generation == seen:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return ready()
+                    self._changed.wait(remaining)
+
+    def wait_for_message(self, *, rcpt: str | None = None, timeout: float = 5.0
+                         ) -> MessageRecord:
+        """The first message (to `rcpt`, if given); waits for it to arrive."""
+        found = self._wait(lambda: next(iter(self.messages(rcpt=rcpt)), None), timeout)
+        if found is None:
+            what = f"a message to {rcpt}" if rcpt else "a message"
+            raise HarnessAssertionError(
+                f"waited {timeout:g}s for {what}; none arrived.\n" + self.report())
+        return found
+
+    def wait_for_attempts(self, n: int, *, rcpt: str | None = None,
+                          mail_from: str | None = None, timeout: float = 5.0) -> list[Attempt]:
+        """At least `n` attempts (of `rcpt`/`mail_from` if given); waits for them."""
+        def ready() -> list[Attempt] | None:
+            got = self.attempts(rcpt=rcpt, mail_from=mail_from)
+            return got if len(got) >= n else None
+
+        found = self._wait(ready, timeout)
+        if found is None:
+            got = self.attempts(rcpt=rcpt, mail_from=mail_from)
+            what = f"{n} attempt(s)" + (f" to {rcpt}" if rcpt else "") + (
+                f" from {mail_from}" if mail_from else "")
+            raise HarnessAssertionError(
+                f"waited {timeout:g}s for {what}; {len(got)} arrived.\n" + self.report())
+        return found
 
     def wait_idle(self, timeout: float = 10) -> None:
         """Wait until no connection is being served (sessions recorded as ended)."""
@@ -167,3 +303,96 @@ class Harness:
                     break
                 await asyncio.wait(tasks)
         self._call(asyncio.wait_for(idle(), timeout), timeout + 1)
+
+    # -- verification -----------------------------------------------------
+
+    def verify(self, *, rule: str, count: int | None = None, at_least: int | None = None
+               ) -> list[JournalEntry]:
+        """Assert how often `rule` decided a step (exactly `count`, or
+        `at_least`); on failure the message shows the near misses."""
+        if rule not in {r.name for r in self.scenario.rules} and not rule.startswith("limit"):
+            raise HarnessAssertionError(
+                f"no rule named {rule!r}; the scenario has: "
+                + ", ".join(repr(r.name) for r in self.scenario.rules))
+        hits = [e for e in self.ctx.journal if e.rule == rule]
+        ok = (count is None or len(hits) == count) and (at_least is None or
+                                                         len(hits) >= at_least)
+        if not ok:
+            want = f"exactly {count}" if count is not None else f"at least {at_least}"
+            raise HarnessAssertionError(
+                f"rule {rule!r} decided {len(hits)} step(s), expected {want}.\n"
+                + self.report(focus=rule))
+        return hits
+
+    def unmatched(self) -> list[tuple[int, str, str]]:
+        """Replies the harness itself gave to commands it could not take (bad
+        syntax, wrong sequence, unknown command, refused parameter): what a
+        client under test should never cause. (session, command, reply)"""
+        out = []
+        for s in self.sessions():
+            last = ""
+            for e in s.events:
+                if e.direction == "C":
+                    last = e.text
+                elif (e.direction == "S" and e.rule is None
+                      and e.text[:3] in ("500", "501", "502", "503", "504", "555")):
+                    out.append((s.id, last, e.text))
+        return out
+
+    def assert_no_unmatched(self) -> None:
+        bad = self.unmatched()
+        if bad:
+            lines = [f"  session {sid}: {cmd!r} -> {reply}" for sid, cmd, reply in bad]
+            raise HarnessAssertionError(
+                f"{len(bad)} command(s) the harness could not take:\n" + "\n".join(lines)
+                + "\n" + self.report())
+
+    # -- the failure report -----------------------------------------------
+
+    def near_misses(self, focus: str | None = None, limit: int = 8
+                    ) -> list[tuple[JournalEntry, str, str]]:
+        """(decision, rule, why it did not match), closest first: rules that
+        failed on their last condition rank before those that failed early."""
+        rules = {r.name: r for r in self.scenario.rules}
+        found = []
+        for entry in self.ctx.journal:
+            for name, why in entry.misses:
+                if focus is not None and name != focus:
+                    continue
+                rule = rules.get(name)
+                keys = [m.key for m in rule.when] if rule else []
+                failed = next((i for i, k in enumerate(keys) if why.startswith(k)), 0)
+                found.append((len(keys) - failed, entry, name, why))
+        found.sort(key=lambda x: (x[0], -x[1].t))
+        return [(e, n, w) for _, e, n, w in found[:limit]]
+
+    def report(self, focus: str | None = None, max_sessions: int = 5) -> str:
+        """Transcripts of the latest sessions and the near misses, as text."""
+        try:
+            sessions = self.sessions()[-max_sessions:]
+        except HarnessError as err:
+            return f"(no transcript: {err})"
+        lines = [f"transcript ({len(sessions)} latest session(s)):"]
+        if not sessions:
+            lines.append("  (no session: nothing connected)")
+        for s in sessions:
+            lines.append(f"  session {s.id} from {s.peer_ip}, ended: {s.end_reason or 'open'}")
+            previous = ""
+            for ev in s.events:
+                if ev.direction == "I" and not ev.text.startswith(("fault", "delay", "stored")):
+                    continue
+                continued = ev.direction == "S" and len(ev.text) > 3 and ev.text[3] == "-"
+                if continued and previous == "S-":
+                    continue  # one line of a multi-line reply is enough here
+                previous = "S-" if continued else ev.direction
+                mark = {"C": "C:", "S": "S:", "I": "  "}[ev.direction]
+                rule = f"  [{ev.rule}]" if ev.rule and ev.direction == "S" else ""
+                lines.append(f"    {mark} {ev.text}{rule}")
+        misses = self.near_misses(focus)
+        lines.append("near misses (rules that did not match, and why):")
+        if not misses:
+            lines.append("  (none)")
+        for entry, name, why in misses:
+            lines.append(f"  {name!r} at {entry.phase} ({entry.command}): {why}")
+        return "\n".join(lines)
+

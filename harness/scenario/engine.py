@@ -207,6 +207,9 @@ class Engine:
     ) -> None:
         self.clock = clock
         self.seed = seed
+        #: exceptions raised by matchers (taken as "no match"; the adapter
+        #: collects them so a test can re-raise them)
+        self.errors: list[Exception] = []
         self._lock = Lock()
         self.use(scenario)
         self.reset()
@@ -380,6 +383,7 @@ class Engine:
                     reason = matcher.check(facts)
                 except Exception as e:  # a matcher must never take the server down
                     reason = f"{matcher.key} failed: {type(e).__name__}: {e}"
+                    self.errors.append(e)
                 if reason is not None:
                     break
             if reason is not None:

@@ -65,6 +65,24 @@ class _Hangup(Exception):
     """Internal: the connection is closed or closing on purpose; stop the loop."""
 
 
+JOURNAL_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One decision: the step, the client's command, the deciding rule (None:
+    the normal behaviour), and the rules that did not match, with why."""
+
+    session_id: int
+    t: float
+    phase: str
+    command: str
+    rule: str | None
+    reply: str | None
+    fault: str | None
+    misses: tuple[tuple[str, str], ...]
+
+
 @dataclass
 class ListenerContext:
     """What all connections of one listener share."""
@@ -80,6 +98,10 @@ class ListenerContext:
     on_message: list[Callable[[int], None]] = field(default_factory=list)
     #: connections being served now
     active: set[HarnessSMTP] = field(default_factory=set)
+    #: every decision, newest last (bounded): for verification and near misses
+    journal: list[JournalEntry] = field(default_factory=list)
+    #: called (on the loop) whenever something was recorded: waiters wake up
+    on_change: list[Callable[[], None]] = field(default_factory=list)
     #: the port-465 style: TLS from the first byte
     implicit_tls: bool = False
     #: a PROXY protocol v1/v2 header precedes SMTP (behind a load balancer)
@@ -158,6 +180,7 @@ class HarnessSMTP(SMTP):
         self._scenario = ctx.scenario  # the scenario this connection started with
         self._sid = 0
         self._peer = ""
+        self._last_command = "(connect)"
         self._conn: ev.Connection | None = None
         self._phase: Phase | None = None
         self._rule: str | None = None
@@ -181,6 +204,13 @@ class HarnessSMTP(SMTP):
         self._chunk_failed = False
 
     # ------------------------------------------------------------ transcript
+
+    def _changed(self) -> None:
+        for cb in self.ctx.on_change:
+            try:
+                cb()
+            except Exception as e:  # a waiter must not break the session
+                self.ctx.errors.append(e)
 
     def _record(self, direction: str, text: str, rule: str | None = None) -> None:
         if len(text) > MAX_TRANSCRIPT_TEXT:
@@ -323,6 +353,7 @@ class HarnessSMTP(SMTP):
         for cb in self.ctx.on_session_end:
             with contextlib.suppress(Exception):
                 cb(self._sid)
+        self._changed()
 
     async def _serve(self) -> None:
         assert self._conn is not None
@@ -383,6 +414,7 @@ class HarnessSMTP(SMTP):
         if verb == "AUTH" and shown.count(" ") >= 2:
             shown = " ".join(shown.split(" ")[:2]) + " <credentials>"
         self._record("C", shown)
+        self._last_command = shown
         if not line.strip():
             await self.push("500 5.5.2 Error: bad syntax")
             return False
@@ -418,9 +450,25 @@ class HarnessSMTP(SMTP):
 
     # ----------------------------------------------------- decisions on wire
 
-    async def _decide(self, event: ev.Event) -> Decision:
+    def _engine_decide(self, event: ev.Event) -> Decision:
+        """The engine's decision, noted in the listener's journal (what each
+        step was, which rule decided it, and which rules nearly did)."""
         assert self._conn is not None
         d = self.ctx.engine.decide(self._conn, event)
+        self.ctx.journal.append(JournalEntry(
+            session_id=self._sid, t=self.ctx.engine.clock(), phase=d.phase.value,
+            command=self._last_command, rule=d.rule, reply=str(d.reply) if d.reply else None,
+            fault=d.fault.value if d.fault else None, misses=d.misses))
+        if len(self.ctx.journal) > JOURNAL_LIMIT:
+            del self.ctx.journal[: len(self.ctx.journal) - JOURNAL_LIMIT]
+        if self.ctx.engine.errors:
+            self.ctx.errors.extend(self.ctx.engine.errors)
+            self.ctx.engine.errors.clear()
+        return d
+
+    async def _decide(self, event: ev.Event) -> Decision:
+        assert self._conn is not None
+        d = self._engine_decide(event)
         self._rule = d.rule
         if d.delay > 0:
             self._record("I", f"delay {d.delay:.3f}s", d.rule)
@@ -832,7 +880,7 @@ class HarnessSMTP(SMTP):
         if rparams.notify or rparams.orcpt:
             self._used["dsn_rcpt"] = True
         mail_from = self._conn.mail_from
-        d = self.ctx.engine.decide(self._conn, ev.Rcpt(recipient=address))
+        d = self._engine_decide(ev.Rcpt(recipient=address))
         self._rule = d.rule
         t = self.ctx.engine.clock()
         if not d.accepts:
@@ -872,6 +920,7 @@ class HarnessSMTP(SMTP):
             self._sid, t=t, mail_from=mail_from, rcpt=rcpt, phase=d.phase.value, code=code,
             enhanced=enhanced, reply=reply, outcome=outcome, rule=d.rule,
             message_id=message_id)
+        self._changed()
 
     # ------------------------------------------------------------ DATA, BDAT
 
@@ -900,7 +949,7 @@ class HarnessSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         mail_from = self._conn.mail_from
-        d = self.ctx.engine.decide(self._conn, ev.Data())
+        d = self._engine_decide(ev.Data())
         self._rule = d.rule
         if not d.accepts:
             self._attempts_for_all(d)
@@ -960,7 +1009,7 @@ class HarnessSMTP(SMTP):
         self._chunks.append(chunk)
         self._chunks_size += size
         limit = self.data_size_limit
-        d = self.ctx.engine.decide(self._conn, ev.Bdat(size=size, last=last,
+        d = self._engine_decide(ev.Bdat(size=size, last=last,
                                                        total=self._chunks_size))
         self._rule = d.rule
         if not d.accepts:
@@ -1077,7 +1126,7 @@ class HarnessSMTP(SMTP):
                                        outcome="rejected", rule=None)
             await self.push(refusal)
             return
-        d = self.ctx.engine.decide(self._conn, ev.Message(content=content))
+        d = self._engine_decide(ev.Message(content=content))
         self._rule = d.rule
         subject, message_id = _headline(content)
         mid = self.ctx.store.message(
@@ -1097,6 +1146,7 @@ class HarnessSMTP(SMTP):
         for cb in self.ctx.on_message:
             with contextlib.suppress(Exception):
                 cb(mid)
+        self._changed()
         if d.delay > 0:
             self._record("I", f"delay {d.delay:.3f}s", d.rule)
             await self._send()

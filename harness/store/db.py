@@ -282,6 +282,11 @@ class Store:
                 conn.close()
                 return
 
+    def clear(self) -> None:
+        """Forget everything captured (queued like any write; IDs keep counting)."""
+        for table in ("events", "attempts", "messages", "sessions"):
+            self._put(f"DELETE FROM {table}", ())
+
     def _put(self, sql: str, params: Sequence[Any], many: bool = False) -> None:
         self._queue.put((sql, params, many))
 
