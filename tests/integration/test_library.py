@@ -12,8 +12,10 @@ Three layers:
 
 Every client uses `local_hostname` (no DNS lookup), loopback only and short
 socket timeouts. Time is injected (`Harness(clock=...)`) where a rule reads
-it; the only waits are the ones a scenario is about (a tarpit's drip, a
-silent server's client timeout), kept short.
+it, and the RNG is seeded (`Harness(seed=...)`) where a rule draws from it;
+the only waits are the ones a scenario is about (a tarpit's drip, a slow
+reply, a silent server's client timeout), kept short. A closed connection is
+awaited by reading EOF, never by sleeping.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import itertools
 import smtplib
 import socket
+import ssl
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -37,6 +40,8 @@ from harness.testing import Harness
 CLIENT = "client.lab.test"  # our EHLO name: smtplib never calls getfqdn()
 TIMEOUT = 5.0  # client socket timeout: nothing can hang a test for long
 LIBRARY = library_names()
+#: The lab sender's RNG seed: a scenario with `chance` replays the same run.
+LAB_SEED = 1
 
 
 # ------------------------------------------------------------------ helpers
@@ -59,16 +64,27 @@ def smtp(h: Harness, timeout: float = TIMEOUT) -> smtplib.SMTP:
     return smtplib.SMTP(h.host, h.port, local_hostname=CLIENT, timeout=timeout)
 
 
+def no_verify() -> ssl.SSLContext:
+    """TLS as an opportunistic MTA does it: encrypt, but verify nothing (the
+    harness presents a certificate it made at start)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 _ids = itertools.count(1)
 
 
 def build_message(*, subject: str = "SMTP Harness test", body: str = "Hello from the lab.",
                   size: int = 0, mail_from: str = "sender@lab.test",
                   rcpt: tuple[str, ...] = ("user@lab.test",),
-                  message_id: str | None = None) -> bytes:
-    """A plain RFC 5322 message, padded with 76-column lines to about `size`."""
+                  message_id: str | None = None, headers: tuple[str, ...] = ()) -> bytes:
+    """A plain RFC 5322 message, padded with 76-column lines to about `size`;
+    `headers` ("Name: value" lines) go first, as trace fields do."""
     mid = message_id or f"<test-{next(_ids)}@{CLIENT}>"
-    head = (f"From: <{mail_from}>\r\nTo: {', '.join(f'<{r}>' for r in rcpt)}\r\n"
+    trace = "".join(f"{h}\r\n" for h in headers)
+    head = (f"{trace}From: <{mail_from}>\r\nTo: {', '.join(f'<{r}>' for r in rcpt)}\r\n"
             f"Subject: {subject}\r\nMessage-ID: {mid}\r\n\r\n").encode()
     text = (body + "\r\n").encode()
     line = b"x" * 76 + b"\r\n"
@@ -167,9 +183,11 @@ def _verdict(code: int, text: bytes | str) -> Verdict:
 
 def deliver_once(h: Harness, send: Send, rcpts: list[str], *, timeout: float
                  ) -> dict[str, Verdict]:
-    """One delivery attempt (one connection) as an MTA makes it: SIZE when
-    offered, each recipient, DATA for those accepted. A lost connection is a
-    temporary failure of every recipient still open."""
+    """One delivery attempt (one connection) as an MTA makes it: STARTTLS when
+    offered (opportunistic, unverified, like Postfix's `may` level), SIZE when
+    offered, each recipient, DATA for those accepted; no AUTH (no credentials
+    configured). A lost connection is a temporary failure of every recipient
+    still open."""
     out: dict[str, Verdict] = {}
     msg = message_for(send)
 
@@ -186,6 +204,12 @@ def deliver_once(h: Harness, send: Send, rcpts: list[str], *, timeout: float
         code, text = s.ehlo()
         if code != 250:
             return everyone(_verdict(code, text))
+        if s.has_extn("starttls"):
+            code, text = s.starttls(context=no_verify())
+            if code == 220:  # else go on in plaintext, as opportunistic TLS does
+                code, text = s.ehlo()
+                if code != 250:
+                    return everyone(_verdict(code, text))
         options = [f"SIZE={len(msg)}"] if s.has_extn("size") else []
         code, text = s.mail(send.mail_from, options)
         if code != 250:
@@ -250,9 +274,11 @@ def test_library_has_the_required_failures() -> None:
     required = {"accept", "unknown-user", "mailbox-full", "greylisting", "relay-denied",
                 "message-too-large", "service-unavailable", "too-many-recipients",
                 "temp-fail-then-success", "tarpit", "drop-mid-data", "drop-after-dot",
-                "rate-limited"}
+                "rate-limited", "recipient-domain-unknown", "message-loop", "tls-required",
+                "auth-required", "client-not-authenticated", "too-many-connections",
+                "greylisting-5m", "intermittent-421", "sender-rate-limited", "magic"}
     assert required <= set(LIBRARY)
-    assert len(set(LIBRARY) - {"accept"}) >= 12
+    assert len(set(LIBRARY) - {"accept"}) >= 24
 
 
 def test_library_every_scenario_has_a_focused_test() -> None:
@@ -296,7 +322,7 @@ def test_library_scenario_meets_its_expect_with_a_lab_sender(name: str) -> None:
     max_tries = e.max_attempts or (e.min_attempts or 1) + (
         0 if e.outcome is Outcome.DEFERRED else 1)
     clock = FakeClock()
-    with Harness(name, clock=clock) as h:
+    with Harness(name, clock=clock, seed=LAB_SEED) as h:
         run = lab_sender(h, clock, scenario.send, max_tries=max_tries, timeout=1.0)
         assert not h.errors
     assert run.outcome is e.outcome, run
@@ -684,22 +710,58 @@ def test_rate_limited_third_message_on_a_connection_is_throttled() -> None:
 # ----------------------------------------- focused: too-many-connections
 
 
-def test_too_many_connections_fourth_refused_at_the_banner() -> None:
+TOO_MANY_FROM_YOU = [b"421 4.7.0 Too many connections from your host"]
+
+
+def test_too_many_connections_fourth_concurrent_refused_then_freed_slot_taken() -> None:
     with Harness("too-many-connections") as h:
-        first = [smtp(h) for _ in range(3)]
+        open_ = [Raw(h) for _ in range(3)]
         try:
-            for s in first:
-                assert s.noop()[0] == 250
-            with pytest.raises(smtplib.SMTPConnectError) as exc:
-                smtp(h)
-            assert exc.value.smtp_code == 421
-            assert exc.value.smtp_error.startswith(b"4.3.2 The maximum number of connections")
-        finally:
-            for s in first:
+            for raw in open_:
+                assert raw.reply()[0].startswith(b"220 ")  # served, counted as open
+            with Raw(h) as fourth:
+                assert fourth.reply() == TOO_MANY_FROM_YOU
+                assert fourth.sock.recv(100) == b""  # closed after the 421
+            # One of ours leaves; EOF after 221 means the server has closed it.
+            leaving = open_.pop()
+            assert leaving.command("QUIT") == [b"221 2.0.0 Bye"]
+            assert leaving.sock.recv(100) == b""
+            leaving.close()
+            # Its slot is free: a new connection is served, and delivers.
+            with closing(smtp(h)) as s:
+                assert s.sendmail("sender@lab.test", ["user@lab.test"], build_message()) == {}
+                # Three open again (two raw, this one): the next is refused.
+                with pytest.raises(smtplib.SMTPConnectError) as exc:
+                    smtp(h)
+                assert (exc.value.smtp_code, exc.value.smtp_error) == (
+                    421, TOO_MANY_FROM_YOU[0][4:])
                 s.quit()
-        # Connections are counted since start, not while open (a model gap).
-        with pytest.raises(smtplib.SMTPConnectError):
-            smtp(h)
+        finally:
+            for raw in open_:
+                raw.close()
+        h.wait_idle()
+        refused = [s for s in h.sessions()
+                   if s.end_reason == "closed after 421 (rule limit max_connections_per_client)"]
+        assert len(refused) == 2
+        for sess in refused:
+            [said] = [e for e in sess.events if e.direction == "S"]
+            assert (said.text, said.rule) == (
+                TOO_MANY_FROM_YOU[0].decode(), "limit max_connections_per_client")
+        assert len(h.sessions()) == 6
+        assert verdicts(h, "user@lab.test") == [("message", "accepted", 250, "2.0.0")]
+
+
+def test_too_many_connections_counts_open_connections_not_all_since_start() -> None:
+    """Many connections one after another are all served (the old scenario
+    refused every connection after the third since start)."""
+    with Harness("too-many-connections") as h:
+        for _ in range(6):
+            with Raw(h) as raw:
+                greet(raw)
+                assert raw.command("QUIT") == [b"221 2.0.0 Bye"]
+                assert raw.sock.recv(100) == b""
+        h.wait_idle()
+        assert [s.end_reason for s in h.sessions()] == ["quit"] * 6
 
 
 # ------------------------------------------------ focused: spam-rejected
@@ -781,6 +843,391 @@ def test_connection_reset_rst_at_mail_from() -> None:
         h.wait_idle()
         assert [s.end_reason for s in h.sessions()] == ["reset (rule reset at MAIL FROM)"] * 2
         assert h.attempts() == [] and h.messages() == []
+
+
+# ---------------------------------------- focused: recipient-domain-unknown
+
+
+def test_recipient_domain_unknown_550_5_1_2_for_a_domain_not_served() -> None:
+    with Harness("recipient-domain-unknown") as h, closing(smtp(h)) as s:
+        s.ehlo()
+        assert s.mail("sender@lab.test")[0] == 250
+        assert s.rcpt("user@retired-domain.test") == (
+            550, b"5.1.2 Recipient address rejected; the domain is not served by this server")
+        assert s.rcpt("user@lab.test") == (250, b"2.1.5 Recipient OK")
+        assert s.rcpt("admin@HARNESS.TEST")[0] == 250
+        assert s.rcpt("user@sub.lab.test")[0] == 550  # a subdomain is another domain
+        assert s.data(build_message())[0] == 250
+        [m] = h.messages()
+        assert m.rcpt_tos == ["user@lab.test", "admin@HARNESS.TEST"]
+        [a] = h.attempts(rcpt="user@retired-domain.test")
+        assert (a.phase, a.outcome, a.code, a.enhanced, a.rule) == (
+            "rcpt", "rejected", 550, "5.1.2", "domain not served here")
+
+
+# ---------------------------------------------------- focused: message-loop
+
+
+LOOP = (554, b"5.4.6 Hop count exceeded - possible mail loop detected")
+
+
+def test_message_loop_554_5_4_6_after_the_dot_for_each_loop_sign() -> None:
+    looped = {
+        "own trace header": build_message(headers=(
+            "Received: from relay.lab.test (relay.lab.test [192.0.2.25])\r\n"
+            "\tby mx.harness.test with ESMTP id 4Xy; Mon, 3 Jun 2024 10:00:00 +0000",)),
+        "X-Loop header": build_message(headers=("X-Loop: postmaster@harness.test",)),
+        "auto-reply ping-pong": build_message(
+            subject="Automatic reply: RE: Automatic reply: Out of office"),
+    }
+    with Harness("message-loop") as h, closing(smtp(h)) as s:
+        for rule, msg in looped.items():
+            with pytest.raises(smtplib.SMTPDataError) as exc:
+                s.sendmail("sender@lab.test", ["user@lab.test"], msg)
+            assert (exc.value.smtp_code, exc.value.smtp_error) == LOOP
+            assert h.attempts()[-1].rule == rule
+        # Many hops through other hosts are not a loop here (the harness
+        # cannot count headers), nor is one auto-reply.
+        hops = tuple(f"Received: from hop{i}.example by hop{i + 1}.example; "
+                     f"Mon, 3 Jun 2024 10:00:0{i} +0000" for i in range(8))
+        assert s.sendmail("sender@lab.test", ["user@lab.test"], build_message(
+            headers=hops, subject="Automatic reply: Out of office")) == {}
+        assert [v[1:] for v in verdicts(h, "user@lab.test")] == [
+            ("rejected", 554, "5.4.6")] * 3 + [("accepted", 250, "2.0.0")]
+        # Every message was captured, refused or not.
+        assert [m.raw for m in h.messages()][:3] == list(looped.values())
+        assert len(h.messages()) == 4
+
+
+# ---------------------------------------------------- focused: tls-required
+
+
+def test_tls_required_530_before_starttls_then_delivers_over_tls() -> None:
+    msg = build_message()
+    with Harness("tls-required") as h:
+        with closing(smtp(h)) as s:
+            s.ehlo()
+            assert s.has_extn("starttls")
+            assert s.mail("sender@lab.test") == (
+                530, b"5.7.0 Must issue a STARTTLS command first")
+            assert s.starttls(context=no_verify())[0] == 220
+            s.ehlo()
+            assert not s.has_extn("starttls")  # already on
+            assert s.sendmail("sender@lab.test", ["user@lab.test"], msg) == {}
+            s.quit()
+        session = one_session(h)
+        assert (session.tls_version or "").startswith("TLSv1.")
+        assert session.tls_cipher
+        assert session.extensions.get("starttls") is True
+        said = [(e.text, e.rule) for e in session.events if e.direction == "S"]
+        assert ("530 5.7.0 Must issue a STARTTLS command first", None) in said
+        [m] = h.messages()
+        assert m.raw == msg
+        assert verdicts(h, "user@lab.test") == [("message", "accepted", 250, "2.0.0")]
+
+
+def test_tls_required_plaintext_sender_is_refused_and_nothing_is_taken() -> None:
+    with Harness("tls-required") as h, closing(smtp(h)) as s:
+        with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+            s.sendmail("sender@lab.test", ["user@lab.test"], build_message())
+        assert (exc.value.smtp_code, exc.value.smtp_error) == (
+            530, b"5.7.0 Must issue a STARTTLS command first")
+        assert s.rcpt("user@lab.test")[0] == 503  # no transaction was opened
+        assert h.messages() == [] and h.attempts() == []
+
+
+# --------------------------------------------------- focused: auth-required
+
+
+def test_auth_required_530_until_authenticated_over_tls() -> None:
+    msg = build_message()
+    with Harness("auth-required") as h:
+        with closing(smtp(h)) as s:
+            s.ehlo()
+            assert not s.has_extn("auth")  # offered after STARTTLS only
+            assert s.mail("sender@lab.test") == (530, b"5.7.0 Authentication required")
+            assert s.docmd("AUTH", "PLAIN AGFsaWNlAHMzY3JldA==") == (
+                538, b"5.7.11 Encryption required for requested authentication mechanism")
+            s.starttls(context=no_verify())
+            s.ehlo()
+            assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+            assert s.mail("sender@lab.test") == (530, b"5.7.0 Authentication required")
+            with pytest.raises(smtplib.SMTPAuthenticationError) as exc:
+                s.login("alice", "wrong")
+            assert (exc.value.smtp_code, exc.value.smtp_error) == (
+                535, b"5.7.8 Authentication credentials invalid")
+            assert s.login("alice", "s3cret") == (235, b"2.7.0 Authentication successful")
+            assert s.sendmail("sender@lab.test", ["user@lab.test"], msg) == {}
+            s.quit()
+        session = one_session(h)
+        assert session.auth_user == "alice"
+        assert session.tls_version
+        # The transcript shows the refusals, never a password.
+        said = [e.text for e in session.events if e.direction == "S"]
+        assert said.count("530 5.7.0 Authentication required") == 2
+        assert not any("s3cret" in e.text or "wrong" in e.text for e in session.events)
+        [m] = h.messages()
+        assert m.raw == msg
+        assert verdicts(h, "user@lab.test") == [("message", "accepted", 250, "2.0.0")]
+
+
+def test_auth_required_sender_without_credentials_gets_no_message_through() -> None:
+    with Harness("auth-required") as h, closing(smtp(h)) as s:
+        s.starttls(context=no_verify())
+        with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+            s.sendmail("sender@lab.test", ["user@lab.test"], build_message())
+        assert (exc.value.smtp_code, exc.value.smtp_error) == (
+            530, b"5.7.0 Authentication required")
+        assert h.messages() == [] and h.attempts() == []
+
+
+# ---------------------------------------- focused: client-not-authenticated
+
+
+NOT_AUTHENTICATED = (530, b"5.7.57 Client not authenticated to send mail. Error during "
+                          b"MAIL FROM; authenticate first")
+
+
+def test_client_not_authenticated_530_5_7_57_then_authenticated_delivers() -> None:
+    with Harness("client-not-authenticated") as h:
+        with closing(smtp(h)) as s:
+            s.ehlo()
+            assert not s.has_extn("auth")  # offered after STARTTLS only
+            assert s.mail("printer@lab.test") == NOT_AUTHENTICATED  # plaintext too
+            s.starttls(context=no_verify())
+            s.ehlo()
+            assert s.mail("printer@lab.test") == NOT_AUTHENTICATED
+            assert s.login("printer@lab.test", "Passw0rd!")[0] == 235
+            assert s.mail("printer@lab.test") == (250, b"2.1.0 Sender OK")
+            assert s.rcpt("user@lab.test") == (250, b"2.1.5 Ok")
+            assert s.data(build_message(mail_from="printer@lab.test"))[0] == 250
+            s.quit()
+        session = one_session(h)
+        assert session.auth_user == "printer@lab.test"
+        mail_replies = [(e.text[:10], e.rule) for e in session.events
+                        if e.direction == "S" and e.phase == "mail"]
+        assert mail_replies == [("530 5.7.57", "anonymous submission")] * 2 + [
+            ("250 2.1.0 ", "authenticated client")]
+        [m] = h.messages()
+        assert m.mail_from == "printer@lab.test"
+        assert verdicts(h, "user@lab.test") == [("message", "accepted", 250, "2.0.0")]
+
+
+def test_client_not_authenticated_banner_and_anonymous_sendmail() -> None:
+    with Harness("client-not-authenticated") as h:
+        with Raw(h) as raw:
+            assert raw.reply() == [
+                b"220 smtp.office365.test Microsoft ESMTP MAIL Service ready"]
+        with closing(smtp(h)) as s:
+            s.starttls(context=no_verify())
+            with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+                s.sendmail("printer@lab.test", ["user@lab.test"], build_message())
+            assert (exc.value.smtp_code, exc.value.smtp_error) == NOT_AUTHENTICATED
+        assert h.messages() == [] and h.attempts() == []
+
+
+# -------------------------------------------------- focused: greylisting-5m
+
+
+def test_greylisting_5m_450_for_five_minutes_then_accepted() -> None:
+    clock = FakeClock()
+    greylisted = (450, b"4.2.0 Recipient address rejected; greylisted for 5 minutes, "
+                       b"please try again later")
+    with Harness("greylisting-5m", clock=clock) as h:
+        def attempt(sender: str = "sender@lab.test") -> tuple[int, bytes]:
+            with closing(smtp(h)) as s:
+                s.ehlo()
+                s.mail(sender)
+                reply = s.rcpt("user@lab.test")
+                if reply[0] == 250:
+                    assert s.data(build_message(mail_from=sender))[0] == 250
+                s.quit()
+                return reply
+
+        assert attempt() == greylisted
+        clock.advance(60)  # a one-minute retry, as greylisting.yaml would let through
+        assert attempt() == greylisted
+        clock.advance(239)  # 299 s after first seen: still inside the window
+        assert attempt() == greylisted
+        clock.advance(1)  # exactly 5 minutes
+        assert attempt() == (250, b"2.1.5 Ok")
+        assert attempt("other@lab.test") == greylisted  # a new triplet
+        assert verdicts(h, "user@lab.test") == [("rcpt", "deferred", 450, "4.2.0")] * 3 + [
+            ("message", "accepted", 250, "2.0.0"), ("rcpt", "deferred", 450, "4.2.0")]
+        assert [a.mail_from for a in h.attempts(rcpt="user@lab.test")] == [
+            "sender@lab.test"] * 4 + ["other@lab.test"]
+        assert {a.rule for a in h.attempts() if a.outcome == "deferred"} == {
+            "greylist for five minutes"}
+        assert [m.mail_from for m in h.messages()] == ["sender@lab.test"]
+
+
+# ------------------------------------------------ focused: intermittent-421
+
+
+FLAKY = b"421 4.4.2 Connection dropped due to a temporary network problem, try again later"
+
+
+def _flaky_run(seed: int, connections: int) -> tuple[list[int], list[tuple[str, str, int | None,
+                                                                           str | None]]]:
+    """One message per connection; the RCPT reply code of each, and the store's verdicts."""
+    codes = []
+    with Harness("intermittent-421", seed=seed) as h:
+        for _ in range(connections):
+            with Raw(h) as raw:
+                greet(raw)
+                assert raw.command("MAIL FROM:<sender@lab.test>") == [b"250 2.1.0 Ok"]
+                [line] = raw.command("RCPT TO:<user@lab.test>")
+                codes.append(int(line[:3]))
+                if line.startswith(b"421"):
+                    assert line == FLAKY
+                    assert raw.sock.recv(100) == b""  # and the server hung up
+                    continue
+                assert line == b"250 2.1.5 Ok"
+                assert raw.command("DATA")[0].startswith(b"354")
+                raw.send(build_message() + b".\r\n")
+                assert raw.reply()[0].startswith(b"250 2.0.0")
+                assert raw.command("QUIT") == [b"221 2.0.0 Bye"]
+        h.wait_idle()
+        dropped = [s.end_reason for s in h.sessions() if s.end_reason != "quit"]
+        assert dropped == ["closed after 421 (rule flaky recipient check)"] * codes.count(421)
+        assert len(h.messages()) == codes.count(250)
+        return codes, verdicts(h, "user@lab.test")
+
+
+def test_intermittent_421_seeded_sequence_is_exact_and_replays() -> None:
+    codes, stored = _flaky_run(seed=7, connections=8)
+    assert codes == [250, 421, 250, 421, 250, 250, 421, 250]
+    assert stored == [("message", "accepted", 250, "2.0.0") if c == 250
+                      else ("rcpt", "deferred", 421, "4.4.2") for c in codes]
+    # The same seed replays the same run, store included.
+    assert _flaky_run(seed=7, connections=8) == (codes, stored)
+    # Another seed draws another sequence.
+    assert _flaky_run(seed=4, connections=8)[0] == [421, 421, 250, 421, 421, 250, 250, 250]
+
+
+def test_intermittent_421_lab_sender_retries_through_a_drawn_421() -> None:
+    """The library's lab run (seed LAB_SEED) draws a 421 first: a retry delivers."""
+    send = load("intermittent-421").send
+    assert send is not None
+    for _ in range(2):  # and replays exactly
+        clock = FakeClock()
+        with Harness("intermittent-421", clock=clock, seed=LAB_SEED) as h:
+            run = lab_sender(h, clock, send, max_tries=3, timeout=1.0)
+            assert verdicts(h, "user@lab.test") == [
+                ("rcpt", "deferred", 421, "4.4.2"), ("message", "accepted", 250, "2.0.0")]
+        assert (run.outcome, run.attempts) == (Outcome.DELIVERED, {"user@lab.test": 2})
+
+
+# --------------------------------------------- focused: sender-rate-limited
+
+
+SENDER_RATE = (451, b"4.7.1 Rate limit exceeded for this sender, try again later")
+
+
+def test_sender_rate_limited_fourth_message_in_a_minute_451_per_sender() -> None:
+    clock = FakeClock()
+    with Harness("sender-rate-limited", clock=clock) as h, closing(smtp(h)) as s:
+        def send(sender: str) -> None:
+            assert s.sendmail(sender, ["user@lab.test"], build_message(mail_from=sender)) == {}
+
+        for _ in range(3):
+            send("sender@lab.test")
+        with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+            send("sender@lab.test")
+        assert (exc.value.smtp_code, exc.value.smtp_error) == SENDER_RATE
+        assert s.mail("SENDER@lab.test") == SENDER_RATE  # the key ignores case
+        # The connection stays open and another sender has its own bucket.
+        send("other@lab.test")
+        clock.advance(20)  # one token back (3 a minute)
+        send("sender@lab.test")
+        assert s.mail("sender@lab.test") == SENDER_RATE
+        s.quit()
+        assert [m.mail_from for m in h.messages()] == ["sender@lab.test"] * 3 + [
+            "other@lab.test", "sender@lab.test"]
+        h.wait_idle()
+        [session] = h.sessions()
+        throttled = [e for e in session.events if e.direction == "S" and e.text.startswith("451")]
+        assert len(throttled) == 3 and {e.rule for e in throttled} == {"limit rate"}
+        assert session.end_reason == "quit"
+        assert h.attempts(rcpt="user@lab.test")[-1].outcome == "accepted"
+
+
+# ----------------------------------------------------------- focused: magic
+
+
+SIM = "simulator.lab.test"
+
+
+def test_magic_rcpt_addresses_get_their_replies() -> None:
+    expected = {
+        f"success@{SIM}": (250, b"2.1.5 Ok"),
+        f"ooto@{SIM}": (250, b"2.1.5 Ok"),
+        f"complaint@{SIM}": (250, b"2.1.5 Ok"),
+        f"bounce@{SIM}": (550, b"5.1.1 Recipient address rejected; the mailbox does not exist"),
+        f"bounce+case42@{SIM}": (
+            550, b"5.1.1 Recipient address rejected; the mailbox does not exist"),
+        f"suppressionlist@{SIM}": (
+            550, b"5.1.1 Recipient address rejected; address on suppression list"),
+        f"tempfail@{SIM}": (
+            451, b"4.4.1 Temporary failure reaching the recipient's server, try again later"),
+        f"full@{SIM}": (
+            552, b"5.2.2 Mailbox full; the recipient's mailbox is over its storage quota"),
+    }
+    with Harness("magic") as h, closing(smtp(h)) as s:
+        s.ehlo()
+        s.mail("sender@lab.test")
+        assert {r: s.rcpt(r) for r in expected} == expected
+        assert s.data(build_message())[0] == 250
+        [m] = h.messages()
+        assert m.rcpt_tos == [f"success@{SIM}", f"ooto@{SIM}", f"complaint@{SIM}"]
+        got = {a.rcpt: (a.outcome, a.code, a.enhanced, a.rule) for a in h.attempts()}
+        assert got == {
+            f"success@{SIM}": ("accepted", 250, "2.0.0", None),
+            f"ooto@{SIM}": ("accepted", 250, "2.0.0", None),
+            f"complaint@{SIM}": ("accepted", 250, "2.0.0", None),
+            f"bounce@{SIM}": ("rejected", 550, "5.1.1", "hard bounce"),
+            f"bounce+case42@{SIM}": ("rejected", 550, "5.1.1", "hard bounce"),
+            f"suppressionlist@{SIM}": ("rejected", 550, "5.1.1", "suppression list"),
+            f"tempfail@{SIM}": ("deferred", 451, "4.4.1", "soft bounce"),
+            f"full@{SIM}": ("rejected", 552, "5.2.2", "mailbox full"),
+        }
+
+
+def test_magic_blackhole_and_drop_take_the_message_then_vanish() -> None:
+    with Harness("magic") as h:
+        for rcpt in (f"blackhole@{SIM}", f"drop+x@{SIM}"):
+            msg = build_message(rcpt=(rcpt,))
+            with Raw(h) as raw:
+                greet(raw)
+                raw.command("MAIL FROM:<sender@lab.test>")
+                assert raw.command(f"RCPT TO:<{rcpt}>") == [b"250 2.1.5 Ok"]
+                assert raw.command("DATA")[0].startswith(b"354")
+                raw.send(msg + b".\r\n")
+                assert raw.sock.recv(100) == b""  # no reply, FIN
+            h.wait_idle()
+            [a] = h.attempts(rcpt=rcpt)
+            [kept] = h.messages(rcpt=rcpt)
+            assert (a.phase, a.outcome, a.code, a.rule, a.message_id) == (
+                "message", "dropped", None, "black hole", kept.id)
+            assert kept.raw == msg
+        assert [s.end_reason for s in h.sessions()] == ["drop (rule black hole)"] * 2
+
+
+def test_magic_slow_address_gets_its_250_late() -> None:
+    with Harness("magic") as h, closing(smtp(h)) as s:
+        s.ehlo()
+        s.mail("sender@lab.test")
+        assert s.rcpt(f"slow@{SIM}") == (250, b"2.1.5 Ok")  # only the final reply is slow
+        started = time.monotonic()
+        code, _ = s.data(build_message())
+        elapsed = time.monotonic() - started
+        assert code == 250
+        assert 0.3 <= elapsed < 3.0
+        s.quit()
+        session = one_session(h)
+        assert ("delay 0.300s", "slow acceptance") in [
+            (e.text, e.rule) for e in session.events if e.direction == "I"]
+        assert verdicts(h, f"slow@{SIM}") == [("message", "accepted", 250, "2.0.0")]
 
 
 # --------------------------------------------- loader facts the library relies on
