@@ -53,7 +53,7 @@ SINKS = ("bare", "harness")
 
 DEFAULT_HARNESS_CMD = (
     f"{shlex.quote(str(ROOT / '.venv' / 'bin' / 'harness'))} serve"
-    " --listen 127.0.0.1:{port} --store {store} --quiet"
+    " --listen 127.0.0.1:{port} --http 127.0.0.1:0 --store {store} --quiet"
 )
 BARE_CMD = [sys.executable, str(BENCH_DIR / "bare_sink.py")]
 RECEIVED_RE = re.compile(r"bare_sink: received (\d+) messages")

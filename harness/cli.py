@@ -168,6 +168,21 @@ async def _serve(args: argparse.Namespace) -> int:
             await listener.close()
         store.close()
         raise
+    api = None
+    if args.http != "off":
+        from harness.api.app import ApiServer
+        from harness.smtp.runner import parse_hostport
+
+        http_host, http_port = parse_hostport(args.http, 8025)
+        api = ApiServer([x.ctx for x in listeners], Path(args.store), http_host, http_port,
+                        token=args.api_token)
+        try:
+            await api.start()
+        except BaseException:
+            for listener in listeners:
+                await listener.close()
+            store.close()
+            raise
     for spec, listener in zip(specs, listeners, strict=True):
         h, p = listener.address
         extras = [x for x in ("implicit TLS" if spec.implicit_tls else "",
@@ -175,6 +190,9 @@ async def _serve(args: argparse.Namespace) -> int:
         out.print(f"SMTP Harness {__version__} listening on {h}:{p} "
                   f"(scenario {listener.ctx.scenario.name}"
                   + "".join(f", {x}" for x in extras) + ")")
+    if api is not None:
+        out.print(f"web page and API on http://{api.host}:{api.port}/"
+                  + (f" (token {api.token})" if api.token else ""))
     out.print(f"store {args.store}" + (f", seed {args.seed}" if args.seed is not None else "")
               + ("" if args.quiet else "; Ctrl-C stops"))
     sys.stdout.flush()
@@ -185,6 +203,8 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
     finally:
+        if api is not None:
+            await api.stop()
         for listener in listeners:
             await listener.close()
         store.close()
@@ -331,6 +351,47 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from harness.explain import explain_command
+
+    return explain_command(" ".join(args.target), as_json=args.json, console=out,
+                           err_console=err)
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from harness.lab.postfix import PostfixLab
+    from harness.lab.report import html_report, junit_xml, print_verdicts, verdicts_json
+    from harness.lab.runner import run_postfix
+
+    reason = PostfixLab.unavailable()
+    if reason:
+        raise HarnessError(f"the Postfix lab cannot run here: {reason}")
+    names = args.scenarios or [n for n in library_names()
+                               if load_file(library_dir() / f"{n}.yaml").expect is not None]
+    scenarios = [load(n) for n in names]  # a bad file stops the run before anything starts
+    settings = dict(x.split("=", 1) for x in args.set)
+    verdicts = []
+    for s in scenarios:
+        if s.expect is None:
+            err.print(f"[yellow]{escape(s.name)}: no expect:, skipped[/]")
+            continue
+        verdicts.append(run_postfix(s, speed=args.speed, window=args.window, settings=settings,
+                                    seed=args.seed,
+                                    progress=None if args.quiet else
+                                    (lambda m: err.print(f"[dim]{escape(m)}[/]"))))
+    if args.json:
+        print(verdicts_json(verdicts))
+    else:
+        print_verdicts(verdicts, out)
+    if args.junit:
+        args.junit.write_bytes(junit_xml(verdicts))
+        err.print(f"JUnit XML: {args.junit}")
+    if args.html:
+        args.html.write_text(html_report(verdicts), encoding="utf-8")
+        err.print(f"HTML report: {args.html}")
+    return 0 if verdicts and all(v.passed for v in verdicts) else 1
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -357,12 +418,41 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a listener with implicit TLS (the port-465 style)")
     sp.add_argument("--proxy-protocol", action="store_true",
                     help="expect a PROXY v1/v2 header on every connection")
+    sp.add_argument("--http", default="127.0.0.1:8025", metavar="HOST:PORT",
+                    help="the web page and HTTP API (default 127.0.0.1:8025; off to disable); "
+                         "bound beyond loopback it needs a token")
+    sp.add_argument("--api-token", default=None,
+                    help="the bearer token for the API (generated and printed when the API "
+                         "is bound beyond loopback and none is given)")
     sp.add_argument("--config", type=Path, default=None,
                     help="a YAML file of listeners (listen, scenario, tls, proxy_protocol)")
     sp.add_argument("--seed", type=int, default=None,
                     help="seed the RNG (chance:, random delays) to replay a run")
     sp.add_argument("--quiet", action="store_true", help="do not print sessions live")
     store_opt(sp)
+
+    sp = sub.add_parser("lab", help="send scenarios' test messages through a private Postfix "
+                        "and judge what it did against their expect:")
+    sp.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                    help="library names or files (default: every library scenario with expect:)")
+    sp.add_argument("--speed", type=float, default=60.0,
+                    help="the scenario clock runs this many times faster than the lab's "
+                         "(default 60: a 1 s Postfix backoff is a minute)")
+    sp.add_argument("--window", type=float, default=10.0,
+                    help="longest wait per scenario for the outcome, in real seconds")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Postfix main.cf setting for the lab instance")
+    sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
+    sp.add_argument("--html", type=Path, default=None, help="write the HTML report here")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--quiet", action="store_true")
+
+    sp = sub.add_parser("explain", help="what a status code, a reply line or an NDR file "
+                        "means, and what to check")
+    sp.add_argument("target", nargs="+", metavar="CODE|REPLY|FILE",
+                    help="5.7.1, '550 5.7.1 Unable to relay', or bounce.eml")
+    sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("check", help="validate scenario files")
     sp.add_argument("scenarios", nargs="+", metavar="SCENARIO")
@@ -400,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_serve(args))
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
-                   "sessions": _sessions, "show": _show}[args.command]
+                   "sessions": _sessions, "show": _show, "lab": _lab,
+                   "explain": _explain}[args.command]
         return handler(args)
     except ScenarioError as e:
         for p in e.problems:

@@ -72,7 +72,8 @@ class Harness:
                  host: str = "127.0.0.1", port: int = 0, store: str | Path | None = None,
                  seed: int | None = None, clock: Callable[[], float] | None = None,
                  implicit_tls: bool = False, proxy_protocol: bool = False,
-                 keep_store: bool = False) -> None:
+                 keep_store: bool = False, http: bool = False,
+                 api_token: str | None = None) -> None:
         self.scenario = _scenario(scenario)
         self._base = self.scenario  # what reset() goes back to
         self._bind = (host, port)
@@ -98,6 +99,10 @@ class Harness:
         self._listener: Listener | None = None
         self._rule_seq = 0
         self.host, self.port = host, port
+        self._http = http
+        self._api_token = api_token
+        self._api: Any = None
+        self.http_url: str | None = None  # the web page and API, with http=True
 
     # -- lifecycle --------------------------------------------------------
 
@@ -112,6 +117,12 @@ class Harness:
             try:
                 self._listener = self._loop.run_until_complete(
                     start_listener(self.ctx, *self._bind))
+                if self._http:
+                    from harness.api.app import ApiServer
+
+                    self._api = ApiServer([self.ctx], self.store_path, self._bind[0], 0,
+                                          token=self._api_token)
+                    self._loop.run_until_complete(self._api.start())
             except BaseException as e:
                 started.set_exception(e)
                 return
@@ -127,11 +138,15 @@ class Harness:
             raise
         assert self._listener is not None
         self.host, self.port = self._listener.address
+        if self._api is not None:
+            self.http_url = f"http://{self._api.host}:{self._api.port}"
         return self
 
     def stop(self, *, check: bool = True) -> None:
         """Stop serving; re-raise errors from inside the server (unless check=False)."""
         if self._loop is not None and self._listener is not None:
+            if self._api is not None:
+                self._call(self._api.stop(), timeout=10)
             self._call(self._listener.close(), timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             assert self._thread is not None

@@ -317,6 +317,15 @@ class HarnessSMTP(SMTP):
         self._record("I", f"{how}: {version} {cipher}")
         self.ctx.store.session_update(self._sid, tls_version=version, tls_cipher=cipher)
 
+    def eof_received(self) -> bool | None:
+        """The client closed its sending side (often right after a pipelined
+        QUIT). aiosmtpd cancels the session here, so commands still in the
+        buffer, a message already received among them, would go unanswered;
+        instead the reader gets EOF after them and the session ends when the
+        loop reaches it (and closes the connection then)."""
+        result: bool | None = asyncio.StreamReaderProtocol.eof_received(self)
+        return result
+
     def _timeout_cb(self) -> None:
         """Idle timeout: 421 4.4.2 and close (a hung session just closes)."""
         self._end_reason = "hang ended by the idle timeout" if self._hanging else "idle timeout"
@@ -333,6 +342,8 @@ class HarnessSMTP(SMTP):
 
     def _finish(self) -> None:
         self.ctx.active.discard(self)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # e.g. after a half-close: the replies are out
         if self._conn is not None:
             self.ctx.engine.disconnect(self._conn)
         t = self.ctx.engine.clock()
@@ -522,7 +533,11 @@ class HarnessSMTP(SMTP):
         if fault is Fault.HANG:
             self._end_reason = f"hang (rule {rule})"
             self._hanging = True
-            await asyncio.Future()  # until the client gives up or the idle timeout
+            # Say nothing until the client gives up (its EOF) or the idle
+            # timeout closes the connection; what it sends meanwhile is dropped.
+            while await self._reader.read(_READ_CHUNK):
+                pass
+            raise _Hangup()
         self._end_reason = f"{fault.value} (rule {rule})"
         if fault is Fault.RESET:
             sock = transport.get_extra_info("socket")

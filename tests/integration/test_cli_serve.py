@@ -40,7 +40,8 @@ class Served:
 def start_serve(tmp_path: Path, *args: str) -> Served:
     store = tmp_path / "store.db"
     proc = subprocess.Popen(
-        [*HARNESS, "serve", *args, "--listen", "127.0.0.1:0", "--store", str(store)],
+        [*HARNESS, "serve", *args, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
+         "--store", str(store)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         env={**os.environ, "COLUMNS": "200"})
     s = Served(proc, "", 0, store)
@@ -198,8 +199,9 @@ def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path) -> None
 
 def _serve_many(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], list[tuple[str, int]],
                                                         list[str]]:
-    proc = subprocess.Popen([*HARNESS, "serve", "--quiet", "--store", str(tmp_path / "s.db"),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([*HARNESS, "serve", "--quiet", "--http", "off",
+                             "--store", str(tmp_path / "s.db"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path)
     assert proc.stdout is not None
     addrs, lines = [], []

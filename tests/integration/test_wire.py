@@ -401,3 +401,29 @@ def test_seed_replays_a_run_on_the_wire() -> None:
     assert first == _chance_replies(7)
     assert set(first) == {250, 451}
     assert first != _chance_replies(8)
+
+
+@pytest.mark.parametrize("transfer", ["data", "bdat"])
+def test_half_close_after_pipelined_quit_still_gets_every_reply(transfer: str) -> None:
+    """A client (Exim does this) sends the message and QUIT, then shuts down its
+    sending side: the buffered commands must still be answered, the 250 among
+    them, and the connection closed after the 221."""
+    body = b"Subject: half\r\n\r\nclosing after QUIT\r\n"
+    payload = (b"DATA\r\n" + body + b".\r\n" if transfer == "data"
+               else f"BDAT {len(body)} LAST\r\n".encode() + body)
+    with Harness() as h:
+        w = Wire(h)
+        w.reply()
+        w.cmd(f"EHLO {HELO}")
+        w.send(b"MAIL FROM:<a@lab.test>\r\nRCPT TO:<b@lab.test>\r\n" + payload + b"QUIT\r\n")
+        w.sock.shutdown(socket.SHUT_WR)
+        replies = []
+        while True:
+            try:
+                replies.append(w.reply()[0])
+            except ConnectionAbortedError:
+                break
+        assert replies[-2].startswith("250 2.0.0 Ok: queued as")
+        assert replies[-1] == "221 2.0.0 Bye"
+        [m] = h.messages()
+        assert m.raw == body

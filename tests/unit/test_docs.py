@@ -31,3 +31,13 @@ def test_docs_yaml_example_loads(doc: str, line: int, block: str) -> None:
 
 def test_docs_have_examples() -> None:
     assert len(_yaml_blocks()) >= 6
+
+
+def test_docs_python_examples_are_the_example_tests() -> None:
+    """Each python block of docs/pytest.md stands, verbatim, in tests/examples/."""
+    text = (ROOT / "docs" / "pytest.md").read_text()
+    examples = "\n".join(p.read_text() for p in sorted((ROOT / "tests" / "examples").glob("*.py")))
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert len(blocks) >= 3
+    for block in blocks:
+        assert block.strip() in examples, f"not in tests/examples:\n{block}"

@@ -1,0 +1,1 @@
+"""HTTP control API and live web page (aiohttp, same event loop as SMTP)."""

@@ -1,0 +1,565 @@
+"""The HTTP control API and the web page, on aiohttp, in SMTP's event loop.
+
+Versioned under /api/v1. Reads of the store run in a thread (the loop never
+touches SQLite); changes to scenarios go through the same loader and
+validation as files. Live events reach the page over server-sent events.
+
+Security: bound to loopback it needs no token; bound elsewhere every request
+needs `Authorization: Bearer TOKEN`. Changes are accepted only as JSON
+(a cross-site form cannot send that without a CORS preflight, which this API
+never grants) and from a matching Origin when a browser sends one. Captured
+HTML is served only with a sandboxing Content-Security-Policy, for a
+sandboxed frame; no request path ever names a file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from email import policy
+from email.parser import BytesParser
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from harness import __version__
+from harness.errors import HarnessError, ScenarioError
+from harness.scenario.library import library_dir, library_names, load
+from harness.scenario.loader import build_rule, load_text
+from harness.smtp.server import ListenerContext
+from harness.store.db import Reader
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CTX_KEY = web.AppKey("listeners", list[ListenerContext])
+STORE_KEY = web.AppKey("store_path", Path)
+TOKEN_KEY = web.AppKey("token", str)
+BASE_KEY = web.AppKey("base_scenarios", list[Any])
+
+#: The page may load its own script and style, and talk to this origin only.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+#: Captured HTML: no script, no network, no forms, no navigation of the page.
+MAIL_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+            "font-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def problem(status: int, title: str, **extra: Any) -> web.Response:
+    """An error body in the RFC 9457 shape."""
+    body = {"status": status, "title": title, **extra}
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+# -------------------------------------------------------------------- events
+
+
+class EventHub:
+    """Fans live events out to server-sent-event clients (one queue each)."""
+
+    def __init__(self) -> None:
+        self.clients: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for q in list(self.clients):
+            if q.qsize() < 10_000:  # a stalled client loses events, never the server
+                q.put_nowait(event)
+
+    def attach(self, ctx: ListenerContext, index: int) -> None:
+        def transcript(sid: int, t: float, direction: str, phase: str | None, text: str,
+                       rule: str | None) -> None:
+            self.publish({"type": "line", "listener": index, "session": sid, "t": t,
+                          "direction": direction, "phase": phase, "text": text, "rule": rule})
+
+        ctx.observers.append(transcript)
+        ctx.on_message.append(lambda mid: self.publish(
+            {"type": "message", "listener": index, "message": mid}))
+        ctx.on_session_end.append(lambda sid: self.publish(
+            {"type": "session_end", "listener": index, "session": sid}))
+
+    def close(self) -> None:
+        for q in list(self.clients):
+            q.put_nowait(None)
+
+
+HUB_KEY = web.AppKey("hub", EventHub)
+
+
+# ---------------------------------------------------------------- middleware
+
+
+@web.middleware
+async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token: str = request.app[TOKEN_KEY]
+    if token:
+        given = request.headers.get("Authorization", "")
+        query = request.query.get("token", "")  # EventSource cannot set headers
+        ok = hmac.compare_digest(given, f"Bearer {token}") or (
+            request.path == "/api/v1/events" and hmac.compare_digest(query, token))
+        if not ok and request.path not in ("/livez", "/readyz"):
+            return problem(401, "a bearer token is required",
+                           detail="send Authorization: Bearer TOKEN (printed at start)")
+    if request.method in ("POST", "PUT", "DELETE", "PATCH"):
+        origin = request.headers.get("Origin")
+        if origin is not None and origin not in (f"http://{request.host}",
+                                                 f"https://{request.host}"):
+            return problem(403, "cross-origin change refused")
+        if request.content_length and request.content_type != "application/json":
+            return problem(415, "changes are JSON", detail="send Content-Type: application/json")
+    try:
+        response = await handler(request)
+    except web.HTTPException:
+        raise
+    except ScenarioError as e:
+        return problem(422, "the scenario or rule is invalid",
+                       problems=[str(p) for p in e.problems])
+    except HarnessError as e:
+        return problem(400, str(e))
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+# ------------------------------------------------------------------- helpers
+
+
+async def read(request: web.Request, fn: Callable[[Reader], Any]) -> Any:
+    path = request.app[STORE_KEY]
+
+    def run() -> Any:
+        with Reader(path) as r:
+            return fn(r)
+
+    return await asyncio.to_thread(run)
+
+
+def int_param(request: web.Request, name: str, default: int | None = None) -> int | None:
+    raw = request.match_info.get(name, request.query.get(name))
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise web.HTTPBadRequest(text=json.dumps({"status": 400, "title": f"{name} is a number"}),
+                                 content_type="application/problem+json")
+    return int(raw)
+
+
+def listener(request: web.Request) -> tuple[int, ListenerContext]:
+    listeners = request.app[CTX_KEY]
+    index = int_param(request, "index", 0) or 0
+    if index >= len(listeners):
+        raise web.HTTPNotFound(text=json.dumps({"status": 404, "title": "no such listener"}),
+                               content_type="application/problem+json")
+    return index, listeners[index]
+
+
+def rule_json(rule: Any) -> dict[str, Any]:
+    return {
+        "name": rule.name, "on": rule.on.value,
+        "when": [{"key": m.key, "matcher": repr(m)} for m in rule.when],
+        "reply": str(rule.reply) if rule.reply else None,
+        "delay": str(rule.delay) if rule.delay else None, "close": rule.close,
+        "fault": rule.fault.value if rule.fault else None, "set_state": rule.set_state,
+        "times": rule.times, "line": rule.line,
+    }
+
+
+def scenario_json(s: Any) -> dict[str, Any]:
+    return {"name": s.name, "summary": s.summary, "tags": list(s.tags), "path": s.path,
+            "rules": [rule_json(r) for r in s.rules]}
+
+
+async def body_json(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"status": 400, "title": "the body is not JSON"}),
+            content_type="application/problem+json") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"status": 400, "title": "the body must be a JSON object"}),
+            content_type="application/problem+json")
+    return data
+
+
+# -------------------------------------------------------------------- routes
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/livez")
+async def livez(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    listeners = request.app[CTX_KEY]
+    ready = bool(listeners) and all(c.store.error is None for c in listeners)
+    return web.json_response({"status": "ready" if ready else "not ready",
+                              "listeners": [c.name for c in listeners]},
+                             status=200 if ready else 503)
+
+
+@routes.get("/api/v1")
+async def root(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__, "openapi": "/api/v1/openapi.json"})
+
+
+@routes.get("/api/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    text = resources.files("harness.api").joinpath("openapi.json").read_text()
+    return web.json_response(json.loads(text))
+
+
+@routes.get("/api/v1/listeners")
+async def listeners_list(request: web.Request) -> web.Response:
+    out = []
+    listeners: list[ListenerContext] = request.app[CTX_KEY]
+    for i, c in enumerate(listeners):
+        out.append({"index": i, "address": c.name, "scenario": scenario_json(c.scenario),
+                    "state": c.engine.state, "active_connections": len(c.active),
+                    "implicit_tls": c.implicit_tls})
+    return web.json_response(out)
+
+
+@routes.put("/api/v1/listeners/{index}/scenario")
+async def activate(request: web.Request) -> web.Response:
+    index, ctx = listener(request)
+    data = await body_json(request)
+    if isinstance(data.get("yaml"), str):
+        scenario = load_text(data["yaml"], "<api>", default_name="api")
+    elif isinstance(data.get("name"), str):
+        name = data["name"]
+        if name not in library_names():
+            return problem(404, f"no library scenario named {name!r}",
+                           known=library_names())
+        scenario = load(name)  # a library name only: no path from a request
+    else:
+        return problem(400, "give name (a library scenario) or yaml (a scenario text)")
+    await asyncio.to_thread(ctx.engine.use, scenario)
+    await asyncio.to_thread(ctx.prepare_tls)
+    request.app[BASE_KEY][index] = scenario
+    request.app[HUB_KEY].publish({"type": "scenario", "listener": index,
+                                  "scenario": scenario.name})
+    return web.json_response(scenario_json(scenario))
+
+
+@routes.post("/api/v1/listeners/{index}/rules")
+async def add_rule(request: web.Request) -> web.Response:
+    from dataclasses import replace
+
+    index, ctx = listener(request)
+    data = await body_json(request)
+    rule = build_rule(data, index=len(ctx.scenario.rules), source="<api>")
+    if any(r.name == rule.name for r in ctx.scenario.rules):
+        return problem(409, f"a rule named {rule.name!r} exists")
+    where = data.get("position", "first")
+    rules = (rule, *ctx.scenario.rules) if where == "first" else (*ctx.scenario.rules, rule)
+    ctx.engine.use(replace(ctx.scenario, rules=rules))
+    request.app[HUB_KEY].publish({"type": "scenario", "listener": index,
+                                  "scenario": ctx.scenario.name})
+    return web.json_response(rule_json(rule), status=201)
+
+
+@routes.delete("/api/v1/listeners/{index}/rules/{name}")
+async def remove_rule(request: web.Request) -> web.Response:
+    from dataclasses import replace
+
+    _, ctx = listener(request)
+    name = request.match_info["name"]
+    rules = tuple(r for r in ctx.scenario.rules if r.name != name)
+    if len(rules) == len(ctx.scenario.rules):
+        return problem(404, f"no rule named {name!r}")
+    ctx.engine.use(replace(ctx.scenario, rules=rules))
+    return web.json_response({"removed": name})
+
+
+@routes.post("/api/v1/listeners/{index}/reset")
+async def reset(request: web.Request) -> web.Response:
+    index, ctx = listener(request)
+    ctx.engine.reset()
+    ctx.journal.clear()
+    return web.json_response({"reset": index, "state": ctx.engine.state})
+
+
+@routes.get("/api/v1/scenarios")
+async def scenarios(request: web.Request) -> web.Response:
+    def all_() -> list[dict[str, Any]]:
+        return [scenario_json(load(n)) for n in library_names()]
+    return web.json_response(await asyncio.to_thread(all_))
+
+
+@routes.get("/api/v1/scenarios/{name}")
+async def scenario_show(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in library_names():
+        return problem(404, f"no library scenario named {name!r}")
+    s = await asyncio.to_thread(load, name)
+    text = await asyncio.to_thread((library_dir() / f"{name}.yaml").read_text)
+    return web.json_response({**scenario_json(s), "yaml": text})
+
+
+@routes.get("/api/v1/sessions")
+async def sessions(request: web.Request) -> web.Response:
+    limit = int_param(request, "limit", 100)
+    found = await read(request, lambda r: r.sessions(limit=limit))
+    return web.json_response([{k: v for k, v in s.as_dict().items() if k != "events"}
+                              for s in found])
+
+
+@routes.get("/api/v1/sessions/{id}")
+async def session_show(request: web.Request) -> web.Response:
+    sid = int_param(request, "id")
+    assert sid is not None
+    s = await read(request, lambda r: r.session(sid))
+    if s is None:
+        return problem(404, f"no session {sid}")
+    return web.json_response(s.as_dict())
+
+
+def _parts(raw: bytes) -> dict[str, Any]:
+    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    headers = [[k, str(v)] for k, v in msg.items()]
+    parts = []
+    text = html = None
+    for i, part in enumerate(msg.walk()):
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        entry = {"index": i, "content_type": ctype,
+                 "filename": part.get_filename(), "size": len(part.get_payload(decode=True)
+                                                               or b"")}
+        parts.append(entry)
+        try:
+            content = part.get_content()
+        except (LookupError, ValueError, AssertionError):
+            continue
+        if ctype == "text/plain" and text is None and isinstance(content, str):
+            text = content
+        elif ctype == "text/html" and html is None and isinstance(content, str):
+            html = content
+    return {"headers": headers, "parts": parts, "text": text, "has_html": html is not None,
+            "html": html}
+
+
+@routes.get("/api/v1/messages")
+async def messages(request: web.Request) -> web.Response:
+    limit = int_param(request, "limit", 100)
+    rcpt = request.query.get("rcpt")
+    found = await read(request, lambda r: r.messages(limit=limit, rcpt=rcpt))
+    return web.json_response([m.as_dict() for m in found])
+
+
+@routes.get("/api/v1/messages/{id}")
+async def message_show(request: web.Request) -> web.Response:
+    mid = int_param(request, "id")
+    assert mid is not None
+    m = await read(request, lambda r: r.message(mid))
+    if m is None:
+        return problem(404, f"no message {mid}")
+    parsed = await asyncio.to_thread(_parts, m.raw or b"")
+    parsed.pop("html")
+    return web.json_response({**m.as_dict(), **parsed,
+                              "analysis": await asyncio.to_thread(analysis_of, m.raw or b"")})
+
+
+@routes.get("/api/v1/messages/{id}/raw")
+async def message_raw(request: web.Request) -> web.Response:
+    mid = int_param(request, "id")
+    assert mid is not None
+    m = await read(request, lambda r: r.message(mid))
+    if m is None:
+        return problem(404, f"no message {mid}")
+    # text/plain: a browser shows the source and never renders it
+    return web.Response(body=m.raw or b"", content_type="text/plain", charset="utf-8",
+                        headers={"Content-Security-Policy": MAIL_CSP})
+
+
+@routes.get("/api/v1/messages/{id}/html")
+async def message_html(request: web.Request) -> web.Response:
+    """The message's HTML part, for a sandboxed frame: the CSP sandbox gives
+    it a unique origin with no script, no forms, no network, no navigation."""
+    mid = int_param(request, "id")
+    assert mid is not None
+    m = await read(request, lambda r: r.message(mid))
+    if m is None:
+        return problem(404, f"no message {mid}")
+    parsed = await asyncio.to_thread(_parts, m.raw or b"")
+    if parsed["html"] is None:
+        return problem(404, f"message {mid} has no HTML part")
+    return web.Response(text=parsed["html"], content_type="text/html",
+                        headers={"Content-Security-Policy": MAIL_CSP,
+                                 "X-Frame-Options": "SAMEORIGIN"})
+
+
+@routes.get("/api/v1/attempts")
+async def attempts(request: web.Request) -> web.Response:
+    rcpt = request.query.get("rcpt")
+    sender = request.query.get("mail_from")
+    found = await read(request, lambda r: r.attempts(rcpt=rcpt, mail_from=sender))
+    return web.json_response([asdict(a) for a in found])
+
+
+@routes.get("/api/v1/timelines")
+async def timelines(request: web.Request) -> web.Response:
+    """Attempts grouped per sender/recipient pair: the retry timeline."""
+    found = await read(request, lambda r: r.attempts())
+    pairs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for a in found:
+        pairs.setdefault((a.mail_from, a.rcpt), []).append(asdict(a))
+    return web.json_response([{"mail_from": k[0], "rcpt": k[1], "attempts": v}
+                              for k, v in pairs.items()])
+
+
+@routes.get("/api/v1/ndrs")
+async def ndrs(request: web.Request) -> web.Response:
+    limit = int_param(request, "limit", 100)
+    found = await read(request, lambda r: r.messages(limit=limit, raw=True))
+    out = []
+    for m in found:
+        a = await asyncio.to_thread(analysis_of, m.raw or b"")
+        if a.get("ndr"):
+            out.append({"message": m.as_dict(), **a})
+    return web.json_response(out)
+
+
+def analysis_of(raw: bytes) -> dict[str, Any]:
+    """The NDR parse and explanation of a message, when the analysis
+    package is present (it is optional for the API)."""
+    try:
+        from harness.analysis.dsn import parse_ndr
+    except ImportError:
+        return {}
+    try:
+        ndr = parse_ndr(raw)
+    except Exception as e:  # a parser bug must not break the page
+        return {"ndr_error": f"{type(e).__name__}: {e}"}
+    if ndr is None:
+        return {"ndr": None}
+    data = asdict(ndr)
+    try:
+        from harness.analysis.codes import explain_reply, lookup
+    except ImportError:
+        return {"ndr": data}
+    explained = []
+    for r in ndr.recipients:
+        info = lookup(r.status) if r.status else None
+        reply = explain_reply(r.diagnostic_text) if r.diagnostic_text else None
+        explained.append({"recipient": r.final_recipient,
+                          "status": asdict(info) if info else None,
+                          "reply": asdict(reply) if reply else None})
+    return {"ndr": data, "explained": explained}
+
+
+@routes.get("/api/v1/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    hub: EventHub = request.app[HUB_KEY]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-store"})
+    # Subscribe before the response opens: a page that loads the history
+    # once the stream is open misses nothing in between.
+    q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    hub.clients.add(q)
+    try:
+        await response.prepare(request)
+        await response.write(b": connected\n\n")
+        while True:
+            try:
+                event = await asyncio.wait_for(q.get(), 15)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if event is None:
+                break
+            await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                                 .encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        hub.clients.discard(q)
+    return response
+
+
+# ----------------------------------------------------------------- the page
+
+
+def _static(name: str, content_type: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        data = resources.files("harness.api").joinpath("static", name).read_bytes()
+        return web.Response(body=data, content_type=content_type,
+                            headers={"Content-Security-Policy": PAGE_CSP,
+                                     "X-Frame-Options": "DENY"})
+    return handler
+
+
+def make_app(listeners: list[ListenerContext], store_path: Path, token: str = ""
+             ) -> web.Application:
+    app = web.Application(middlewares=[security], client_max_size=1024**2)
+    app[CTX_KEY] = listeners
+    app[STORE_KEY] = store_path
+    app[TOKEN_KEY] = token
+    app[BASE_KEY] = [c.scenario for c in listeners]
+    hub = EventHub()
+    for i, c in enumerate(listeners):
+        hub.attach(c, i)
+    app[HUB_KEY] = hub
+    app.add_routes(routes)
+    app.router.add_get("/", _static("index.html", "text/html"))
+    app.router.add_get("/app.js", _static("app.js", "text/javascript"))
+    app.router.add_get("/app.css", _static("app.css", "text/css"))
+
+    async def on_shutdown(app: web.Application) -> None:
+        hub.close()
+
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+class ApiServer:
+    """The API and page on HOST:PORT in the running loop."""
+
+    def __init__(self, listeners: list[ListenerContext], store_path: Path, host: str,
+                 port: int, token: str | None = None) -> None:
+        if token is None and not is_loopback(host):
+            token = secrets.token_urlsafe(24)
+        self.token = token or ""
+        self.app = make_app(listeners, store_path, self.token)
+        self.host, self.port = host, port
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> tuple[str, int]:
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            raise HarnessError(f"cannot listen for HTTP on {self.host}:{self.port}: "
+                               f"{e.strerror}") from e
+        server = site._server  # the bound port, when 0 was asked for
+        assert server is not None
+        sock = server.sockets[0]  # type: ignore[attr-defined]
+        self.host, self.port = sock.getsockname()[:2]
+        return self.host, self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            with contextlib.suppress(Exception):
+                await self.runner.cleanup()
+            self.runner = None

@@ -1,0 +1,154 @@
+"""Lab verdicts rendered: a terminal table, JUnit XML for CI dashboards, and
+a self-contained HTML report with a timeline picture per recipient."""
+
+from __future__ import annotations
+
+import html
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from harness.lab.runner import RecipientTimeline, Verdict, _span
+
+
+def print_verdicts(verdicts: list[Verdict], console: Console) -> None:
+    table = Table(title="Lab verdicts", show_lines=True)
+    for col in ("scenario", "verdict", "expected", "observed"):
+        table.add_column(col, overflow="fold")
+    for v in verdicts:
+        expected = "\n".join(f"{c.name}: {c.expected}" for c in v.checks) or "-"
+        observed = "\n".join(
+            f"[{'green' if c.ok else 'red'}]{escape(c.name)}: {escape(c.observed)}[/]"
+            + ("" if c.ok or not c.why else f"\n  [red]why: {escape(c.why)}[/]")
+            for c in v.checks) or "; ".join(v.notes)
+        word = "[green]PASS[/]" if v.passed else "[red]FAIL[/]"
+        table.add_row(f"{escape(v.scenario)}\n[dim]{v.mta}, {v.duration:.1f}s[/]", word,
+                      escape(expected), observed)
+    console.print(table)
+    passed = sum(v.passed for v in verdicts)
+    console.print(f"{passed} of {len(verdicts)} scenarios passed")
+
+
+def junit_xml(verdicts: list[Verdict]) -> bytes:
+    """JUnit XML: one testsuite per MTA, one testcase per scenario."""
+    suites = ET.Element("testsuites", name="smtp-harness lab")
+    by_mta: dict[str, list[Verdict]] = {}
+    for v in verdicts:
+        by_mta.setdefault(v.mta, []).append(v)
+    for mta, vs in by_mta.items():
+        suite = ET.SubElement(suites, "testsuite", name=f"lab.{mta}", tests=str(len(vs)),
+                              failures=str(sum(not v.passed for v in vs)),
+                              time=f"{sum(v.duration for v in vs):.3f}")
+        for v in vs:
+            case = ET.SubElement(suite, "testcase", classname=f"lab.{mta}", name=v.scenario,
+                                 time=f"{v.duration:.3f}")
+            if not v.passed:
+                bad = [c for c in v.checks if not c.ok]
+                text = "\n".join(f"{c.name}: expected {c.expected}, observed {c.observed}"
+                                 + (f" ({c.why})" if c.why else "") for c in bad)
+                failure = ET.SubElement(case, "failure",
+                                        message="; ".join(c.name for c in bad) or
+                                        "; ".join(v.notes))
+                failure.text = text or "\n".join(v.notes)
+            out = ET.SubElement(case, "system-out")
+            out.text = "\n".join(
+                f"{t.rcpt}: {t.outcome}: " + ", ".join(_attempt_text(a) for a in t.attempts)
+                for t in v.timelines)
+    data: bytes = ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+    return data
+
+
+def _attempt_text(a: Any) -> str:
+    code = a.code if a.code is not None else a.outcome
+    return f"{code}" if a.interval is None else f"+{_span(a.interval)} {code}"
+
+
+_COLOURS = {"accepted": "#2e9e6b", "deferred": "#d9a400", "rejected": "#d64545"}
+
+
+def _svg(t: RecipientTimeline) -> str:
+    """One recipient's attempts on a time axis, in scenario time."""
+    w, h, pad = 760, 90, 40
+    if not t.attempts:
+        return '<p class="muted">no attempt reached the harness</p>'
+    t0 = t.attempts[0].t
+    span = max(1.0, t.attempts[-1].t - t0)
+    parts = [f'<svg viewBox="0 0 {w} {h}" role="img" aria-label="attempts of '
+             f'{html.escape(t.rcpt)}">',
+             f'<line x1="{pad}" y1="40" x2="{w - pad}" y2="40" stroke="#9aa5b1"/>']
+    for a in t.attempts:
+        x = pad + (a.t - t0) / span * (w - 2 * pad)
+        colour = _COLOURS.get(a.outcome.split(" ")[0], "#7c5cbf")
+        label = str(a.code) if a.code is not None else a.outcome.split(" ")[0]
+        tip = html.escape(f"+{_span(a.t - t0)}: {a.reply or a.outcome}")
+        parts.append(f'<circle cx="{x:.1f}" cy="40" r="11" fill="{colour}"><title>{tip}'
+                     f'</title></circle>')
+        parts.append(f'<text x="{x:.1f}" y="72" text-anchor="middle" font-size="13">'
+                     f'{html.escape(label)}</text>')
+        parts.append(f'<text x="{x:.1f}" y="20" text-anchor="middle" font-size="11" '
+                     f'fill="#5b6774">+{_span(a.t - t0)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_report(verdicts: list[Verdict], title: str = "SMTP Harness lab report") -> str:
+    """A self-contained page: no scripts, no external resources."""
+    rows = []
+    for v in verdicts:
+        checks = "".join(
+            f'<tr class="{"ok" if c.ok else "bad"}"><td>{html.escape(c.name)}</td>'
+            f"<td>{html.escape(c.expected)}</td><td>{html.escape(c.observed)}</td>"
+            f"<td>{html.escape(c.why)}</td></tr>" for c in v.checks)
+        timelines = "".join(
+            f"<h4>{html.escape(t.rcpt)}: {html.escape(t.outcome)}, {len(t.attempts)} "
+            f"attempt(s)</h4>{_svg(t)}" for t in v.timelines)
+        ndrs = "".join(
+            f"<li>{'delay notice' if n['delay'] else 'NDR'} ({html.escape(str(n['format']))}): "
+            + "; ".join(html.escape(f"{r['recipient']} {r['action']} {r['status']} "
+                                    f"{r['diagnostic'] or ''}") for r in n["recipients"])
+            + "</li>" for n in v.ndrs)
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in v.notes)
+        rows.append(f"""
+<section class="{'pass' if v.passed else 'fail'}">
+<h2>{html.escape(v.scenario)} <span class="badge">{'PASS' if v.passed else 'FAIL'}</span></h2>
+<p class="muted">{html.escape(v.summary)} &middot; {html.escape(v.mta)} &middot;
+{v.duration:.1f} s (scenario clock &times;{v.speed:g})</p>
+<table><tr><th>check</th><th>expected</th><th>observed</th><th>why</th></tr>{checks}</table>
+{timelines}
+{f'<h3>NDRs</h3><ul>{ndrs}</ul>' if ndrs else ''}
+{f'<ul>{notes}</ul>' if notes else ''}
+</section>""")
+    passed = sum(v.passed for v in verdicts)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #1d2733; font-size: 17px; }}
+section {{ border-left: 6px solid #2e9e6b; padding: .2rem 1rem 1rem; margin: 0 0 1.5rem;
+  background: #f6f8fa; }}
+section.fail {{ border-color: #d64545; }}
+.badge {{ font-size: .8rem; padding: .1rem .5rem; border-radius: 4px; color: #fff;
+  background: #2e9e6b; vertical-align: middle; }}
+section.fail .badge {{ background: #d64545; }}
+table {{ border-collapse: collapse; margin: .5rem 0; }}
+td, th {{ border: 1px solid #d0d7de; padding: .25rem .5rem; text-align: left;
+  vertical-align: top; }}
+tr.bad td {{ background: #fde8e8; }}
+.muted {{ color: #5b6774; }}
+svg {{ width: 100%; max-width: 760px; height: 90px; display: block; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{passed} of {len(verdicts)} scenarios passed.</p>
+{''.join(rows)}
+</body></html>
+"""
+
+
+def verdicts_json(verdicts: list[Verdict]) -> str:
+    return json.dumps([asdict(v) for v in verdicts], indent=2, default=str)

@@ -1,0 +1,300 @@
+"""The lab: a real MTA sends a scenario's test message to the harness; what it
+did is observed and judged against the scenario's `expect:`.
+
+One run: a harness with the scenario (the remote MX), a second harness that
+collects what comes back (the NDRs, routed there by the sender's address),
+and a private Postfix relaying to the first. The harness's clock runs
+`speed` times faster than the wall clock, so a scenario written in real
+terms ("greylisted for 60 s") plays out against an MTA set for fast
+retries; every time in the verdict is in scenario time.
+
+The verdict lists each expectation with what was observed and why it passed
+or failed; `verdicts.py` renders it (terminal, JUnit XML, HTML)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.analysis.dsn import Ndr, parse_ndr
+from harness.lab.postfix import PostfixLab
+from harness.scenario.model import Outcome, Scenario, Send
+from harness.store.db import Attempt
+from harness.testing import Harness
+
+#: Postfix lab timings (real seconds). With speed 60 a 1 s backoff is a
+#: minute of scenario time: greylisting windows and retry intervals read as
+#: they would on a production MTA with minute-scale retries.
+POSTFIX_LAB = {
+    "queue_run_delay": "1s",
+    "minimal_backoff_time": "1s",
+    "maximal_backoff_time": "2s",
+    "maximal_queue_lifetime": "12s",
+    "bounce_queue_lifetime": "12s",
+    "delay_warning_time": "4s",
+    "smtp_tls_security_level": "may",
+    # a server that never answers is given up on sooner (the default is 300s)
+    "smtp_helo_timeout": "2s",
+    "smtp_connect_timeout": "2s",
+}
+SENDER = "lab-sender@sender.lab.test"
+
+
+@dataclass
+class Check:
+    name: str
+    expected: str
+    observed: str
+    ok: bool
+    why: str = ""
+
+
+@dataclass
+class RecipientTimeline:
+    rcpt: str
+    attempts: list[Attempt]
+    outcome: str  # delivered | bounced | deferred
+
+
+@dataclass
+class Verdict:
+    scenario: str
+    summary: str
+    mta: str
+    passed: bool
+    checks: list[Check]
+    timelines: list[RecipientTimeline]
+    ndrs: list[dict[str, Any]]
+    queue: list[dict[str, Any]]
+    duration: float
+    speed: float
+    maillog_tail: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _message(send: Send, mail_from: str, token: str) -> bytes:
+    body = b"This is a test message from the SMTP Harness lab.\r\n"
+    if send.size > len(body):
+        line = b"The quick brown fox jumps over the lazy dog 0123456789.\r\n"
+        body += line * ((send.size - len(body)) // len(line) + 1)
+    head = (f"From: <{mail_from}>\r\nTo: {', '.join(f'<{r}>' for r in send.rcpt)}\r\n"
+            f"Subject: {send.subject} [{token}]\r\nMessage-ID: <{token}@sender.lab.test>\r\n"
+            "Date: Sun, 29 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=us-ascii\r\n\r\n")
+    return head.encode() + body
+
+
+class _Clock:
+    """Scenario time: starts at the wall clock and runs `speed` times faster."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self.t0 = time.time()
+
+    def __call__(self) -> float:
+        return self.t0 + (time.time() - self.t0) * self.speed
+
+
+def run_postfix(scenario: Scenario, *, speed: float = 60.0, window: float = 10.0,
+                settings: dict[str, str] | None = None, seed: int | None = 1,
+                progress: Callable[[str], None] | None = None) -> Verdict:
+    """Send the scenario's test message through a private Postfix and judge."""
+    send = scenario.send or Send()
+    mail_from = SENDER
+    token = uuid.uuid4().hex[:12]
+    say = progress or (lambda _msg: None)
+    clock = _Clock(speed)
+    started = time.monotonic()
+    with Harness(scenario, seed=seed, clock=clock) as target, \
+            Harness("accept", clock=clock) as collector:
+        lab_settings = {**POSTFIX_LAB, **(settings or {})}
+        with PostfixLab((target.host, target.port), settings=lab_settings,
+                        transports={mail_from: (collector.host, collector.port)}) as pf:
+            say(f"{scenario.name}: Postfix {pf.syslog_name} -> harness {target.host}:"
+                f"{target.port}")
+            queue_id = pf.submit_smtp(mail_from, list(send.rcpt),
+                                      _message(send, mail_from, token))
+            expected = scenario.expect.outcome if scenario.expect else None
+            deadline = time.monotonic() + window
+            queue: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                # Postfix offers no event for "this message left the queue":
+                # poll its queue (50 ms); the harness side is read as it is.
+                queue = [q for q in pf.queue() if q.get("queue_id") == queue_id]
+                if not queue:
+                    break
+                if expected is Outcome.DEFERRED and _deferred_enough(
+                        target, collector, scenario, send):
+                    break
+                time.sleep(0.05)
+            queue = [q for q in pf.queue() if q.get("queue_id") == queue_id]
+            if not queue:
+                pf.wait_queue_empty(window)  # the bounce, if any, on its way out
+            target.wait_idle()
+            collector.wait_idle()
+            maillog = pf.maillog()
+            if queue:
+                pf.expire(queue_id)  # leave nothing behind; the verdict is taken
+                pf.wait_queue_empty(window)
+        verdict = _judge(scenario, send, target, collector, queue, token, speed)
+        verdict.duration = time.monotonic() - started
+        verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
+    say(f"{scenario.name}: {'PASS' if verdict.passed else 'FAIL'}")
+    return verdict
+
+
+def _deferred_enough(target: Harness, collector: Harness, scenario: Scenario,
+                     send: Send) -> bool:
+    """Seen enough of a deferral: the attempts it expects, and the delay
+    notice when it expects one."""
+    expect = scenario.expect
+    want = (expect.min_attempts if expect else None) or 2
+    timelines = timeline(target, list(send.rcpt))
+    if not all(len(timelines[r]) >= want for r in send.rcpt):
+        return False
+    if expect is not None and expect.delay_notice:
+        return any((n := parse_ndr(m.raw or b"")) is not None and n.is_delay
+                   for m in collector.messages())
+    return True
+
+
+def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
+    """Each recipient's delivery attempts as the sending MTA made them: the
+    pair's verdicts, and the connections that ended before any recipient
+    was named (a 421 banner, a drop, a hang, broken TLS), which an MTA
+    counts as attempts too. The lab sends one message, so every connection
+    belongs to it."""
+    pair = {r: target.attempts(rcpt=r) for r in rcpts}
+    by_session = {r: {a.session_id for a in pair[r]} for r in rcpts}
+    out: dict[str, list[Attempt]] = {r: list(pair[r]) for r in rcpts}
+    for s in target.sessions():
+        replies = [e for e in s.events if e.direction == "S"]
+        if any(e.direction == "C" and e.text.upper().startswith("RCPT") for e in s.events):
+            continue  # the pair's own attempts say what happened here
+        last = replies[-1] if replies else None
+        code = int(last.text[:3]) if last and last.text[:3].isdigit() else None
+        reason = s.end_reason or ""
+        if reason.startswith(("drop", "reset", "hang", "tls_fail", "TLS")):
+            code = None  # the connection broke: the last reply is not the verdict
+        outcome = ("deferred" if code is not None and 400 <= code < 500 else
+                   "rejected" if code is not None and code >= 500 else
+                   reason.split(" ")[0] or "lost")
+        for r in rcpts:
+            if s.id in by_session[r]:
+                continue
+            out[r].append(Attempt(
+                id=0, session_id=s.id, t=s.started_at, mail_from="", rcpt=r,
+                phase=(last.phase or "connect") if last else "connect", code=code,
+                enhanced=None, reply=last.text if last else None,
+                outcome=outcome if code is None or code >= 400 else f"{outcome} ({reason})",
+                rule=last.rule if last else None, message_id=None))
+    for r in rcpts:
+        out[r].sort(key=lambda a: a.t)
+        previous: float | None = None
+        for a in out[r]:
+            a.interval = None if previous is None else a.t - previous
+            previous = a.t
+    return out
+
+
+def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
+           queue: list[dict[str, Any]], token: str, speed: float) -> Verdict:
+    expect = scenario.expect
+    stored = target.messages()
+    reports: list[tuple[Ndr, int]] = []
+    for m in collector.messages():
+        ndr = parse_ndr(m.raw or b"")
+        if ndr is not None:
+            reports.append((ndr, m.id))
+    failures = [n for n, _ in reports if not n.is_delay]
+    delays = [n for n, _ in reports if n.is_delay]
+    queued = {r.get("address", "").lower() for q in queue for r in q.get("recipients", [])}
+    timelines = []
+    per_rcpt = timeline(target, list(send.rcpt))
+    for rcpt in send.rcpt:
+        attempts = per_rcpt[rcpt]
+        # delivered: a stored copy the harness answered with 2xx (it stores
+        # what it refuses after the dot too, and what a fault cut off)
+        accepted = {a.message_id for a in attempts if a.outcome == "accepted"}
+        got = any(m.id in accepted and token in (m.subject or "") for m in stored)
+        failed = any((r.final_recipient or "").lower().endswith(rcpt.lower())
+                     for n in failures for r in n.recipients)
+        outcome = ("deferred" if rcpt.lower() in queued else "bounced" if failed and not got
+                   else "delivered" if got else "bounced" if failed else "deferred")
+        timelines.append(RecipientTimeline(rcpt, attempts, outcome))
+    checks: list[Check] = []
+    if expect is not None and expect.outcome is not None:
+        observed = sorted({t.outcome for t in timelines})
+        ok = observed == [expect.outcome.value]
+        checks.append(Check("outcome", expect.outcome.value, ", ".join(observed), ok,
+                            "" if ok else _why_outcome(timelines)))
+    if expect is not None and (expect.min_attempts or expect.max_attempts):
+        for t in timelines:
+            n = len(t.attempts)
+            lo, hi = expect.min_attempts, expect.max_attempts
+            ok = (lo is None or n >= lo) and (hi is None or n <= hi)
+            want = (f"{lo}..{hi}" if lo and hi else f">= {lo}" if lo else f"<= {hi}")
+            checks.append(Check(f"attempts {t.rcpt}", want, f"{n}: {_intervals(t, speed)}", ok,
+                                "" if ok else f"the harness saw {n} attempt(s)"))
+    if expect is not None and expect.ndr is not None:
+        want_ndr = expect.ndr
+        rows = [r for n in failures for r in n.recipients]
+
+        def seen(values: list[str | None]) -> str:
+            return ", ".join(str(v) for v in values) if rows else "no NDR arrived"
+
+        if want_ndr.status is not None:
+            ok = any(r.status == want_ndr.status for r in rows)
+            checks.append(Check("NDR status", want_ndr.status,
+                                seen([r.status for r in rows]), ok,
+                                "" if ok else "no recipient in the NDR has this status"))
+        if want_ndr.action is not None:
+            ok = any((r.action or "") == want_ndr.action for r in rows)
+            checks.append(Check("NDR action", want_ndr.action,
+                                seen([r.action for r in rows]), ok,
+                                "" if ok else "no recipient in the NDR has this action"))
+        if want_ndr.diagnostic is not None:
+            ok = any(want_ndr.diagnostic in (r.diagnostic_text or "") for r in rows)
+            checks.append(Check("NDR diagnostic", f"contains {want_ndr.diagnostic!r}",
+                                seen([r.diagnostic_text for r in rows]), ok,
+                                "" if ok else "the diagnostic code does not carry it"))
+    if expect is not None and expect.delay_notice is not None:
+        ok = bool(delays) == expect.delay_notice
+        checks.append(Check("delay notice", "yes" if expect.delay_notice else "no",
+                            f"{len(delays)} delay notice(s)", ok))
+    ndr_rows = [{"message": mid, "delay": n.is_delay, "format": n.format,
+                 "recipients": [{"recipient": r.final_recipient, "action": r.action,
+                                 "status": r.status, "diagnostic": r.diagnostic_text,
+                                 "remote_mta": r.remote_mta} for r in n.recipients]}
+                for n, mid in reports]
+    notes = []
+    if not checks:
+        notes.append("the scenario has no expect: nothing to judge")
+    return Verdict(scenario=scenario.name, summary=scenario.summary, mta="postfix",
+                   passed=bool(checks) and all(c.ok for c in checks), checks=checks,
+                   timelines=timelines, ndrs=ndr_rows, queue=queue, duration=0.0,
+                   speed=speed, notes=notes)
+
+
+def _intervals(t: RecipientTimeline, speed: float) -> str:
+    parts = []
+    for a in t.attempts:
+        code = a.code if a.code is not None else a.outcome
+        parts.append(f"{code}" if a.interval is None else f"+{_span(a.interval)} {code}")
+    return ", ".join(parts) or "none"
+
+
+def _span(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _why_outcome(timelines: list[RecipientTimeline]) -> str:
+    return "; ".join(f"{t.rcpt}: {t.outcome} after {len(t.attempts)} attempt(s)"
+                     for t in timelines)

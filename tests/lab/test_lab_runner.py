@@ -1,0 +1,84 @@
+"""The lab runner: every library scenario's test message sent through a real
+Postfix, judged against the scenario's expect:."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness.lab.postfix import PostfixLab
+from harness.lab.report import html_report, junit_xml
+from harness.lab.runner import run_postfix
+from harness.scenario.library import library_names, load
+from harness.scenario.model import ExpectedNdr, Outcome
+
+pytestmark = pytest.mark.slow
+
+JUDGED = [n for n in library_names() if load(n).expect is not None]
+
+
+@pytest.fixture(autouse=True)
+def _postfix() -> None:
+    reason = PostfixLab.unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("name", JUDGED)
+def test_lab_postfix_verdict_passes_for_the_library(name: str) -> None:
+    verdict = run_postfix(load(name))
+    failed = [f"{c.name}: expected {c.expected}, observed {c.observed} ({c.why})"
+              for c in verdict.checks if not c.ok]
+    assert verdict.passed, f"{name}: " + "; ".join(failed or verdict.notes) + \
+        "\n" + verdict.maillog_tail
+
+
+def test_lab_ndr_status_is_the_scripted_code_where_postfix_copies_it() -> None:
+    verdict = run_postfix(load("unknown-user"))
+    [ndr] = verdict.ndrs
+    [rcpt] = ndr["recipients"]
+    assert rcpt["status"] == "5.1.1"
+    assert rcpt["diagnostic"].startswith("550 5.1.1 RESOLVER.ADR.RecipNotFound")
+
+
+def test_lab_wrong_expectations_fail_and_say_what_differed() -> None:
+    s = load("mailbox-full")
+    assert s.expect is not None
+    wrong = replace(s, expect=replace(s.expect, outcome=Outcome.DELIVERED,
+                                      ndr=ExpectedNdr(status="5.1.1", action="failed",
+                                                      diagnostic="550 5.1.1")))
+    verdict = run_postfix(wrong)
+    assert not verdict.passed
+    bad = {c.name: c for c in verdict.checks if not c.ok}
+    assert bad["outcome"].expected == "delivered" and bad["outcome"].observed == "bounced"
+    assert "full@lab.test: bounced after 1 attempt(s)" in bad["outcome"].why
+    assert bad["NDR status"].observed == "5.2.2"
+    assert "552 5.2.2" in bad["NDR diagnostic"].observed
+
+    suites = ET.fromstring(junit_xml([verdict]))
+    [case] = suites.iter("testcase")
+    failure = case.find("failure")
+    assert failure is not None and "outcome" in (failure.get("message") or "")
+    page = html_report([verdict])
+    assert "<svg" in page and "FAIL" in page and "<script" not in page
+
+
+def test_lab_command_writes_junit_and_html(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "lab", "mailbox-full",
+                        "temp-fail-then-success", "--junit", str(tmp_path / "lab.xml"),
+                        "--html", str(tmp_path / "lab.html"), "--quiet"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "160"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 of 2 scenarios passed" in r.stdout
+    suites = ET.parse(tmp_path / "lab.xml").getroot()
+    assert [c.get("name") for c in suites.iter("testcase")] == [
+        "mailbox-full", "temp-fail-then-success"]
+    page = (tmp_path / "lab.html").read_text()
+    assert page.count("<svg") == 2
