@@ -159,7 +159,7 @@ async def _serve(args: argparse.Namespace) -> int:
             ctx = ListenerContext(engine=Engine(scenario, seed=args.seed), store=store,
                                   implicit_tls=spec.implicit_tls,
                                   proxy_protocol=spec.proxy_protocol,
-                                  ca_dir=Path(args.store).parent)
+                                  ca_dir=Path(args.store).parent, dns=args.dns)
             if not args.quiet:
                 ctx.observers.append(printer)
             listeners.append(await start_listener(ctx, spec.host, spec.port))
@@ -358,6 +358,12 @@ def _explain(args: argparse.Namespace) -> int:
                            err_console=err)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from harness.predict import predict_command
+
+    return predict_command(args, out)
+
+
 def _lab(args: argparse.Namespace) -> int:
     from harness.lab.postfix import PostfixLab
     from harness.lab.report import html_report, junit_xml, print_verdicts, verdicts_json
@@ -429,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None,
                     help="seed the RNG (chance:, random delays) to replay a run")
     sp.add_argument("--quiet", action="store_true", help="do not print sessions live")
+    sp.add_argument("--dns", choices=("scenario", "system"), default="scenario",
+                    help="where SPF/DKIM/DMARC look up records: the scenario's dns: zone "
+                         "(default, offline) or the system resolver")
     store_opt(sp)
 
     sp = sub.add_parser("lab", help="send scenarios' test messages through a private Postfix "
@@ -453,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", nargs="+", metavar="CODE|REPLY|FILE",
                     help="5.7.1, '550 5.7.1 Unable to relay', or bounce.eml")
     sp.add_argument("--json", action="store_true")
+
+    from harness.predict import add_arguments as add_predict_arguments
+
+    sp = sub.add_parser("predict", help="when will a deferred message be retried, and when "
+                        "will it bounce? (Exchange, Postfix, Exim retry models)")
+    add_predict_arguments(sp)
 
     sp = sub.add_parser("check", help="validate scenario files")
     sp.add_argument("scenarios", nargs="+", metavar="SCENARIO")
@@ -491,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,
-                   "explain": _explain}[args.command]
+                   "explain": _explain, "predict": _predict}[args.command]
         return handler(args)
     except ScenarioError as e:
         for p in e.problems:

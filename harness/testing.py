@@ -310,10 +310,13 @@ class Harness:
         return found
 
     def wait_idle(self, timeout: float = 10) -> None:
-        """Wait until no connection is being served (sessions recorded as ended)."""
+        """Wait until no connection is being served (sessions recorded as ended)
+        and every stored message has been analysed."""
         async def idle() -> None:
-            while self.ctx.active:
-                tasks = [p.task for p in self.ctx.active if p.task is not None]
+            while self.ctx.active or self.ctx.pending:
+                tasks: list[asyncio.Task[None]] = [p.task for p in self.ctx.active
+                                                   if p.task is not None]
+                tasks += list(self.ctx.pending)  # analyses of stored messages
                 if not tasks:
                     break
                 await asyncio.wait(tasks)

@@ -107,10 +107,15 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
     token: str = request.app[TOKEN_KEY]
     if token:
         given = request.headers.get("Authorization", "")
-        query = request.query.get("token", "")  # EventSource cannot set headers
+        query = request.query.get("token", "")
+        # EventSource, frames and links cannot send a header: those GETs may
+        # carry the token in the query instead
+        by_query = request.method == "GET" and (
+            request.path == "/api/v1/events" or request.path.endswith(("/raw", "/html")))
         ok = hmac.compare_digest(given, f"Bearer {token}") or (
-            request.path == "/api/v1/events" and hmac.compare_digest(query, token))
-        if not ok and request.path not in ("/livez", "/readyz"):
+            by_query and hmac.compare_digest(query, token))
+        # health checks and the page itself (no data in it) stay open
+        if not ok and request.path not in ("/livez", "/readyz", "/", "/app.js", "/app.css"):
             return problem(401, "a bearer token is required",
                            detail="send Authorization: Bearer TOKEN (printed at start)")
     if request.method in ("POST", "PUT", "DELETE", "PATCH"):
@@ -140,6 +145,9 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
 
 async def read(request: web.Request, fn: Callable[[Reader], Any]) -> Any:
     path = request.app[STORE_KEY]
+    listeners = request.app[CTX_KEY]
+    if listeners:  # read what the writer has queued so far, committed
+        await listeners[0].store.barrier()
 
     def run() -> Any:
         with Reader(path) as r:

@@ -103,7 +103,9 @@ def run_postfix(scenario: Scenario, *, speed: float = 60.0, window: float = 10.0
                 progress: Callable[[str], None] | None = None) -> Verdict:
     """Send the scenario's test message through a private Postfix and judge."""
     send = scenario.send or Send()
-    mail_from = SENDER
+    # The scenario's own sender (its SPF, DMARC and mail_from rules see it);
+    # Postfix routes bounces to that one address to the collector.
+    mail_from = send.mail_from or SENDER
     token = uuid.uuid4().hex[:12]
     say = progress or (lambda _msg: None)
     clock = _Clock(speed)

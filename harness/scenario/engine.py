@@ -82,6 +82,7 @@ class Mail(Event):
     phase = Phase.MAIL
     sender: str
     size: int | None = None  # SIZE= as declared
+    spf: str | None = None  # the SPF result, when the adapter checked it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +100,8 @@ class Data(Event):
 class Message(Event):
     phase = Phase.MESSAGE
     content: bytes
+    dkim: str | None = None  # results, when the adapter checked them
+    dmarc: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,9 +173,11 @@ class Connection:
     rcpts: list[str] = field(default_factory=list)
     message_index: int = 0
     rcpt_commands: int = 0  # RCPT commands in this transaction, accepted or not
+    spf: str | None = None  # of this transaction's MAIL FROM
     open: bool = True
 
     def reset_transaction(self) -> None:
+        self.spf = None
         self.mail_from = None
         self.declared_size = None
         self.rcpts = []
@@ -228,6 +233,7 @@ class Engine:
                 p: any(mt.key in _CONTENT_KEYS for r in rs for mt in r.when)
                 for p, rs in self._rules.items()
             }
+            self.uses = frozenset(mt.key for r in scenario.rules for mt in r.when)
 
     def reset(self) -> None:
         """Forget attempts, first-seen times, rule uses and state; reseed."""
@@ -283,6 +289,7 @@ class Engine:
             mail_from=conn.mail_from,
             message_index=conn.message_index,
             size=conn.declared_size,
+            spf=conn.spf,
         )
         client = str(conn.client)
         if isinstance(event, Helo):
@@ -290,9 +297,11 @@ class Engine:
         elif isinstance(event, Mail):
             facts.mail_from = event.sender
             facts.size = event.size
+            facts.spf = event.spf
             facts.message_index = conn.message_index + 1
         elif isinstance(event, Message):
             facts.size = len(event.content)
+            facts.dkim, facts.dmarc = event.dkim, event.dmarc
             if self._needs_content[phase]:
                 facts.headers, facts.body = _split_message(event.content)
         elif isinstance(event, Bdat):
@@ -419,6 +428,7 @@ class Engine:
                 conn.reset_transaction()
                 conn.mail_from = event.sender
                 conn.declared_size = event.size
+                conn.spf = event.spf
                 conn.message_index += 1
         elif isinstance(event, Rcpt):
             if ok:

@@ -61,11 +61,7 @@ DNS_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME")
 
 #: Keys of the contract that this version does not implement yet: named in
 #: the error so a user knows the key is right but the feature is not here.
-NOT_YET = {
-    "spf": "SPF checks arrive with the analysis work",
-    "dkim": "DKIM checks arrive with the analysis work",
-    "dmarc": "DMARC checks arrive with the analysis work",
-}
+NOT_YET: dict[str, str] = {}
 
 #: Which `when:` keys are known at which phases.
 _ANY = frozenset(m.Phase)
@@ -87,6 +83,10 @@ WHEN_PHASES: dict[str, frozenset[m.Phase]] = {
     "size": frozenset({m.Phase.MAIL, m.Phase.MESSAGE, m.Phase.BDAT}),
     "header": frozenset({m.Phase.MESSAGE}),
     "body": frozenset({m.Phase.MESSAGE}),
+    # SPF is known from MAIL FROM on; DKIM and DMARC need the message
+    "spf": frozenset({m.Phase.MAIL, m.Phase.RCPT, m.Phase.DATA, m.Phase.MESSAGE}),
+    "dkim": frozenset({m.Phase.MESSAGE}),
+    "dmarc": frozenset({m.Phase.MESSAGE}),
 }
 
 
@@ -319,6 +319,15 @@ def _when(c: _Collector, node: Node, phase: m.Phase | None) -> tuple[m.Matcher, 
             matcher = m.StateMatcher(key, tuple(states)) if states else None
         elif key == "chance":
             matcher = _chance(c, vnode)
+        elif key in m.AUTH_RESULTS:
+            words = []
+            for text, item in c.strings(vnode, key):
+                if text.lower() not in m.AUTH_RESULTS[key]:
+                    c.error(item, f"{key} cannot be {text!r}",
+                            "one of: " + ", ".join(m.AUTH_RESULTS[key]))
+                else:
+                    words.append(text.lower())
+            matcher = m.AuthMatcher(key, tuple(words)) if words else None
         if matcher is not None:
             out.append(matcher)
     return tuple(out)

@@ -98,6 +98,10 @@ class Facts:
     size: int | None = None
     headers: Message | None = None
     body: str | None = None
+    #: authentication results (None: not checked at this step)
+    spf: str | None = None
+    dkim: str | None = None
+    dmarc: str | None = None
 
 # ------------------------------------------------------------------ matchers
 
@@ -243,6 +247,28 @@ def _show(key: str, v: float) -> str:
     if key == "first_seen":
         return f"{v:.1f}s"
     return str(int(v)) if v == int(v) else str(v)
+
+AUTH_RESULTS = {
+    "spf": ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror"),
+    "dkim": ("pass", "fail", "neutral", "policy", "none", "permerror", "temperror"),
+    "dmarc": ("pass", "fail", "none", "permerror", "temperror"),
+}
+
+
+@dataclass(frozen=True)
+class AuthMatcher(Matcher):
+    """spf, dkim, dmarc: the check's result is one of these words."""
+
+    results: tuple[str, ...] = ()
+
+    def check(self, facts: Facts) -> str | None:
+        value = {"spf": facts.spf, "dkim": facts.dkim, "dmarc": facts.dmarc}[self.key]
+        if value is None:
+            return f"{self.key} was not checked"
+        if value in self.results:
+            return None
+        return f"{self.key} is {value}, wanted {' or '.join(self.results)}"
+
 
 @dataclass(frozen=True)
 class StateMatcher(Matcher):

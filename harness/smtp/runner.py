@@ -66,6 +66,7 @@ class Listener:
             if proto.transport is not None:
                 proto.transport.close()
         tasks = [p.task for p in protocols if p.task is not None]
+        tasks += list(self.ctx.pending)  # analyses of stored messages finish too
         for t in tasks:
             t.cancel()
         with contextlib.suppress(Exception):

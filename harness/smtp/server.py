@@ -108,7 +108,13 @@ class ListenerContext:
     proxy_protocol: bool = False
     #: where a made lab CA certificate is written (beside the store)
     ca_dir: Path | None = None
+    #: where SPF/DKIM/DMARC look things up: the scenario's dns: zone, or
+    #: "system" (the machine's resolver, only when a user asks for it)
+    dns: str = "scenario"
+    #: analyses of stored messages still running (in threads)
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
     _tls: tuple[object, ssl.SSLContext] | None = None
+    _resolver: tuple[object, Any] | None = None
 
     @property
     def scenario(self) -> Scenario:
@@ -118,6 +124,16 @@ class ListenerContext:
         """The TLS context for the current scenario, made once per scenario
         (call `prepare_tls` before serving and after switching scenarios)."""
         return self._tls[1] if self._tls is not None else None
+
+    def resolver(self) -> Any:
+        """The DNS the authentication checks use, made once per scenario."""
+        from harness.analysis.dns import ScenarioDns, SystemDns
+
+        key = self.scenario.dns if self.dns == "scenario" else "system"
+        if self._resolver is None or self._resolver[0] is not key:
+            self._resolver = (key, SystemDns() if self.dns == "system"
+                              else ScenarioDns(self.scenario.dns))
+        return self._resolver[1]
 
     def prepare_tls(self) -> None:
         server = self.scenario.server
@@ -859,7 +875,10 @@ class HarnessSMTP(SMTP):
         if mail.size is not None and self.data_size_limit and mail.size > self.data_size_limit:
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
-        d = await self._decide(ev.Mail(sender=address, size=mail.size))
+        spf = None
+        if "spf" in self.ctx.engine.uses:
+            spf = await self._check_spf(address)
+        d = await self._decide(ev.Mail(sender=address, size=mail.size, spf=spf))
         if d.accepts:
             self._reset_transaction()
             self._mail_options = options
@@ -1141,7 +1160,13 @@ class HarnessSMTP(SMTP):
                                        outcome="rejected", rule=None)
             await self.push(refusal)
             return
-        d = self._engine_decide(ev.Message(content=content))
+        auth = None
+        if self.ctx.engine.uses & {"dkim", "dmarc"}:
+            auth = await asyncio.to_thread(self._check_authentication, content, mail_from)
+            self._record("I", f"Authentication-Results: {auth.authentication_results}")
+        d = self._engine_decide(ev.Message(
+            content=content, dkim=auth.dkim_result if auth else None,
+            dmarc=auth.dmarc.result if auth else None))
         self._rule = d.rule
         subject, message_id = _headline(content)
         mid = self.ctx.store.message(
@@ -1162,6 +1187,7 @@ class HarnessSMTP(SMTP):
             with contextlib.suppress(Exception):
                 cb(mid)
         self._changed()
+        self._analyze_later(mid, content, mail_from, auth)
         if d.delay > 0:
             self._record("I", f"delay {d.delay:.3f}s", d.rule)
             await self._send()
@@ -1169,6 +1195,54 @@ class HarnessSMTP(SMTP):
         if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
             await self._fault(d.fault, d.rule)
         await self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
+
+    async def _check_spf(self, mail_from: str) -> str:
+        """SPF of this MAIL FROM, in a thread (DNS may be the system's)."""
+        from harness.analysis.auth import check_spf
+
+        assert self._conn is not None
+        result = await asyncio.to_thread(
+            check_spf, str(self._conn.client), mail_from, self._helo_seen or "",
+            self.ctx.resolver(), receiver=self.hostname)
+        self._record("I", f"SPF {result.result} for {result.domain} from {result.client_ip}"
+                     + (f" ({result.mechanism})" if result.mechanism else ""))
+        return result.result
+
+    def _check_authentication(self, content: bytes, mail_from: str) -> Any:
+        """SPF, DKIM and DMARC of a message (synchronous: run in a thread)."""
+        from harness.analysis.auth import check_message
+
+        assert self._conn is not None
+        return check_message(content, client_ip=str(self._conn.client),
+                             helo=self._helo_seen or "", mail_from=mail_from,
+                             resolver=self.ctx.resolver(), hostname=self.hostname)
+
+    def _analyze_later(self, mid: int, content: bytes, mail_from: str, auth: Any) -> None:
+        """Parse the stored message as an NDR and check its authentication,
+        in a thread, after the reply: the store gets the results when done."""
+        async def run() -> None:
+            try:
+                analysis = await asyncio.to_thread(self._analysis, content, mail_from, auth)
+            except Exception as e:  # an analysis bug must not touch the session
+                self.ctx.errors.append(e)
+                return
+            self.ctx.store.message_analysis(mid, analysis, analysis.get("ndr") is not None)
+            self._changed()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.ctx.pending.add(task)
+        task.add_done_callback(self.ctx.pending.discard)
+
+    def _analysis(self, content: bytes, mail_from: str, auth: Any) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from harness.analysis.dsn import parse_ndr
+
+        ndr = parse_ndr(content)
+        if auth is None:
+            auth = self._check_authentication(content, mail_from)
+        return {"ndr": asdict(ndr) if ndr is not None else None, "auth": auth.as_dict(),
+                "authentication_results": auth.authentication_results}
 
     def _line_too_long(self, content: bytes) -> bool:
         limit = self._scenario.server.max_line_length
@@ -1252,12 +1326,14 @@ def _headline(content: bytes) -> tuple[str | None, str | None]:
 
     A scan of the header block rather than the email package's parser, which
     costs more than the rest of a small message's handling."""
-    end = content.find(b"\r\n\r\n")
-    head = content[: end] if end >= 0 else content
+    # the header section ends at the first empty line (CRLF, or a bare LF
+    # from a careless client)
+    m = _HEADER_END.search(content)
+    head = content[: m.start()] if m else content
     head = _FOLD.sub(b" ", head)
     subject: str | None = None
     message_id: str | None = None
-    for line in head.split(b"\r\n"):
+    for line in re.split(rb"\r?\n", head):
         name, sep, value = line.partition(b":")
         if not sep:
             continue
@@ -1270,6 +1346,7 @@ def _headline(content: bytes) -> tuple[str | None, str | None]:
 
 
 _FOLD = re.compile(rb"\r?\n[ \t]+")
+_HEADER_END = re.compile(rb"(?:^|\n)\r?\n")
 
 
 def _decode_header(raw: bytes) -> str:

@@ -71,6 +71,8 @@ CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL,
     subject TEXT,
     message_id TEXT,
+    is_ndr INTEGER,               -- NULL until analysed; 1 for a bounce/delay notice
+    analysis TEXT,                -- JSON: the parsed NDR, SPF/DKIM/DMARC results
     raw BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_session ON messages(session_id);
@@ -133,6 +135,8 @@ class MessageRecord:
     dsn: dict[str, Any]
     subject: str | None
     message_id: str | None
+    is_ndr: bool | None = None
+    analysis: dict[str, Any] | None = None
     raw: bytes | None = None
 
     def as_dict(self, raw: bool = False) -> dict[str, Any]:
@@ -281,6 +285,10 @@ class Store:
             if stop:
                 conn.close()
                 return
+
+    def message_analysis(self, mid: int, analysis: dict[str, Any], is_ndr: bool) -> None:
+        self._put("UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?",
+                  (json.dumps(analysis, default=str), int(is_ndr), mid))
 
     def clear(self) -> None:
         """Forget everything captured (queued like any write; IDs keep counting)."""
@@ -448,12 +456,17 @@ class Reader:
         for k in ("rcpt_tos", "mail_options", "rcpt_options"):
             d[k] = json.loads(d[k])
         d["dsn"] = json.loads(d.get("dsn") or "{}")
+        if "analysis" in d:
+            d["analysis"] = json.loads(d["analysis"]) if d["analysis"] else None
+        if d.get("is_ndr") is not None:
+            d["is_ndr"] = bool(d["is_ndr"])
         return MessageRecord(**d)
 
     def messages(self, *, limit: int | None = None, rcpt: str | None = None,
-                 session_id: int | None = None, raw: bool = False) -> list[MessageRecord]:
+                 session_id: int | None = None, raw: bool = False,
+                 ndr: bool | None = None) -> list[MessageRecord]:
         cols = "*" if raw else ("id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
-                                " rcpt_options, dsn, size, subject, message_id")
+                                " rcpt_options, dsn, size, subject, message_id, is_ndr, analysis")
         sql = f"SELECT {cols} FROM messages"
         where: list[str] = []
         params: list[Any] = []
@@ -463,6 +476,10 @@ class Reader:
         if session_id is not None:
             where.append("session_id = ?")
             params.append(session_id)
+        if ndr is not None:
+            where.append("is_ndr = ?" if ndr else "(is_ndr = 0 OR is_ndr IS NULL)")
+            if ndr:
+                params.append(1)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC"

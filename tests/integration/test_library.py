@@ -276,7 +276,8 @@ def test_library_has_the_required_failures() -> None:
                 "temp-fail-then-success", "tarpit", "drop-mid-data", "drop-after-dot",
                 "rate-limited", "recipient-domain-unknown", "message-loop", "tls-required",
                 "auth-required", "client-not-authenticated", "too-many-connections",
-                "greylisting-5m", "intermittent-421", "sender-rate-limited", "magic"}
+                "greylisting-5m", "intermittent-421", "sender-rate-limited", "magic",
+                "spf-fail-reject", "dmarc-reject"}
     assert required <= set(LIBRARY)
     assert len(set(LIBRARY) - {"accept"}) >= 24
 
@@ -1239,3 +1240,44 @@ def test_library_inline_scenario_yaml_words_stay_words() -> None:
     """`on:` is not read as True by YAML 1.1 (every library rule depends on it)."""
     s: Scenario = load_text("rules:\n  - on: rcpt\n    reply: 550 5.1.1 no\n", "<t>")
     assert s.rules[0].on.value == "rcpt"
+
+
+# ---------------------------------------------- focused: spf-fail-reject
+
+
+def test_spf_fail_reject_at_mail_from_the_scenario_zone() -> None:
+    with Harness("spf-fail-reject") as h, closing(smtp(h)) as s:
+        s.ehlo()
+        code, text = s.mail("sender@lab.test")
+        assert (code, text) == (550, b"5.7.23 The message was rejected because of Sender "
+                                     b"Policy Framework violation")
+        s.rset()
+        # a domain whose SPF lists the client passes, and the rule does not apply
+        assert s.mail("sender@allowed.lab.test")[0] == 250
+        s.quit()
+        h.wait_idle()
+        session = one_session(h)
+        spf_lines = [e.text for e in session.events if e.text.startswith("SPF ")]
+        assert spf_lines == ["SPF fail for lab.test from 127.0.0.1 (-all)",
+                             "SPF pass for allowed.lab.test from 127.0.0.1 (ip4:127.0.0.0/8)"]
+
+
+# -------------------------------------------------- focused: dmarc-reject
+
+
+def test_dmarc_reject_after_the_dot_and_results_are_stored() -> None:
+    with Harness("dmarc-reject") as h, closing(smtp(h)) as s:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("sender@lab.test", ["user@lab.test"],
+                       build_message(mail_from="sender@lab.test"))
+        assert e.value.smtp_code == 550
+        assert e.value.smtp_error.startswith(b"5.7.26 This message failed DMARC")
+        s.quit()
+        h.wait_idle()
+        [m] = h.messages()
+        assert m.analysis is not None
+        auth = m.analysis["auth"]
+        assert (auth["spf"]["result"], auth["dkim_result"], auth["dmarc"]["result"],
+                auth["dmarc"]["policy"]) == ("fail", "none", "fail", "reject")
+        assert m.analysis["authentication_results"].startswith("mx.harness.test; spf=fail")
+        assert m.is_ndr is False

@@ -387,16 +387,15 @@ def test_loader_takes_the_protocol_phases(on: str) -> None:
     assert rule.on.value == on
 
 
-@pytest.mark.parametrize(
-    ("text", "key"),
-    [
-        ("rules:\n  - on: rcpt\n    when: {spf: fail}\n    reply: 550 5.7.1 x\n", "spf"),
-        ("rules:\n  - on: rcpt\n    when: {dkim: fail}\n    reply: 550 5.7.1 x\n", "dkim"),
-    ],
-)
-def test_loader_names_keys_not_supported_yet(text: str, key: str) -> None:
-    (p,) = problems(text)
-    assert p.message == f"{key} is not supported by this version"
+def test_loader_auth_matchers_take_result_words_at_their_phases() -> None:
+    rule = one_rule("rules:\n  - on: mail\n    when: {spf: [fail, softfail]}\n"
+                    "    reply: 550 5.7.23 SPF validation failed\n")
+    assert [(mt.key, mt.results) for mt in rule.when] == [("spf", ("fail", "softfail"))]
+    (p,) = problems("rules:\n  - on: rcpt\n    when: {dkim: fail}\n    reply: 550 5.7.1 x\n")
+    assert p.message == "dkim is not known at on: rcpt"
+    (p,) = problems("rules:\n  - on: message\n    when: {dmarc: failed}\n"
+                    "    reply: 550 5.7.26 x\n")
+    assert p.message == "dmarc cannot be 'failed'"
 
 
 # ------------------------------------------------------- impossible combos

@@ -6,6 +6,8 @@
 
 const token = new URLSearchParams(location.hash.slice(1)).get("token") || "";
 const headers = token ? { Authorization: `Bearer ${token}` } : {};
+// Frames, links and EventSource cannot send headers: those URLs carry the token.
+const withToken = (url) => (token ? `${url}?token=${encodeURIComponent(token)}` : url);
 const state = { listener: 0, sessions: new Map(), selected: null, library: [] };
 // Live events that arrive while the history is loading wait here, so nothing
 // between the history snapshot and the live stream is lost (duplicates are
@@ -210,10 +212,10 @@ async function showMessage(id) {
   if (m.has_html) {
     // sandbox="" : no scripts, no same-origin, no forms, no navigation
     parts.push(el("h2", { text: "HTML (sandboxed)" }),
-      el("iframe", { sandbox: "", src: `/api/v1/messages/${id}/html`, title: "message HTML",
+      el("iframe", { sandbox: "", src: withToken(`/api/v1/messages/${id}/html`), title: "message HTML",
         referrerpolicy: "no-referrer" }));
   }
-  parts.push(el("p", {}, el("a", { href: `/api/v1/messages/${id}/raw`, target: "_blank",
+  parts.push(el("p", {}, el("a", { href: withToken(`/api/v1/messages/${id}/raw`), target: "_blank",
     rel: "noopener", text: "Raw source" })));
   box.replaceChildren(...parts);
 }
@@ -359,7 +361,7 @@ const refreshNdrs = coalesce(loadNdrs);
 const refreshScenarios = coalesce(loadScenarios);
 
 function connect() {
-  const src = new EventSource(`/api/v1/events${token ? `?token=${encodeURIComponent(token)}` : ""}`);
+  const src = new EventSource(withToken("/api/v1/events"));
   const status = document.getElementById("status");
   const say = (text, cls) => { status.textContent = text; status.className = cls; };
   src.onopen = async () => {
