@@ -106,3 +106,36 @@ def test_postfix_fails_over_from_a_421_primary_to_the_secondary(lab_harness, pos
     [m] = secondary.messages()
     assert m.rcpt_tos == ["user@lab.test"]
     assert "refused to talk to me" in pf.maillog()
+
+
+def test_harness_explain_reads_a_postfix_dsn_captured_from_postfix(lab_harness, postfix_lab,
+                                                                    tmp_path):
+    """The NDR Postfix sends back after a 550 5.1.1: `harness explain` names
+    the recipient, the status, the remote reply, and what to check."""
+    import json
+    import subprocess
+    import sys
+
+    h = lab_harness("unknown-user")
+    pf = postfix_lab(h)
+    pf.submit_smtp(SENDER, ["nobody@lab.test"], message("nobody@lab.test", "explain me"))
+    pf.wait_queue_empty(WAIT)
+    h.wait_idle()
+    [bounce] = [m for m in h.messages() if m.mail_from == ""]
+    assert bounce.is_ndr is True
+    path = tmp_path / "bounce.eml"
+    path.write_bytes(bounce.raw or b"")
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "explain", str(path)],
+                       capture_output=True, text=True, timeout=60,
+                       env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "nobody@lab.test" in r.stdout and "5.1.1" in r.stdout
+    assert "550 5.1.1 RESOLVER.ADR.RecipNotFound" in r.stdout
+    assert "What to check" in r.stdout or "what to check" in r.stdout.lower()
+    data = json.loads(subprocess.run(
+        [sys.executable, "-m", "harness.cli", "explain", str(path), "--json"],
+        capture_output=True, text=True, timeout=60).stdout)
+    [rcpt] = data["ndr"]["recipients"]
+    assert (rcpt["recipient"], rcpt["action"], rcpt["status"]) == (
+        "nobody@lab.test", "failed", "5.1.1")
+    assert rcpt["status_info"]["title"] == "Bad destination mailbox address"
