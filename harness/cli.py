@@ -365,13 +365,19 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from harness.lab.postfix import PostfixLab
     from harness.lab.report import html_report, junit_xml, print_verdicts, verdicts_json
-    from harness.lab.runner import run_postfix
+    from harness.lab.runner import run_lab
 
-    reason = PostfixLab.unavailable()
+    if args.mta == "postfix":
+        from harness.lab.postfix import PostfixLab
+
+        reason = PostfixLab.unavailable()
+    else:
+        from harness.lab.exim import EximLab
+
+        reason = EximLab.unavailable()
     if reason:
-        raise HarnessError(f"the Postfix lab cannot run here: {reason}")
+        raise HarnessError(f"the {args.mta} lab cannot run here: {reason}")
     names = args.scenarios or [n for n in library_names()
                                if load_file(library_dir() / f"{n}.yaml").expect is not None]
     scenarios = [load(n) for n in names]  # a bad file stops the run before anything starts
@@ -381,8 +387,8 @@ def _lab(args: argparse.Namespace) -> int:
         if s.expect is None:
             err.print(f"[yellow]{escape(s.name)}: no expect:, skipped[/]")
             continue
-        verdicts.append(run_postfix(s, speed=args.speed, window=args.window, settings=settings,
-                                    seed=args.seed,
+        verdicts.append(run_lab(s, mta=args.mta, speed=args.speed, window=args.window,
+                                settings=settings, seed=args.seed,
                                     progress=None if args.quiet else
                                     (lambda m: err.print(f"[dim]{escape(m)}[/]"))))
     if args.json:
@@ -444,13 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and judge what it did against their expect:")
     sp.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                     help="library names or files (default: every library scenario with expect:)")
+    sp.add_argument("--mta", choices=("postfix", "exim"), default="postfix",
+                    help="the sending MTA (default postfix; exim needs tools/install-exim.sh)")
     sp.add_argument("--speed", type=float, default=60.0,
                     help="the scenario clock runs this many times faster than the lab's "
                          "(default 60: a 1 s Postfix backoff is a minute)")
     sp.add_argument("--window", type=float, default=10.0,
                     help="longest wait per scenario for the outcome, in real seconds")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a Postfix main.cf setting for the lab instance")
+                    help="a setting for the lab MTA (Postfix main.cf, Exim main options)")
     sp.add_argument("--seed", type=int, default=1)
     sp.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
     sp.add_argument("--html", type=Path, default=None, help="write the HTML report here")

@@ -13,6 +13,7 @@ or failed; `verdicts.py` renders it (terminal, JUnit XML, HTML)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -98,13 +99,21 @@ class _Clock:
         return self.t0 + (time.time() - self.t0) * self.speed
 
 
-def run_postfix(scenario: Scenario, *, speed: float = 60.0, window: float = 10.0,
-                settings: dict[str, str] | None = None, seed: int | None = 1,
-                progress: Callable[[str], None] | None = None) -> Verdict:
+def run_postfix(scenario: Scenario, **kw: Any) -> Verdict:
     """Send the scenario's test message through a private Postfix and judge."""
+    return run_lab(scenario, mta="postfix", **kw)
+
+
+def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
+            window: float = 10.0, settings: dict[str, str] | None = None,
+            seed: int | None = 1, progress: Callable[[str], None] | None = None) -> Verdict:
+    """Send the scenario's test message through a private MTA (postfix or
+    exim) relaying to a harness with the scenario, and judge what it did."""
     send = scenario.send or Send()
-    # The scenario's own sender (its SPF, DMARC and mail_from rules see it);
-    # Postfix routes bounces to that one address to the collector.
+    # The scenario's own sender (its SPF, DMARC and mail_from rules see it).
+    # Postfix routes bounces to that one address to the collector; the Exim
+    # lab routes everything to the relay, so its bounces reach the harness
+    # under test, where they are read the same way.
     mail_from = send.mail_from or SENDER
     token = uuid.uuid4().hex[:12]
     say = progress or (lambda _msg: None)
@@ -112,40 +121,73 @@ def run_postfix(scenario: Scenario, *, speed: float = 60.0, window: float = 10.0
     started = time.monotonic()
     with Harness(scenario, seed=seed, clock=clock) as target, \
             Harness("accept", clock=clock) as collector:
-        lab_settings = {**POSTFIX_LAB, **(settings or {})}
-        with PostfixLab((target.host, target.port), settings=lab_settings,
-                        transports={mail_from: (collector.host, collector.port)}) as pf:
-            say(f"{scenario.name}: Postfix {pf.syslog_name} -> harness {target.host}:"
-                f"{target.port}")
-            queue_id = pf.submit_smtp(mail_from, list(send.rcpt),
-                                      _message(send, mail_from, token))
+        lab_settings = {**(POSTFIX_LAB if mta == "postfix" else {}), **(settings or {})}
+        lab = _start_mta(mta, target, collector, mail_from, lab_settings)
+        try:
+            say(f"{scenario.name}: {mta} -> harness {target.host}:{target.port}")
+            queue_id = lab.submit_smtp(mail_from, list(send.rcpt),
+                                       _message(send, mail_from, token))
             expected = scenario.expect.outcome if scenario.expect else None
+            returns = collector if mta == "postfix" else target
             deadline = time.monotonic() + window
             queue: list[dict[str, Any]] = []
             while time.monotonic() < deadline:
-                # Postfix offers no event for "this message left the queue":
+                # An MTA offers no event for "this message left the queue":
                 # poll its queue (50 ms); the harness side is read as it is.
-                queue = [q for q in pf.queue() if q.get("queue_id") == queue_id]
+                queue = _queued(lab, queue_id)
                 if not queue:
                     break
                 if expected is Outcome.DEFERRED and _deferred_enough(
-                        target, collector, scenario, send):
+                        target, returns, scenario, send):
                     break
                 time.sleep(0.05)
-            queue = [q for q in pf.queue() if q.get("queue_id") == queue_id]
+            queue = _queued(lab, queue_id)
             if not queue:
-                pf.wait_queue_empty(window)  # the bounce, if any, on its way out
+                with contextlib.suppress(Exception):
+                    lab.wait_queue_empty(window)  # the bounce, if any, on its way out
             target.wait_idle()
             collector.wait_idle()
-            maillog = pf.maillog()
-            if queue:
-                pf.expire(queue_id)  # leave nothing behind; the verdict is taken
-                pf.wait_queue_empty(window)
-        verdict = _judge(scenario, send, target, collector, queue, token, speed)
+            maillog = lab.maillog()
+        finally:
+            lab.stop()
+        verdict = _judge(scenario, send, target, returns, queue, token, speed, lab_settings,
+                         mta)
         verdict.duration = time.monotonic() - started
         verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
     say(f"{scenario.name}: {'PASS' if verdict.passed else 'FAIL'}")
     return verdict
+
+
+def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
+               settings: dict[str, str]) -> Any:
+    lab: Any
+    if mta == "postfix":
+        lab = PostfixLab((target.host, target.port), settings=settings,
+                         transports={mail_from: (collector.host, collector.port)})
+    elif mta == "exim":
+        from harness.lab.exim import EximLab
+
+        lab = EximLab((target.host, target.port), settings=settings)
+    else:
+        raise ValueError(f"no lab for MTA {mta!r}: postfix or exim")
+    try:
+        return lab.start()
+    except BaseException:
+        lab.stop()  # nothing of a half-started instance is left behind
+        raise
+
+
+def _queued(lab: Any, queue_id: str) -> list[dict[str, Any]]:
+    """The message's queue entries, as {queue_id, recipients: [{address}]}."""
+    out = []
+    for q in lab.queue():
+        qid = q.get("queue_id", q.get("id"))
+        if qid != queue_id:
+            continue
+        rcpts = q.get("recipients", [])
+        out.append({**q, "queue_id": qid, "recipients": [
+            r if isinstance(r, dict) else {"address": r} for r in rcpts]})
+    return out
 
 
 def _deferred_enough(target: Harness, collector: Harness, scenario: Scenario,
@@ -203,11 +245,14 @@ def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
 
 
 def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
-           queue: list[dict[str, Any]], token: str, speed: float) -> Verdict:
+           queue: list[dict[str, Any]], token: str, speed: float,
+           lab_settings: dict[str, str], mta: str = "postfix") -> Verdict:
     expect = scenario.expect
     stored = target.messages()
     reports: list[tuple[Ndr, int]] = []
     for m in collector.messages():
+        if m.mail_from != "":
+            continue  # bounces come from the null sender
         ndr = parse_ndr(m.raw or b"")
         if ndr is not None:
             reports.append((ndr, m.id))
@@ -263,6 +308,14 @@ def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
             checks.append(Check("NDR diagnostic", f"contains {want_ndr.diagnostic!r}",
                                 seen([r.diagnostic_text for r in rows]), ok,
                                 "" if ok else "the diagnostic code does not carry it"))
+    if expect is not None and expect.interval is not None:
+        for t in timelines:
+            gaps = [a.interval for a in t.attempts if a.interval is not None]
+            bad = [g for g in gaps if not expect.interval.holds(g)]
+            checks.append(Check(f"intervals {t.rcpt}", str(expect.interval),
+                                ", ".join(_span(g) for g in gaps) or "no retry", not bad,
+                                "" if not bad else "outside the range: "
+                                + ", ".join(_span(g) for g in bad)))
     if expect is not None and expect.delay_notice is not None:
         ok = bool(delays) == expect.delay_notice
         checks.append(Check("delay notice", "yes" if expect.delay_notice else "no",
@@ -275,10 +328,31 @@ def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
     notes = []
     if not checks:
         notes.append("the scenario has no expect: nothing to judge")
-    return Verdict(scenario=scenario.name, summary=scenario.summary, mta="postfix",
+    if mta == "postfix":
+        notes += _retry_notes(timelines, speed, lab_settings)
+    return Verdict(scenario=scenario.name, summary=scenario.summary, mta=mta,
                    passed=bool(checks) and all(c.ok for c in checks), checks=checks,
                    timelines=timelines, ndrs=ndr_rows, queue=queue, duration=0.0,
                    speed=speed, notes=notes)
+
+
+def _retry_notes(timelines: list[RecipientTimeline], speed: float,
+                 settings: dict[str, str]) -> list[str]:
+    """Each retried recipient's attempts against Postfix's retry model for
+    the lab's settings (in lab seconds: scenario time / speed)."""
+    from harness.analysis.retry import compare, predict
+
+    keys = ("queue_run_delay", "minimal_backoff_time", "maximal_backoff_time",
+            "maximal_queue_lifetime", "bounce_queue_lifetime", "delay_warning_time")
+    model = predict("postfix", {k: settings[k] for k in keys if k in settings})
+    notes = []
+    for t in timelines:
+        if len(t.attempts) < 2:
+            continue
+        observed = [a.t / speed for a in t.attempts]
+        result = compare(model, observed, tolerance=1.5)
+        notes.append(f"{t.rcpt}: retry model (Postfix, lab settings): {result.verdict}")
+    return notes
 
 
 def _intervals(t: RecipientTimeline, speed: float) -> str:

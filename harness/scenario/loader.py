@@ -54,7 +54,7 @@ RULE_KEYS = ("name", "on", "when", "reply", "delay", "then", "fault", "drip",
 WHEN_KEYS = ("client", "helo", "mail_from", "rcpt", "header", "body", "size", "tls",
              "auth_user", "attempt", "first_seen", "connection", "message_index",
              "rcpt_index", "state", "chance", "spf", "dkim", "dmarc")
-EXPECT_KEYS = ("outcome", "min_attempts", "max_attempts", "ndr", "delay_notice")
+EXPECT_KEYS = ("outcome", "min_attempts", "max_attempts", "ndr", "delay_notice", "interval")
 NDR_KEYS = ("status", "action", "diagnostic")
 SEND_KEYS = ("mail_from", "rcpt", "subject", "size")
 DNS_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME")
@@ -688,6 +688,9 @@ def _expect(c: _Collector, node: Node) -> m.Expect:
         c.error(keys["max_attempts"], "max_attempts is below min_attempts")
     if "delay_notice" in keys:
         kw["delay_notice"] = c.boolean(keys["delay_notice"], "delay_notice")
+    if "interval" in keys:
+        kw["interval"] = c.parsed(keys["interval"], "interval",
+                                  lambda t: parse_compare(t, "duration"))
     if "ndr" in keys:
         nd = c.mapping(keys["ndr"], "expect ndr", NDR_KEYS)
         nkw: dict[str, str | None] = {}

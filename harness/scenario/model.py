@@ -405,6 +405,8 @@ class Expect:
     max_attempts: int | None = None
     ndr: ExpectedNdr | None = None
     delay_notice: bool | None = None
+    #: every interval between two attempts of a recipient lies in this range
+    interval: Compare | None = None
 
 @dataclass(frozen=True, kw_only=True)
 class Send:

@@ -1281,3 +1281,29 @@ def test_dmarc_reject_after_the_dot_and_results_are_stored() -> None:
                 auth["dmarc"]["policy"]) == ("fail", "none", "fail", "reject")
         assert m.analysis["authentication_results"].startswith("mx.harness.test; spf=fail")
         assert m.is_ndr is False
+
+
+def test_assert_ndr_reads_a_bounce_the_harness_captured() -> None:
+    from harness.assertions import assert_ndr
+    from harness.testing import HarnessAssertionError
+
+    ndr = (b"From: MAILER-DAEMON@mta.lab.test\r\nTo: <sender@lab.test>\r\n"
+           b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain\r\n\r\nI could not deliver it.\r\n"
+           b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+           b"Reporting-MTA: dns; mta.lab.test\r\n\r\nFinal-Recipient: rfc822; full@lab.test\r\n"
+           b"Action: failed\r\nStatus: 5.2.2\r\n"
+           b"Diagnostic-Code: smtp; 552 5.2.2 Mailbox full\r\n\r\n--b--\r\n")
+    with Harness() as h, closing(smtp(h)) as s:
+        s.sendmail("<>", ["sender@lab.test"], ndr)
+        s.quit()
+        h.wait_idle()
+        [m] = h.messages()
+    assert m.is_ndr is True
+    assert m.analysis is not None and m.analysis["ndr"]["recipients"][0]["status"] == "5.2.2"
+    assert_ndr(m, status="5.2.2", recipient="full@lab.test", action="failed",
+               diagnostic="552 5.2.2")
+    with pytest.raises(HarnessAssertionError, match=r"full@lab.test: action failed, "
+                                                   r"status 5.2.2"):
+        assert_ndr(m, status="5.1.1")

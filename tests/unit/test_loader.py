@@ -807,3 +807,11 @@ def test_loader_rcpt_index_only_at_rcpt() -> None:
     assert [mt.key for mt in rule.when] == ["rcpt_index"]
     (p,) = problems("rules: [{on: message, when: {rcpt_index: 2}, reply: 550 5.0.0 no}]")
     assert "rcpt_index is not known at on: message" in p.message
+
+
+def test_loader_expect_interval_is_a_duration_range() -> None:
+    s = load("expect: {outcome: delivered, min_attempts: 2, interval: '1m..15m'}\n")
+    assert s.expect is not None and s.expect.interval is not None
+    assert s.expect.interval.holds(300) and not s.expect.interval.holds(30)
+    (p,) = problems("expect: {interval: soon}\n")
+    assert p.message.startswith("interval:")
