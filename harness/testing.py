@@ -90,7 +90,8 @@ class Harness:
         self.store = Store(self.store_path)
         self.ctx = ListenerContext(engine=self.engine, store=self.store,
                                    implicit_tls=implicit_tls, proxy_protocol=proxy_protocol,
-                                   ca_dir=self.store_path.parent)
+                                   ca_dir=self.store_path.parent,
+                                   analysis_quiet=0.0)  # tests read analyses at once
         self._changed = threading.Condition()
         self._generation = 0
         self.ctx.on_change.append(self._notify)
@@ -314,8 +315,8 @@ class Harness:
         and every stored message has been analysed."""
         async def idle() -> None:
             while self.ctx.active or self.ctx.pending:
-                tasks: list[asyncio.Task[None]] = [p.task for p in self.ctx.active
-                                                   if p.task is not None]
+                tasks: list[asyncio.Future[None]] = [p.task for p in self.ctx.active
+                                                     if p.task is not None]
                 tasks += list(self.ctx.pending)  # analyses of stored messages
                 if not tasks:
                     break

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
-from harness.smtp.server import HarnessSMTP, ListenerContext
+from harness.smtp.server import HarnessSMTP, ListenerContext, warm_analysis_pool
 
 # aiosmtpd logs every connection at INFO on "mail.log"; the harness has its
 # own transcript, so keep aiosmtpd to warnings.
@@ -66,11 +66,14 @@ class Listener:
             if proto.transport is not None:
                 proto.transport.close()
         tasks = [p.task for p in protocols if p.task is not None]
-        tasks += list(self.ctx.pending)  # analyses of stored messages finish too
         for t in tasks:
             t.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        # analyses still queued run now rather than at the next quiet moment
+        self.ctx.analysis_quiet = 0.0
+        if self.ctx.pending:
+            await asyncio.wait(list(self.ctx.pending), timeout=10)
         await self.server.wait_closed()
 
 
@@ -78,6 +81,7 @@ async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: in
                          ) -> Listener:
     loop = asyncio.get_running_loop()
     ctx.prepare_tls()
+    await warm_analysis_pool()
     try:
         server = await loop.create_server(
             lambda: HarnessSMTP(ctx), host, port, reuse_address=True,

@@ -14,8 +14,12 @@ writer thread has committed the message (and everything queued before it)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
+import functools
 import logging
+import multiprocessing
 import re
 import secrets
 import socket
@@ -59,6 +63,98 @@ MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
 MAX_TRANSCRIPT_TEXT = 2000
 _READ_CHUNK = 65536
 PROXY_TIMEOUT = 10.0
+
+
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def analysis_pool() -> concurrent.futures.ProcessPoolExecutor:
+    """One worker process for message analysis, started on first use
+    (forkserver: never a fork of a process that runs threads)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+    return _POOL
+
+
+async def warm_analysis_pool() -> None:
+    """Start the analysis worker and load its libraries now, at start-up,
+    rather than in the middle of the first deliveries."""
+    from harness.analysis.summary import warm
+
+    await asyncio.get_running_loop().run_in_executor(analysis_pool(), warm)
+
+
+@dataclass
+class AnalysisJob:
+    mid: int
+    raw: bytes
+    client_ip: str
+    helo: str
+    mail_from: str
+    hostname: str
+    zone: dict[str, Any] | None
+    auth: Any  # results already computed for a rule, or None
+
+
+class Analyst:
+    """Analyses stored messages in the background, in a worker process and in
+    batches, when deliveries pause (no new message for `analysis_quiet`
+    seconds) or when a message has waited `analysis_max_lag`: the parsing is
+    CPU work, and during a burst the CPU belongs to the SMTP conversations."""
+
+    BATCH = 64
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.jobs: collections.deque[tuple[float, AnalysisJob, asyncio.Future[None],
+                                           HarnessSMTP]] = collections.deque()
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, job: AnalysisJob, session: HarnessSMTP) -> None:
+        loop = asyncio.get_running_loop()
+        self.ctx.last_activity = loop.time()
+        done: asyncio.Future[None] = loop.create_future()
+        self.ctx.pending.add(done)
+        done.add_done_callback(self.ctx.pending.discard)
+        self.jobs.append((loop.time(), job, done, session))
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        from harness.analysis.summary import analyze_batch
+
+        loop = asyncio.get_running_loop()
+        while self.jobs:
+            now = loop.time()
+            quiet = now - self.ctx.last_activity
+            waited = now - self.jobs[0][0]
+            if quiet < self.ctx.analysis_quiet and waited < self.ctx.analysis_max_lag:
+                # a timer, not a poll: the pause in deliveries it waits for
+                # has no event of its own
+                await asyncio.sleep(min(self.ctx.analysis_quiet - quiet,
+                                        self.ctx.analysis_max_lag - waited))
+                continue
+            batch = [self.jobs.popleft() for _ in range(min(self.BATCH, len(self.jobs)))]
+            work = [(j.raw, j.client_ip, j.helo, j.mail_from, j.zone, j.hostname)
+                    for _, j, _, _ in batch]
+            try:
+                results = await loop.run_in_executor(analysis_pool(),
+                                                     functools.partial(analyze_batch, work))
+            except Exception as e:  # an analysis bug must not touch the sessions
+                self.ctx.errors.append(e)
+                results = [None] * len(batch)
+            for (_, job, done, session), analysis in zip(batch, results, strict=True):
+                if analysis is not None:
+                    if job.auth is not None:  # checked before a rule's decision: keep it
+                        analysis["auth"] = job.auth.as_dict()
+                        analysis["authentication_results"] = job.auth.authentication_results
+                    self.ctx.store.message_analysis(job.mid, analysis,
+                                                    analysis.get("ndr") is not None)
+                if not done.done():
+                    done.set_result(None)
+                session._changed()
 
 
 class _Hangup(Exception):
@@ -111,8 +207,15 @@ class ListenerContext:
     #: where SPF/DKIM/DMARC look things up: the scenario's dns: zone, or
     #: "system" (the machine's resolver, only when a user asks for it)
     dns: str = "scenario"
-    #: analyses of stored messages still running (in threads)
-    pending: set[asyncio.Task[None]] = field(default_factory=set)
+    #: analyses of stored messages still to finish
+    pending: set[asyncio.Future[None]] = field(default_factory=set)
+    #: analysis waits for this long without a new message (0: at once)...
+    analysis_quiet: float = 0.25
+    #: ...but a message waits no longer than this for its analysis
+    analysis_max_lag: float = 30.0
+    #: when the last connection or message arrived (loop time)
+    last_activity: float = 0.0
+    _analyst: Analyst | None = None
     _tls: tuple[object, ssl.SSLContext] | None = None
     _resolver: tuple[object, Any] | None = None
 
@@ -124,6 +227,11 @@ class ListenerContext:
         """The TLS context for the current scenario, made once per scenario
         (call `prepare_tls` before serving and after switching scenarios)."""
         return self._tls[1] if self._tls is not None else None
+
+    def analyst(self) -> Analyst:
+        if self._analyst is None:
+            self._analyst = Analyst(self)
+        return self._analyst
 
     def resolver(self) -> Any:
         """The DNS the authentication checks use, made once per scenario."""
@@ -273,6 +381,7 @@ class HarnessSMTP(SMTP):
         assert self.session is not None and self.transport is not None
         peer: tuple[str, int] = self.session.peer or ("0.0.0.0", 0)  # type: ignore[assignment]
         self.ctx.active.add(self)
+        self.ctx.last_activity = self.loop.time()
         proxied = ""
         if self.ctx.proxy_protocol:
             got = await self._read_proxy_header()
@@ -1218,31 +1327,14 @@ class HarnessSMTP(SMTP):
                              resolver=self.ctx.resolver(), hostname=self.hostname)
 
     def _analyze_later(self, mid: int, content: bytes, mail_from: str, auth: Any) -> None:
-        """Parse the stored message as an NDR and check its authentication,
-        in a thread, after the reply: the store gets the results when done."""
-        async def run() -> None:
-            try:
-                analysis = await asyncio.to_thread(self._analysis, content, mail_from, auth)
-            except Exception as e:  # an analysis bug must not touch the session
-                self.ctx.errors.append(e)
-                return
-            self.ctx.store.message_analysis(mid, analysis, analysis.get("ndr") is not None)
-            self._changed()
-
-        task = asyncio.get_running_loop().create_task(run())
-        self.ctx.pending.add(task)
-        task.add_done_callback(self.ctx.pending.discard)
-
-    def _analysis(self, content: bytes, mail_from: str, auth: Any) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        from harness.analysis.dsn import parse_ndr
-
-        ndr = parse_ndr(content)
-        if auth is None:
-            auth = self._check_authentication(content, mail_from)
-        return {"ndr": asdict(ndr) if ndr is not None else None, "auth": auth.as_dict(),
-                "authentication_results": auth.authentication_results}
+        """Queue the stored message for analysis (NDR parse, SPF/DKIM/DMARC):
+        background work the listener's analyst does in quiet moments."""
+        assert self._conn is not None
+        self.ctx.analyst().add(AnalysisJob(
+            mid=mid, raw=content, client_ip=str(self._conn.client),
+            helo=self._helo_seen or "", mail_from=mail_from, hostname=self.hostname,
+            zone=dict(self._scenario.dns) if self.ctx.dns == "scenario" else None,
+            auth=auth), self)
 
     def _line_too_long(self, content: bytes) -> bool:
         limit = self._scenario.server.max_line_length
