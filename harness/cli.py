@@ -320,6 +320,18 @@ def _show(args: argparse.Namespace) -> int:
             out.print(f"  to:   {escape(', '.join(msg.rcpt_tos))}")
             head = (msg.raw or b"").split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
             out.print(escape(head))
+            analysis = msg.analysis or {}
+            if analysis.get("authentication_results"):
+                out.print(f"[dim]Authentication-Results:[/] "
+                          f"{escape(analysis['authentication_results'])}")
+            ndr = analysis.get("ndr")
+            if ndr:
+                out.print(f"[bold]{'delay notice' if ndr.get('is_delay') else 'NDR'}[/] "
+                          f"({escape(str(ndr.get('format')))}): "
+                          + "; ".join(escape(f"{r.get('final_recipient')} {r.get('action')} "
+                                             f"{r.get('status')} {r.get('diagnostic_text') or ''}")
+                                      for r in ndr.get("recipients", []))
+                          + "  [dim](harness explain for what it means)[/]")
             return 0
         if not ident.lstrip("s").isdigit():
             raise HarnessError(f"bad id {args.id!r}: give a session number or m<number>")
@@ -455,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--speed", type=float, default=60.0,
                     help="the scenario clock runs this many times faster than the lab's "
                          "(default 60: a 1 s Postfix backoff is a minute)")
-    sp.add_argument("--window", type=float, default=10.0,
+    sp.add_argument("--window", type=float, default=20.0,
                     help="longest wait per scenario for the outcome, in real seconds")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting for the lab MTA (Postfix main.cf, Exim main options)")

@@ -105,7 +105,7 @@ def run_postfix(scenario: Scenario, **kw: Any) -> Verdict:
 
 
 def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
-            window: float = 10.0, settings: dict[str, str] | None = None,
+            window: float = 20.0, settings: dict[str, str] | None = None,
             seed: int | None = 1, progress: Callable[[str], None] | None = None) -> Verdict:
     """Send the scenario's test message through a private MTA (postfix or
     exim) relaying to a harness with the scenario, and judge what it did."""
