@@ -602,16 +602,21 @@ class HarnessSMTP(SMTP):
             self.ctx.engine.errors.clear()
         return d
 
-    async def _decide(self, event: ev.Event) -> Decision:
-        assert self._conn is not None
-        d = self._engine_decide(event)
-        self._rule = d.rule
+    async def _delay_and_fault(self, d: Decision) -> None:
+        """Play a decision's delay, then its connection fault (which ends the
+        session): what comes before the reply."""
         if d.delay > 0:
             self._record("I", f"delay {d.delay:.3f}s", d.rule)
             await self._send()
             await asyncio.sleep(d.delay)
         if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
             await self._fault(d.fault, d.rule)
+
+    async def _decide(self, event: ev.Event) -> Decision:
+        assert self._conn is not None
+        d = self._engine_decide(event)
+        self._rule = d.rule
+        await self._delay_and_fault(d)
         return d
 
     def _note_pipelining(self) -> None:
@@ -1030,12 +1035,7 @@ class HarnessSMTP(SMTP):
             # A verdict on this pair now: record it before acting (a fault
             # never returns), then play it.
             self._attempt_from(d, mail_from, address, t)
-        if d.delay > 0:
-            self._record("I", f"delay {d.delay:.3f}s", d.rule)
-            await self._send()
-            await asyncio.sleep(d.delay)
-        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
-            await self._fault(d.fault, d.rule)
+        await self._delay_and_fault(d)
         if d.accepts:
             self._accepted_pairs.append(address)
             self._rcpt_options.append(" ".join(options))
@@ -1097,14 +1097,14 @@ class HarnessSMTP(SMTP):
         if not d.accepts:
             self._attempts_for_all(d)
             self._reset_transaction_engine()
-        if d.delay > 0:
-            self._record("I", f"delay {d.delay:.3f}s", d.rule)
-            await self._send()
-            await asyncio.sleep(d.delay)
-        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
-            if d.after_bytes is not None:
-                await self._part_of_body(d.after_bytes)
+        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG) and d.after_bytes is not None:
+            if d.delay > 0:
+                self._record("I", f"delay {d.delay:.3f}s", d.rule)
+                await self._send()
+                await asyncio.sleep(d.delay)
+            await self._part_of_body(d.after_bytes)  # 354, part of the body, then the fault
             await self._fault(d.fault, d.rule)
+        await self._delay_and_fault(d)
         await self._answer(d, "354 End data with <CR><LF>.<CR><LF>")
         if not d.accepts:
             return
@@ -1158,12 +1158,7 @@ class HarnessSMTP(SMTP):
         if not d.accepts:
             self._attempts_for_all(d)
             self._chunk_failed = True
-        if d.delay > 0:
-            self._record("I", f"delay {d.delay:.3f}s", d.rule)
-            await self._send()
-            await asyncio.sleep(d.delay)
-        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
-            await self._fault(d.fault, d.rule)
+        await self._delay_and_fault(d)
         if not d.accepts or not last:
             await self._answer(d, f"250 2.0.0 {size} octets received")
             return
@@ -1297,12 +1292,7 @@ class HarnessSMTP(SMTP):
                 cb(mid)
         self._changed()
         self._analyze_later(mid, content, mail_from, auth)
-        if d.delay > 0:
-            self._record("I", f"delay {d.delay:.3f}s", d.rule)
-            await self._send()
-            await asyncio.sleep(d.delay)
-        if d.fault in (Fault.DROP, Fault.RESET, Fault.HANG):
-            await self._fault(d.fault, d.rule)
+        await self._delay_and_fault(d)
         await self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
 
     async def _check_spf(self, mail_from: str) -> str:
