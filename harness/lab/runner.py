@@ -365,7 +365,7 @@ def _intervals(t: RecipientTimeline, speed: float) -> str:
 
 def _span(seconds: float) -> str:
     if seconds < 90:
-        return f"{seconds:.0f}s"
+        return f"{seconds:.1f}s".replace(".0s", "s")
     if seconds < 5400:
         return f"{seconds / 60:.1f}m"
     return f"{seconds / 3600:.1f}h"
