@@ -1,6 +1,6 @@
 """One call that analyses a stored message: the NDR parse and the SPF, DKIM
-and DMARC results, as plain data (JSON-ready, picklable), so it can run in
-a worker process off the server's event loop and out of its GIL."""
+and DMARC results, as plain data (JSON-ready), for the server's background
+analyst (a thread, in quiet moments)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,3 @@ def analyze_batch(work: list[tuple[bytes, str, str, str, Any, str]]
             out.append(None)
     return out
 
-
-def warm() -> None:
-    """Import what analyze_message needs (run once in a fresh worker)."""
-    analyze_message(b"From: a@b.test\r\n\r\n", client_ip="127.0.0.1", helo="warm.test",
-                    mail_from="a@b.test", zone={}, hostname="warm.test")

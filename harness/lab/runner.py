@@ -223,6 +223,10 @@ def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
         reason = s.end_reason or ""
         if reason.startswith(("drop", "reset", "hang", "tls_fail", "TLS")):
             code = None  # the connection broke: the last reply is not the verdict
+        elif code is not None and code < 400:
+            # everything went well and the client left without naming a
+            # recipient (a cached connection closed, a probe): no attempt
+            continue
         outcome = ("deferred" if code is not None and 400 <= code < 500 else
                    "rejected" if code is not None and code >= 500 else
                    reason.split(" ")[0] or "lost")

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
-from harness.smtp.server import HarnessSMTP, ListenerContext, warm_analysis_pool
+from harness.smtp.server import HarnessSMTP, ListenerContext
 
 # aiosmtpd logs every connection at INFO on "mail.log"; the harness has its
 # own transcript, so keep aiosmtpd to warnings.
@@ -81,7 +81,6 @@ async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: in
                          ) -> Listener:
     loop = asyncio.get_running_loop()
     ctx.prepare_tls()
-    await warm_analysis_pool()
     try:
         server = await loop.create_server(
             lambda: HarnessSMTP(ctx), host, port, reuse_address=True,

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
-import functools
 import logging
-import multiprocessing
 import re
 import secrets
 import socket
@@ -65,27 +62,6 @@ _READ_CHUNK = 65536
 PROXY_TIMEOUT = 10.0
 
 
-_POOL: concurrent.futures.ProcessPoolExecutor | None = None
-
-
-def analysis_pool() -> concurrent.futures.ProcessPoolExecutor:
-    """One worker process for message analysis, started on first use
-    (forkserver: never a fork of a process that runs threads)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
-    return _POOL
-
-
-async def warm_analysis_pool() -> None:
-    """Start the analysis worker and load its libraries now, at start-up,
-    rather than in the middle of the first deliveries."""
-    from harness.analysis.summary import warm
-
-    await asyncio.get_running_loop().run_in_executor(analysis_pool(), warm)
-
-
 @dataclass
 class AnalysisJob:
     mid: int
@@ -99,10 +75,11 @@ class AnalysisJob:
 
 
 class Analyst:
-    """Analyses stored messages in the background, in a worker process and in
+    """Analyses stored messages in the background, in a thread and in
     batches, when deliveries pause (no new message for `analysis_quiet`
     seconds) or when a message has waited `analysis_max_lag`: the parsing is
-    CPU work, and during a burst the CPU belongs to the SMTP conversations."""
+    CPU work that shares the interpreter with the event loop, and during a
+    burst the CPU belongs to the SMTP conversations."""
 
     BATCH = 64
 
@@ -140,8 +117,7 @@ class Analyst:
             work = [(j.raw, j.client_ip, j.helo, j.mail_from, j.zone, j.hostname)
                     for _, j, _, _ in batch]
             try:
-                results = await loop.run_in_executor(analysis_pool(),
-                                                     functools.partial(analyze_batch, work))
+                results = await asyncio.to_thread(analyze_batch, work)
             except Exception as e:  # an analysis bug must not touch the sessions
                 self.ctx.errors.append(e)
                 results = [None] * len(batch)
