@@ -202,6 +202,13 @@ class Harness:
         self.scenario = _scenario(scenario)
         self.engine.use(self.scenario)
         self.ctx.prepare_tls()
+        self._scenario_changed()
+
+    def _scenario_changed(self) -> None:
+        """Tell the listener's watchers (the web page) on the server's loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            for cb in self.ctx.on_scenario:
+                self._loop.call_soon_threadsafe(cb)
 
     def add_rule(self, *, on: str, name: str | None = None, **spec: Any) -> str:
         """Add a rule in code, checked exactly as one in a file; it goes before
@@ -214,6 +221,7 @@ class Harness:
             raise HarnessError(f"a rule named {rule.name!r} exists already")
         self.scenario = replace(self.scenario, rules=(rule, *self.scenario.rules))
         self.engine.use(self.scenario)
+        self._scenario_changed()
         return rule.name
 
     def reset(self, *, scenario: str | Path | Scenario | None = None) -> None:

@@ -90,6 +90,8 @@ class EventHub:
             {"type": "message", "listener": index, "message": mid}))
         ctx.on_session_end.append(lambda sid: self.publish(
             {"type": "session_end", "listener": index, "session": sid}))
+        ctx.on_scenario.append(lambda: self.publish(
+            {"type": "scenario", "listener": index, "scenario": ctx.scenario.name}))
 
     def close(self) -> None:
         for q in list(self.clients):

@@ -174,6 +174,8 @@ class ListenerContext:
     journal: list[JournalEntry] = field(default_factory=list)
     #: called (on the loop) whenever something was recorded: waiters wake up
     on_change: list[Callable[[], None]] = field(default_factory=list)
+    #: called (on the loop) when the scenario was switched or changed in code
+    on_scenario: list[Callable[[], None]] = field(default_factory=list)
     #: the port-465 style: TLS from the first byte
     implicit_tls: bool = False
     #: a PROXY protocol v1/v2 header precedes SMTP (behind a load balancer)

@@ -184,3 +184,28 @@ def test_api_beyond_loopback_needs_the_token() -> None:
             assert call(h, "/livez", base=base)[0] == 200  # health stays open
         finally:
             asyncio.run_coroutine_threadsafe(api.stop(), h._loop).result(5)
+
+
+def test_api_event_stream_tells_of_a_scenario_switched_in_python(h: Harness) -> None:
+    got: list[dict[str, Any]] = []
+    ready = threading.Event()
+    done = threading.Event()
+
+    def listen() -> None:
+        assert h.http_url is not None
+        with urllib.request.urlopen(h.http_url + "/api/v1/events", timeout=5) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if line == ": connected":
+                    ready.set()
+                if line.startswith("data: "):
+                    got.append(json.loads(line[6:]))
+                    if got[-1]["type"] == "scenario":
+                        done.set()
+                        return
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert ready.wait(5)
+    h.use("mailbox-full")
+    assert done.wait(5)
+    assert got[-1] == {"type": "scenario", "listener": 0, "scenario": "mailbox-full"}
