@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -28,8 +29,16 @@ from harness.scenario.library import library_dir, library_names, load, resolve
 from harness.scenario.loader import load_file
 from harness.store.db import DEFAULT_PATH, Reader, SessionRecord, Store
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+def _width(stream: object) -> int | None:
+    """A terminal's own width; piped output gets COLUMNS or 160, not rich's 80,
+    so tables stay readable in less, grep and CI logs."""
+    if getattr(stream, "isatty", lambda: False)():
+        return None
+    return int(os.environ.get("COLUMNS", "160") or 160)
+
+
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
 
 
 def _when(t: float | None) -> str:
