@@ -29,6 +29,7 @@ from harness.scenario.library import library_dir, library_names, load, resolve
 from harness.scenario.loader import load_file
 from harness.store.db import DEFAULT_PATH, Reader, SessionRecord, Store
 
+
 def _width(stream: object) -> int | None:
     """A terminal's own width; piped output gets COLUMNS or 160, not rich's 80,
     so tables stay readable in less, grep and CI logs."""
@@ -126,7 +127,11 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
         args.store = (path.parent / str(data["store"])) if not Path(
             str(data["store"])).is_absolute() else Path(str(data["store"]))
     if "seed" in data:
-        args.seed = int(data["seed"])
+        if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
+            raise HarnessError(f"{path}: seed must be a whole number, not {data['seed']!r}")
+        args.seed = data["seed"]
+    if not data["listeners"]:
+        raise HarnessError(f"{path}: the listeners list is empty")
     specs = []
     for i, item in enumerate(data["listeners"], 1):
         if not isinstance(item, dict) or "listen" not in item:
@@ -152,6 +157,9 @@ async def _serve(args: argparse.Namespace) -> int:
     from harness.smtp.server import ListenerContext
 
     if args.config is not None:
+        if args.listen or args.listen_tls:
+            raise HarnessError("--config names the listeners: drop --listen/--listen-tls, "
+                               "or put them in the config")
         specs = _config(args.config, args)
     else:
         specs = [_listener_arg(x, implicit_tls=False, proxy=args.proxy_protocol)
@@ -238,6 +246,10 @@ def _check(args: argparse.Namespace) -> int:
             failed += 1
             for p in e.problems:
                 out.print(escape(str(p)))
+            continue
+        except HarnessError as e:  # not found: say so and go on with the rest
+            failed += 1
+            out.print(f"{escape(name)}: {escape(str(e))}")
             continue
         out.print(f"ok: {escape(s.path)} (scenario {escape(s.name)}, {len(s.rules)} rules)")
     return 1 if failed else 0
@@ -344,6 +356,8 @@ def _show(args: argparse.Namespace) -> int:
             return 0
         if not ident.lstrip("s").isdigit():
             raise HarnessError(f"bad id {args.id!r}: give a session number or m<number>")
+        if args.raw:
+            raise HarnessError("--raw shows a message's bytes: give m<number>")
         s = r.session(int(ident.lstrip("s")))
         if s is None:
             raise HarnessError(f"no session {ident.lstrip('s')} in {args.store}")
@@ -399,6 +413,14 @@ def _lab(args: argparse.Namespace) -> int:
         reason = EximLab.unavailable()
     if reason:
         raise HarnessError(f"the {args.mta} lab cannot run here: {reason}")
+    if args.speed <= 0:
+        raise HarnessError("--speed must be above 0")
+    bad = [x for x in args.set if "=" not in x]
+    if bad:
+        raise HarnessError(f"--set takes KEY=VALUE, not {bad[0]!r}")
+    for target in (args.junit, args.html):
+        if target is not None and not target.parent.is_dir():
+            raise HarnessError(f"cannot write {target}: no folder {target.parent}")
     names = args.scenarios or [n for n in library_names()
                                if load_file(library_dir() / f"{n}.yaml").expect is not None]
     scenarios = [load(n) for n in names]  # a bad file stops the run before anything starts

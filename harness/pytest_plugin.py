@@ -77,6 +77,7 @@ def smtp_harness(_smtp_harness_server: Harness, request: pytest.FixtureRequest
     h.reset(scenario=_scenario_of(request) or "accept")
     request.node.stash.setdefault(_REPORTS, []).append(h)
     yield h
+    h.disconnect_all()  # a connection the test left open (a client's pool) ends here
     h.wait_idle()
     h.check()  # re-raise what went wrong inside the server during this test
 

@@ -136,6 +136,16 @@ class Harness:
             started.result(timeout=10)
         except BaseException:
             self.store.close()
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                assert self._thread is not None
+                self._thread.join(5)
+                if not self._loop.is_running():
+                    self._loop.close()
+                self._loop = None
+            if self._tmp is not None and not self.keep_store:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
             raise
         assert self._listener is not None
         self.host, self.port = self._listener.address
@@ -229,13 +239,14 @@ class Harness:
         rules, counters, state and journal forgotten, captures deleted."""
         if scenario is not None:
             self._base = _scenario(scenario)
+        self.disconnect_all()  # nothing sent before the reset lands after it
         self.use(self._base)
         self._offset = 0.0
         self.engine.reset()
         self.ctx.journal.clear()
-        self.ctx.errors.clear()
         self.store.clear()
         self.store.sync_barrier()
+        self.store.error = None
 
     @property
     def errors(self) -> list[BaseException]:
@@ -318,6 +329,26 @@ class Harness:
                 f"waited {timeout:g}s for {what}; {len(got)} arrived.\n" + self.report())
         return found
 
+    def disconnect_all(self, timeout: float = 10) -> int:
+        """Close every open SMTP connection (e.g. a client's pooled one left
+        over from a test) and wait for their sessions to end; returns how many."""
+        async def close() -> int:
+            open_ = list(self.ctx.active)
+            for proto in open_:
+                transport = proto.transport
+                if isinstance(transport, asyncio.Transport):
+                    transport.abort()
+                elif transport is not None:
+                    transport.close()
+            tasks = [p.task for p in open_ if p.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+            return len(open_)
+        if self._loop is None:
+            return 0
+        count: int = self._call(close(), timeout + 1)
+        return count
+
     def wait_idle(self, timeout: float = 10) -> None:
         """Wait until no connection is being served (sessions recorded as ended)
         and every stored message has been analysed."""
@@ -329,7 +360,13 @@ class Harness:
                 if not tasks:
                     break
                 await asyncio.wait(tasks)
-        self._call(asyncio.wait_for(idle(), timeout), timeout + 1)
+        try:
+            self._call(asyncio.wait_for(idle(), timeout), timeout + 1)
+        except TimeoutError:
+            open_ = ", ".join(f"session {p._sid} from {p._peer} (last: {p._last_command!r})"
+                              for p in list(self.ctx.active)) or "none"
+            raise HarnessAssertionError(
+                f"waited {timeout:g}s for the harness to be idle; still open: {open_}") from None
 
     # -- verification -----------------------------------------------------
 

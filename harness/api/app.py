@@ -104,28 +104,48 @@ HUB_KEY = web.AppKey("hub", EventHub)
 # ---------------------------------------------------------------- middleware
 
 
+def _host_part(host: str) -> str:
+    """The name or address of a Host header value, without the port."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _loopback_name(host: str) -> bool:
+    name = _host_part(host).lower()
+    return name == "localhost" or is_loopback(name)
+
+
 @web.middleware
 async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
     token: str = request.app[TOKEN_KEY]
     if token:
-        given = request.headers.get("Authorization", "")
-        query = request.query.get("token", "")
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        query = request.query.get("token", "").encode("utf-8", "surrogateescape")
         # EventSource, frames and links cannot send a header: those GETs may
         # carry the token in the query instead
         by_query = request.method == "GET" and (
             request.path == "/api/v1/events" or request.path.endswith(("/raw", "/html")))
-        ok = hmac.compare_digest(given, f"Bearer {token}") or (
-            by_query and hmac.compare_digest(query, token))
+        ok = hmac.compare_digest(given, f"Bearer {token}".encode()) or (
+            by_query and hmac.compare_digest(query, token.encode()))
         # health checks and the page itself (no data in it) stay open
         if not ok and request.path not in ("/livez", "/readyz", "/", "/app.js", "/app.css"):
             return problem(401, "a bearer token is required",
                            detail="send Authorization: Bearer TOKEN (printed at start)")
+    elif not _loopback_name(request.host):
+        # Without a token the API trusts loopback only, and a browser's Host
+        # says which name it used: a foreign name pointed at 127.0.0.1 (DNS
+        # rebinding) must not reach captured mail or change scenarios.
+        return problem(421, "this API answers to loopback names only",
+                       detail="use http://127.0.0.1:PORT/, or bind elsewhere with a token")
     if request.method in ("POST", "PUT", "DELETE", "PATCH"):
         origin = request.headers.get("Origin")
-        if origin is not None and origin not in (f"http://{request.host}",
-                                                 f"https://{request.host}"):
+        if origin is not None and (
+            origin not in (f"http://{request.host}", f"https://{request.host}")
+            or (not token and not _loopback_name(origin.split("://", 1)[-1]))
+        ):
             return problem(403, "cross-origin change refused")
-        if request.content_length and request.content_type != "application/json":
+        if request.body_exists and request.content_type != "application/json":
             return problem(415, "changes are JSON", detail="send Content-Type: application/json")
     try:
         response = await handler(request)
@@ -145,9 +165,16 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
 # ------------------------------------------------------------------- helpers
 
 
-async def read(request: web.Request, fn: Callable[[Reader], Any]) -> Any:
+async def read(request: web.Request, fn: Callable[[Reader], Any], *,
+               analysed: bool = False) -> Any:
+    """Run a store query in a thread, after the writer has committed what is
+    queued; with `analysed`, first give running analyses up to a second."""
     path = request.app[STORE_KEY]
-    listeners = request.app[CTX_KEY]
+    listeners: list[ListenerContext] = request.app[CTX_KEY]
+    if analysed:
+        pending = [f for c in listeners for f in c.pending]
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
     if listeners:  # read what the writer has queued so far, committed
         await listeners[0].store.barrier()
 
@@ -162,7 +189,7 @@ def int_param(request: web.Request, name: str, default: int | None = None) -> in
     raw = request.match_info.get(name, request.query.get(name))
     if raw is None:
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise web.HTTPBadRequest(text=json.dumps({"status": 400, "title": f"{name} is a number"}),
                                  content_type="application/problem+json")
     return int(raw)
@@ -276,10 +303,12 @@ async def add_rule(request: web.Request) -> web.Response:
 
     index, ctx = listener(request)
     data = await body_json(request)
+    where = data.pop("position", "first")
+    if where not in ("first", "last"):
+        return problem(400, "position is first or last")
     rule = build_rule(data, index=len(ctx.scenario.rules), source="<api>")
     if any(r.name == rule.name for r in ctx.scenario.rules):
         return problem(409, f"a rule named {rule.name!r} exists")
-    where = data.get("position", "first")
     rules = (rule, *ctx.scenario.rules) if where == "first" else (*ctx.scenario.rules, rule)
     ctx.engine.use(replace(ctx.scenario, rules=rules))
     request.app[HUB_KEY].publish({"type": "scenario", "listener": index,
@@ -297,6 +326,8 @@ async def remove_rule(request: web.Request) -> web.Response:
     if len(rules) == len(ctx.scenario.rules):
         return problem(404, f"no rule named {name!r}")
     ctx.engine.use(replace(ctx.scenario, rules=rules))
+    for cb in ctx.on_scenario:
+        cb()
     return web.json_response({"removed": name})
 
 
@@ -439,14 +470,29 @@ async def timelines(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/ndrs")
 async def ndrs(request: web.Request) -> web.Response:
+    """The captured bounces and delay notices (flagged by the analysis that
+    runs on every stored message), newest last, with their explanation."""
     limit = int_param(request, "limit", 100)
-    found = await read(request, lambda r: r.messages(limit=limit, raw=True))
+    found = await read(request, lambda r: r.messages(limit=limit, ndr=True), analysed=True)
     out = []
     for m in found:
-        a = await asyncio.to_thread(analysis_of, m.raw or b"")
-        if a.get("ndr"):
-            out.append({"message": m.as_dict(), **a})
+        ndr = (m.analysis or {}).get("ndr")
+        out.append({"message": {k: v for k, v in m.as_dict().items() if k != "analysis"},
+                    "ndr": ndr, "explained": _explain_recipients(ndr)})
     return web.json_response(out)
+
+
+def _explain_recipients(ndr: dict[str, Any] | None) -> list[dict[str, Any]]:
+    from harness.analysis.codes import explain_reply, lookup
+
+    out = []
+    for r in (ndr or {}).get("recipients", []):
+        info = lookup(r["status"]) if r.get("status") else None
+        reply = explain_reply(r["diagnostic_text"]) if r.get("diagnostic_text") else None
+        out.append({"recipient": r.get("final_recipient"),
+                    "status": asdict(info) if info else None,
+                    "reply": asdict(reply) if reply else None})
+    return out
 
 
 def analysis_of(raw: bytes) -> dict[str, Any]:

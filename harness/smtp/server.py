@@ -362,7 +362,11 @@ class HarnessSMTP(SMTP):
         self.ctx.last_activity = self.loop.time()
         proxied = ""
         if self.ctx.proxy_protocol:
-            got = await self._read_proxy_header()
+            try:
+                got = await self._read_proxy_header()
+            except BaseException:
+                self.ctx.active.discard(self)
+                raise
             if got is None:
                 self.ctx.active.discard(self)
                 return
@@ -500,12 +504,7 @@ class HarnessSMTP(SMTP):
             line: bytes = await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as e:
             await self._reader.read(e.consumed)
-            while True:  # discard the rest of the line
-                try:
-                    await self._reader.readuntil(b"\n")
-                    break
-                except asyncio.LimitOverrunError as e2:
-                    await self._reader.read(e2.consumed)
+            await self._discard_line()
             self._phase = None
             self._record("C", "<command line too long>")
             await self.push("500 5.5.2 Line too long")
@@ -513,6 +512,17 @@ class HarnessSMTP(SMTP):
         except asyncio.IncompleteReadError:
             raise _Hangup() from None
         return line.rstrip(b"\r\n")
+
+    async def _discard_line(self) -> None:
+        """Read and drop the rest of an over-long line."""
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self._reader.read(e.consumed)
+            except asyncio.IncompleteReadError:
+                raise _Hangup() from None
 
     async def _dispatch(self, line: bytes) -> bool:
         """Run one command; False when it was not a valid command."""
@@ -620,6 +630,9 @@ class HarnessSMTP(SMTP):
 
     async def _drip(self, lines: list[str], interval: float) -> None:
         await self._send()
+        await self._drip_lines(lines, interval)
+
+    async def _drip_lines(self, lines: list[str], interval: float) -> None:
         for line in lines:
             self._record("S", line, self._rule)
             self._record("I", f"tarpit: one byte every {interval:g}s", self._rule)
@@ -629,6 +642,7 @@ class HarnessSMTP(SMTP):
                 if not isinstance(transport, asyncio.Transport) or transport.is_closing():
                     raise _Hangup()
                 transport.write(bytes([byte]))
+                self._reset_timeout()  # writing is not idling: no 421 mid-reply
                 await asyncio.sleep(interval)
 
     async def _fault(self, fault: Fault, rule: str | None) -> None:
@@ -679,7 +693,10 @@ class HarnessSMTP(SMTP):
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             return "<>", stripped[2:]
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        try:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+        except Exception:  # the email parser fails in more ways than it declares
+            return None, None
         return result
 
     async def cmd_HELO(self, arg: str | None) -> None:
@@ -795,6 +812,12 @@ class HarnessSMTP(SMTP):
             return
         await self._answer(d, "220 2.0.0 Ready to start TLS")
         await self._send()
+        # RFC 3207 4.2 (and CVE-2011-0411): nothing the client sent in plain
+        # text after STARTTLS may count as sent over TLS.
+        leftover = len(self._reader._buffer)  # type: ignore[attr-defined]
+        if leftover:
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            self._record("I", f"discarded {leftover} bytes sent in plain text after STARTTLS")
         old = self.transport
         try:
             await self._writer.start_tls(self.tls_context, ssl_handshake_timeout=30)
@@ -812,6 +835,8 @@ class HarnessSMTP(SMTP):
         self.session.host_name = None
         self._conn.tls = True
         self._conn.helo = None
+        self._conn.auth_user = None  # a login in plain text does not carry over
+        self._ehlo = False
         self._conn.reset_transaction()
         self._reset_transaction()
         self._used["starttls"] = True
@@ -903,7 +928,9 @@ class HarnessSMTP(SMTP):
     async def _read_line_raw(self) -> str:
         try:
             data: bytes = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
+        except asyncio.LimitOverrunError as e:
+            await self._reader.read(e.consumed)
+            await self._discard_line()
             raise px.ParamError("500 5.5.6 Authentication exchange line is too long") from None
         except asyncio.IncompleteReadError:
             raise _Hangup() from None
@@ -1092,6 +1119,21 @@ class HarnessSMTP(SMTP):
         self._record("C", f"<message: {size} bytes>")
         await self._message(mail_from, content, too_big, size)
 
+    async def _read_chunk(self, size: int, keep: bool) -> bytes:
+        """A BDAT chunk of `size` octets, read in bounded pieces; dropped as
+        it arrives when it is not to be kept."""
+        parts: list[bytes] = []
+        left = size
+        while left:
+            piece = await self._reader.read(min(left, _READ_CHUNK))
+            if not piece:
+                raise _Hangup()
+            self._reset_timeout()
+            left -= len(piece)
+            if keep:
+                parts.append(piece)
+        return b"".join(parts)
+
     async def cmd_BDAT(self, arg: str | None) -> None:
         """RFC 3030 CHUNKING: BDAT <size> [LAST]; the chunk is read whatever
         the verdict (the client has already sent it)."""
@@ -1110,20 +1152,34 @@ class HarnessSMTP(SMTP):
         size = int(words[0])
         last = len(words) == 2
         await self._send()
-        try:
-            chunk = await self._reader.readexactly(size) if size else b""
-        except asyncio.IncompleteReadError:
-            raise _Hangup() from None
+        limit = self.data_size_limit
+        # The client declares the size: never hold more than the limit.
+        keep = (self._conn.mail_from is not None and bool(self._accepted_pairs)
+                and not self._chunk_failed
+                and not (limit and self._chunks_size + size > limit))
+        chunk = await self._read_chunk(size, keep)
         self._record("C", f"<chunk: {size} bytes{', last' if last else ''}>")
         self._used["bdat"] = self._used.get("bdat", 0) + 1
         if self._conn.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
+        if self._chunk_failed:
+            await self.push("503 5.5.1 Earlier chunk was refused; send RSET")
+            return
         if not self._accepted_pairs:
             await self.push("554 5.5.1 Error: no valid recipients")
             return
-        if self._chunk_failed:
-            await self.push("503 5.5.1 Earlier chunk was refused; send RSET")
+        if not keep:
+            self._chunk_failed = True
+            self._chunks = None
+            refusal = "552 5.3.4 Message size exceeds fixed maximum message size"
+            t = self.ctx.engine.clock()
+            for rcpt in self._accepted_pairs:
+                self.ctx.store.attempt(self._sid, t=t, mail_from=self._conn.mail_from,
+                                       rcpt=rcpt, phase="bdat", code=552, enhanced="5.3.4",
+                                       reply=refusal, outcome="rejected", rule=None)
+            self._accepted_pairs = []
+            await self.push(refusal)
             return
         if self._chunks is None:
             self._chunks = []
@@ -1136,11 +1192,12 @@ class HarnessSMTP(SMTP):
         if not d.accepts:
             self._attempts_for_all(d)
             self._chunk_failed = True
+            self._chunks = None
         await self._delay_and_fault(d)
         if not d.accepts or not last:
             await self._answer(d, f"250 2.0.0 {size} octets received")
             return
-        content = b"".join(self._chunks)
+        content = b"".join(self._chunks or [])
         self._chunks = None
         self._phase = Phase.MESSAGE
         self._rule = None
@@ -1242,6 +1299,15 @@ class HarnessSMTP(SMTP):
                                        outcome="rejected", rule=None)
             await self.push(refusal)
             return
+        # Stored before anything is awaited: a client that vanishes during
+        # the checks below leaves the message in the store, and its
+        # recipients (still pending) are recorded as lost by _finish.
+        self._accepted_pairs = rcpts
+        subject, message_id = _headline(content)
+        mid = self.ctx.store.message(
+            self._sid, t=t, mail_from=mail_from, rcpt_tos=rcpts,
+            mail_options=self._mail_options, rcpt_options=self._rcpt_options, raw=content,
+            subject=subject, message_id=message_id, dsn=self._dsn_record(rcpts))
         auth = None
         if self.ctx.engine.uses & {"dkim", "dmarc"}:
             auth = await asyncio.to_thread(self._check_authentication, content, mail_from)
@@ -1250,11 +1316,7 @@ class HarnessSMTP(SMTP):
             content=content, dkim=auth.dkim_result if auth else None,
             dmarc=auth.dmarc.result if auth else None))
         self._rule = d.rule
-        subject, message_id = _headline(content)
-        mid = self.ctx.store.message(
-            self._sid, t=t, mail_from=mail_from, rcpt_tos=rcpts,
-            mail_options=self._mail_options, rcpt_options=self._rcpt_options, raw=content,
-            subject=subject, message_id=message_id, dsn=self._dsn_record(rcpts))
+        self._accepted_pairs = []
         for rcpt in rcpts:
             self._attempt_from(d, mail_from, rcpt, t, message_id=mid,
                                default=f"250 2.0.0 Ok: queued as {mid}")

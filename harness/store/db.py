@@ -24,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,30 +258,30 @@ class Store:
                 except queue.Empty:
                     break
             stop = any(b is None for b in batch)
-            waiters: list[Callable[[BaseException | None], None]] = []
+            waiters = [b for b in batch if b is not None and callable(b)]
+            ops = [b for b in batch if b is not None and not callable(b)]
+            err: BaseException | None = None
             try:
-                conn.execute("BEGIN")
-                for b in batch:
-                    if b is None:
-                        continue
-                    if callable(b):
-                        waiters.append(b)
-                        continue
-                    sql, params, many = b
-                    if many:
-                        conn.executemany(sql, params)
-                    else:
-                        conn.execute(sql, params)
-                conn.execute("COMMIT")
-                self.commits += 1
-                err: BaseException | None = None
-            except BaseException as e:  # keep serving; report to waiters
-                err = e
-                self.error = e
+                self._commit(conn, ops)
+            except Exception:  # sqlite3.Error, or UnicodeEncodeError for bad text
+                # One bad row must not take the batch's other writes (other
+                # sessions', other messages') down with it: again, one by one,
+                # with text made storable.
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+                for op in ops:
+                    try:
+                        self._commit(conn, [_storable(op)])
+                    except Exception as e:
+                        err = e
+                        self.error = e
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
             for w in waiters:
-                w(err)
+                try:
+                    w(err)
+                except Exception as e:  # e.g. a loop already closed: keep writing
+                    self.error = e
             if stop:
                 conn.close()
                 return
@@ -294,6 +294,16 @@ class Store:
         """Forget everything captured (queued like any write; IDs keep counting)."""
         for table in ("events", "attempts", "messages", "sessions"):
             self._put(f"DELETE FROM {table}", ())
+
+    def _commit(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
+        conn.execute("BEGIN")
+        for sql, params, many in ops:
+            if many:
+                conn.executemany(sql, params)
+            else:
+                conn.execute(sql, params)
+        conn.execute("COMMIT")
+        self.commits += 1
 
     def _put(self, sql: str, params: Sequence[Any], many: bool = False) -> None:
         self._queue.put((sql, params, many))
@@ -520,6 +530,24 @@ class Reader:
     def counts(self) -> dict[str, int]:
         return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
                 for t in ("sessions", "messages", "attempts", "events")}
+
+
+def _text(value: Any) -> Any:
+    """A str SQLite can store: lone surrogates (from bytes a client sent that
+    are not UTF-8) become backslash escapes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
+def _storable(op: tuple[str, Any, bool]) -> tuple[str, Any, bool]:
+    sql, params, many = op
+    if many:
+        return sql, [tuple(_text(v) for v in row) for row in params], many
+    return sql, tuple(_text(v) for v in params), many
 
 
 def _address(command: str) -> str | None:

@@ -181,7 +181,7 @@ async function loadMessages() {
     list.replaceChildren(el("li", { class: "empty muted", text: "No messages yet." }));
     return;
   }
-  list.replaceChildren(...msgs.map((m) => {  // newest first, like the feed
+  list.replaceChildren(...msgs.slice().reverse().map((m) => {  // newest first, like the feed
     const li = el("li", { "data-message": String(m.id), tabindex: "0" },
       el("strong", { text: `#${m.id} ` }),
       el("span", { class: "subject", text: m.subject ?? "(no subject)" }),
