@@ -131,12 +131,19 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             returns = collector if mta == "postfix" else target
             deadline = time.monotonic() + window
             queue: list[dict[str, Any]] = []
+            empty = 0
             while time.monotonic() < deadline:
                 # An MTA offers no event for "this message left the queue":
                 # poll its queue (50 ms); the harness side is read as it is.
+                # Two empty looks in a row: a message moving between queue
+                # directories (active -> deferred) is briefly in none.
                 queue = _queued(lab, queue_id)
-                if not queue:
+                empty = 0 if queue else empty + 1
+                if empty >= 2:
                     break
+                if not queue:
+                    time.sleep(0.05)
+                    continue
                 if expected is Outcome.DEFERRED and _deferred_enough(
                         target, returns, scenario, send):
                     break
