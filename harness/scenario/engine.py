@@ -369,6 +369,8 @@ class Engine:
                              tokens + (now - then) * rate.messages / rate.per)
                 if tokens < 1.0:
                     self.buckets[key] = (tokens, now)
+                    if rate.reply is not None:
+                        return refuse("rate", rate.reply, rate.reply.code == 421)
                     if rate.key == "client":
                         return refuse("rate", _RATE_CLIENT, True)
                     return refuse("rate", _RATE_SENDER, False)

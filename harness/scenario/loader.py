@@ -48,7 +48,7 @@ AUTH_KEYS = ("mechanisms", "users", "required", "before_tls")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 LIMIT_KEYS = ("max_connections", "max_connections_per_client", "messages_per_connection",
               "recipients_per_message", "rate")
-RATE_KEYS = ("messages", "per", "key")
+RATE_KEYS = ("messages", "per", "key", "reply")
 RULE_KEYS = ("name", "on", "when", "reply", "delay", "then", "fault", "drip",
              "after_bytes", "set_state", "times")
 WHEN_KEYS = ("client", "helo", "mail_from", "rcpt", "header", "body", "size", "tls",
@@ -641,6 +641,9 @@ def _limits(c: _Collector, node: Node) -> m.Limits:
         key = "client"
         if "key" in rkeys:
             key = c.word(rkeys["key"], "rate key", ("client", "sender")) or key
+        rate_reply = _reply(c, rkeys["reply"]) if "reply" in rkeys else None
+        if rate_reply is not None and rate_reply.code < 400:
+            c.error(rkeys["reply"], "a rate limit refuses: give a 4xx or 5xx reply")
         missing = isinstance(keys["rate"], MappingNode) and not {"messages", "per"} <= set(rkeys)
         if missing:
             c.error(keys["rate"], "limits rate needs messages and per",
@@ -650,8 +653,8 @@ def _limits(c: _Collector, node: Node) -> m.Limits:
         elif per <= 0:
             c.error(rkeys["per"], "rate per must be above zero")
         else:
-            kw["rate"] = m.RateLimit(messages=messages, per=per,
-                                     key=key)  # type: ignore[arg-type]
+            kw["rate"] = m.RateLimit(messages=messages, per=per, key=key,  # type: ignore[arg-type]
+                                     reply=rate_reply)
     return m.Limits(**kw)
 
 

@@ -153,6 +153,11 @@ class TextMatcher(Matcher):
     def check(self, facts: Facts) -> str | None:
         value = {"helo": facts.helo, "mail_from": facts.mail_from,
                  "auth_user": facts.auth_user}[self.key]
+        if value is None and self.key == "auth_user":
+            # the word "<none>" (not a glob such as "*") names a session
+            # nobody has logged in to
+            named = any(g.lower() == "<none>" for g in self.pattern.globs)
+            return None if named else "nobody has authenticated"
         if value is None:
             return f"{self.key} is not known yet"
         if self.key == "mail_from":
@@ -367,6 +372,7 @@ class RateLimit:
     messages: int
     per: float
     key: Literal["client", "sender"] = "client"
+    reply: Reply | None = None  # instead of the default 421 4.7.0 / 451 4.7.1
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -509,3 +509,15 @@ def test_idle_timeout_answers_421_4_4_2() -> None:
         assert w.reply() == ["421 4.4.2 Idle timeout, closing connection"]
         assert time.monotonic() - start >= 0.25
         assert w.sock.recv(10) == b""
+
+
+def test_rate_limit_with_an_exchange_online_reply() -> None:
+    s = scenario("server:\n  limits:\n    rate: {messages: 1, per: 1h, key: sender,\n"
+                 "           reply: '451 4.7.500 Server busy. Please try again later.'}\n")
+    with Harness(s) as h, smtp(h) as c:
+        c.sendmail("a@lab.test", ["b@lab.test"], b"Subject: 1\r\n\r\nx\r\n")
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:
+            c.sendmail("a@lab.test", ["b@lab.test"], b"Subject: 2\r\n\r\nx\r\n")
+        assert (e.value.smtp_code, e.value.smtp_error) == (
+            451, b"4.7.500 Server busy. Please try again later.")
+        assert c.noop()[0] == 250  # a 451 keeps the connection

@@ -894,3 +894,22 @@ def test_engine_rcpt_index_counts_per_transaction_on_each_connection() -> None:
     eng.decide(a, Rset())
     eng.decide(a, Mail(sender="s@lab.test"))
     assert code(eng.decide(a, Rcpt(recipient="x@lab.test"))) is None
+
+
+def test_engine_auth_user_none_names_an_anonymous_session() -> None:
+    eng = engine("""\
+        - name: anonymous
+          on: mail
+          when: {auth_user: "<none>"}
+          reply: 530 5.7.57 Client not authenticated
+        - name: any user
+          on: rcpt
+          when: {auth_user: "*"}
+          reply: 250 2.1.5 Hello user
+        """)
+    conn = eng.connect(CLIENT)
+    eng.decide(conn, Helo(name="c.lab.test"))
+    assert code(eng.decide(conn, Mail(sender="a@lab.test"))) == 530
+    conn.auth_user = "alice"  # as after AUTH
+    assert eng.decide(conn, Mail(sender="a@lab.test")).rule is None
+    assert eng.decide(conn, Rcpt(recipient="b@lab.test")).rule == "any user"
