@@ -938,6 +938,25 @@ class HarnessSMTP(SMTP):
 
     # ------------------------------------------------------------- MAIL RCPT
 
+    async def _path(self, arg: str | None, keyword: str, syntax: str, *,
+                    null_ok: bool) -> tuple[str, list[str]] | None:
+        """(address, ESMTP parameters) of MAIL FROM:/RCPT TO:, or None after
+        answering a malformed one. The null path <> is "" where allowed."""
+        rest = _strip_keyword(arg, keyword)
+        if rest is None:
+            await self.push(syntax)
+            return None
+        address, params_text = self._getaddr(rest)
+        if address is None:
+            await self.push("553 5.1.3 Error: malformed address")
+            return None
+        if address == "<>" and null_ok:
+            address = ""  # the null reverse-path of bounces (RFC 5321 4.5.5)
+        elif not address or address == "<>":
+            await self.push(syntax)
+            return None
+        return address, (params_text or "").split()
+
     async def cmd_MAIL(self, arg: str | None) -> None:
         assert self._conn is not None
         server = self._scenario.server
@@ -954,20 +973,10 @@ class HarnessSMTP(SMTP):
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         syntax = "501 5.5.4 Syntax: MAIL FROM:<address>"
-        rest = _strip_keyword(arg, "FROM:")
-        if rest is None:
-            await self.push(syntax)
+        path = await self._path(arg, "FROM:", syntax, null_ok=True)
+        if path is None:
             return
-        address, params_text = self._getaddr(rest)
-        if address is None:
-            await self.push("553 5.1.3 Error: malformed address")
-            return
-        if address == "<>":
-            address = ""  # the null reverse-path of bounces (RFC 5321 4.5.5)
-        elif not address:
-            await self.push(syntax)
-            return
-        options = (params_text or "").split()
+        address, options = path
         if options and not self._ehlo:
             await self.push(syntax)
             return
@@ -1010,21 +1019,13 @@ class HarnessSMTP(SMTP):
             await self.push("503 5.5.1 Error: need MAIL command")
             return
         syntax = "501 5.5.4 Syntax: RCPT TO:<address>"
-        rest = _strip_keyword(arg, "TO:")
-        if rest is None:
-            await self.push(syntax)
+        path = await self._path(arg, "TO:", syntax, null_ok=False)
+        if path is None:
             return
-        address, params_text = self._getaddr(rest)
-        if address is None:
-            await self.push("553 5.1.3 Error: malformed address")
-            return
-        if not address or address == "<>":
-            await self.push(syntax)
-            return
+        address, options = path
         if not address.isascii() and not self._mail.smtputf8:
             await self.push("553 5.6.7 Non-ASCII address needs SMTPUTF8")
             return
-        options = (params_text or "").split()
         try:
             rparams = px.parse_rcpt_params(options, dsn=self._scenario.server.extensions.dsn)
         except px.ParamError as e:
