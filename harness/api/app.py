@@ -34,7 +34,7 @@ from harness.errors import HarnessError, ScenarioError
 from harness.scenario.library import library_dir, library_names, load
 from harness.scenario.loader import build_rule, load_text
 from harness.smtp.server import ListenerContext
-from harness.store.db import Reader
+from harness.store.db import MessageRecord, Reader
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -407,26 +407,31 @@ async def messages(request: web.Request) -> web.Response:
     return web.json_response([m.as_dict() for m in found])
 
 
-@routes.get("/api/v1/messages/{id}")
-async def message_show(request: web.Request) -> web.Response:
+async def _message(request: web.Request, *, analysed: bool = False) -> MessageRecord:
+    """The message the path names, or a 404 problem."""
     mid = int_param(request, "id")
     assert mid is not None
-    m = await read(request, lambda r: r.message(mid))
+    m: MessageRecord | None = await read(request, lambda r: r.message(mid), analysed=analysed)
     if m is None:
-        return problem(404, f"no message {mid}")
+        raise web.HTTPNotFound(text=json.dumps({"status": 404, "title": f"no message {mid}"}),
+                               content_type="application/problem+json")
+    return m
+
+
+@routes.get("/api/v1/messages/{id}")
+async def message_show(request: web.Request) -> web.Response:
+    m = await _message(request, analysed=True)
     parsed = await asyncio.to_thread(_parts, m.raw or b"")
     parsed.pop("html")
-    return web.json_response({**m.as_dict(), **parsed,
-                              "analysis": await asyncio.to_thread(analysis_of, m.raw or b"")})
+    # the analysis stored with the message (done once, in the background)
+    stored = m.analysis or {}
+    analysis = {**stored, "explained": _explain_recipients(stored.get("ndr"))}
+    return web.json_response({**m.as_dict(), **parsed, "analysis": analysis})
 
 
 @routes.get("/api/v1/messages/{id}/raw")
 async def message_raw(request: web.Request) -> web.Response:
-    mid = int_param(request, "id")
-    assert mid is not None
-    m = await read(request, lambda r: r.message(mid))
-    if m is None:
-        return problem(404, f"no message {mid}")
+    m = await _message(request)
     # text/plain: a browser shows the source and never renders it
     return web.Response(body=m.raw or b"", content_type="text/plain", charset="utf-8",
                         headers={"Content-Security-Policy": MAIL_CSP})
@@ -436,11 +441,8 @@ async def message_raw(request: web.Request) -> web.Response:
 async def message_html(request: web.Request) -> web.Response:
     """The message's HTML part, for a sandboxed frame: the CSP sandbox gives
     it a unique origin with no script, no forms, no network, no navigation."""
-    mid = int_param(request, "id")
-    assert mid is not None
-    m = await read(request, lambda r: r.message(mid))
-    if m is None:
-        return problem(404, f"no message {mid}")
+    m = await _message(request)
+    mid = m.id
     parsed = await asyncio.to_thread(_parts, m.raw or b"")
     if parsed["html"] is None:
         return problem(404, f"message {mid} has no HTML part")
@@ -493,34 +495,6 @@ def _explain_recipients(ndr: dict[str, Any] | None) -> list[dict[str, Any]]:
                     "status": asdict(info) if info else None,
                     "reply": asdict(reply) if reply else None})
     return out
-
-
-def analysis_of(raw: bytes) -> dict[str, Any]:
-    """The NDR parse and explanation of a message, when the analysis
-    package is present (it is optional for the API)."""
-    try:
-        from harness.analysis.dsn import parse_ndr
-    except ImportError:
-        return {}
-    try:
-        ndr = parse_ndr(raw)
-    except Exception as e:  # a parser bug must not break the page
-        return {"ndr_error": f"{type(e).__name__}: {e}"}
-    if ndr is None:
-        return {"ndr": None}
-    data = asdict(ndr)
-    try:
-        from harness.analysis.codes import explain_reply, lookup
-    except ImportError:
-        return {"ndr": data}
-    explained = []
-    for r in ndr.recipients:
-        info = lookup(r.status) if r.status else None
-        reply = explain_reply(r.diagnostic_text) if r.diagnostic_text else None
-        explained.append({"recipient": r.final_recipient,
-                          "status": asdict(info) if info else None,
-                          "reply": asdict(reply) if reply else None})
-    return {"ndr": data, "explained": explained}
 
 
 @routes.get("/api/v1/events")
