@@ -24,6 +24,7 @@ from rich.table import Table
 
 from harness import __version__
 from harness.errors import HarnessError, ScenarioError
+from harness.records import TranscriptLine
 from harness.scenario.engine import Engine
 from harness.scenario.library import library_dir, library_names, load, resolve
 from harness.scenario.loader import load_file
@@ -66,8 +67,8 @@ class LivePrinter:
         self.console = console
         self.last_command: dict[int, str] = {}
 
-    def __call__(self, sid: int, t: float, direction: str, phase: str | None, text: str,
-                 rule: str | None) -> None:
+    def __call__(self, line: TranscriptLine) -> None:
+        sid, t, direction, _, text, rule = line
         if direction == "C":
             self.last_command[sid] = text
             return
@@ -153,8 +154,8 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from harness.smtp.listener import ListenerContext
     from harness.smtp.runner import Listener, start_listener
-    from harness.smtp.server import ListenerContext
 
     if args.config is not None:
         if args.listen or args.listen_tls:

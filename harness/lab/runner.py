@@ -18,10 +18,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from harness.analysis.dsn import Ndr, parse_ndr
 from harness.lab.postfix import PostfixLab
+from harness.records import Outcome as AttemptOutcome
 from harness.scenario.model import Outcome, Scenario, Send
 from harness.store.db import Attempt
 from harness.testing import Harness
@@ -244,7 +245,9 @@ def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
                 id=0, session_id=s.id, t=s.started_at, mail_from="", rcpt=r,
                 phase=(last.phase or "connect") if last else "connect", code=code,
                 enhanced=None, reply=last.text if last else None,
-                outcome=outcome if code is None or code >= 400 else f"{outcome} ({reason})",
+                # a connection-level attempt: its outcome says how it ended
+                outcome=cast(AttemptOutcome, outcome if code is None or code >= 400
+                              else f"{outcome} ({reason})"),
                 rule=last.rule if last else None, message_id=None))
     for r in rcpts:
         out[r].sort(key=lambda a: a.t)

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from harness import cli
-from harness.scenario.engine import Connect, Engine, Helo, Mail
+from harness.scenario.engine import Engine
 from harness.scenario.library import library_dir, library_names, load
 from harness.scenario.loader import load_text
 from harness.scenario.model import Outcome, Scenario, Send
+from harness.smtp.session import Send as SendBytes
+from harness.smtp.session import ServerSession
 from harness.testing import Harness
 
 CLIENT = "client.lab.test"  # our EHLO name: smtplib never calls getfqdn()
@@ -803,15 +805,18 @@ def test_sender_blocked_mail_from_refused_for_the_client_ip() -> None:
 
 def test_sender_blocked_decides_by_client_address_only() -> None:
     """The same MAIL FROM from an address off the list is not refused (sans-IO:
-    the engine is asked directly, no socket is bound to that address)."""
-    engine = Engine(load("sender-blocked"))
+    the SMTP session is fed bytes as if from that address; no socket is bound)."""
+    scenario = load("sender-blocked")
+    engine = Engine(scenario)
     for client, refused in (("127.0.0.1", True), ("192.168.7.7", True),
                             ("192.0.2.10", False), ("2001:db8::1", False)):
-        conn = engine.connect(client)
-        engine.decide(conn, Connect())
-        engine.decide(conn, Helo(name=CLIENT))
-        d = engine.decide(conn, Mail(sender="sender@lab.test"))
-        assert (d.rule == "sending IP on the block list") is refused, client
+        session = ServerSession(session_id=1, server=scenario.server, decider=engine,
+                                clock=time.time, peer=(client, 40000))
+        session.start()
+        actions = session.receive_data(f"EHLO {CLIENT}\r\nMAIL FROM:<sender@lab.test>\r\n"
+                                       .encode())
+        replies = b"".join(a.data for a in actions if isinstance(a, SendBytes)).splitlines()
+        assert replies[-1].startswith(b"550 5.7.1" if refused else b"250 2.1.0"), client
 
 
 # ---------------------------------------------------- focused: no-banner
