@@ -169,6 +169,10 @@ class Connection:
     client: ipaddress.IPv4Address | ipaddress.IPv6Address
     number: int  # Nth connection from this client
     open: bool = True
+    key: str = ""  # the client address as text (the counters' key)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or str(self.client)
 
 
 class SessionFacts(Protocol):
@@ -196,6 +200,11 @@ class SessionFacts(Protocol):
     def rcpt_index(self) -> int: ...  # RCPT commands in this transaction, this one included
     @property
     def spf(self) -> str | None: ...  # of this transaction's MAIL FROM
+
+
+_PHASE_NAME = {p: p.value for p in Phase}
+#: Phases whose attempts count per sender/recipient pair.
+_PAIR_PHASES = frozenset({Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT})
 
 
 def _parse_client(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -249,6 +258,14 @@ class Engine:
             }
             self.uses = frozenset(mt.key for r in scenario.rules for mt in r.when)
             self._normal = {p: Decision(phase=p) for p in Phase}
+            limits = scenario.server.limits
+            self._limited = {
+                Phase.CONNECT: (limits.max_connections is not None
+                                or limits.max_connections_per_client is not None),
+                Phase.MAIL: limits.messages_per_connection is not None or limits.rate is not None,
+                Phase.RCPT: limits.recipients_per_message is not None,
+            }
+            self._limited.update({p: False for p in Phase if p not in self._limited})
 
     def reset(self) -> None:
         """Forget attempts, first-seen times, rule uses and state; reseed."""
@@ -269,17 +286,18 @@ class Engine:
 
     def connect(self, client: str) -> Connection:
         ip = _parse_client(client)
+        key = str(ip)
         with self._lock:
-            self.connections[str(ip)] += 1
-            self.active[str(ip)] += 1
-            return Connection(client=ip, number=self.connections[str(ip)])
+            self.connections[key] += 1
+            self.active[key] += 1
+            return Connection(client=ip, number=self.connections[key], key=key)
 
     def disconnect(self, conn: Connection) -> None:
         """The connection is closed (counts for the concurrency limits)."""
         with self._lock:
             if conn.open:
                 conn.open = False
-                key = str(conn.client)
+                key = conn.key
                 self.active[key] -= 1
                 if self.active[key] <= 0:
                     del self.active[key]
@@ -293,42 +311,43 @@ class Engine:
 
     def _decide(self, session: SessionFacts, event: Event) -> Decision:
         phase = event.phase
+        name = _PHASE_NAME[phase]
         now = self.clock()
         conn = session.connection
-        client = str(conn.client)
+        client = conn.key
         mail_from = event.sender if isinstance(event, Mail) else session.mail_from
+        sender = mail_from.lower() if mail_from else ""
+        attempts = self.attempts
 
         # Attempt counters: per pair once recipients are known, else per client
         # (connect, helo, ...) or client and sender (mail).
         rcpts: tuple[str, ...] = ()
-        if isinstance(event, Rcpt):
-            rcpts = (event.recipient,)
-        elif isinstance(event, Vrfy):
-            rcpts = (event.argument,)
-        elif phase in (Phase.DATA, Phase.MESSAGE, Phase.BDAT):
-            rcpts = tuple(session.rcpts)
-        sender = (mail_from or "").lower()
         counts: tuple[int, ...]
         ages: tuple[float, ...] = ()
-        if phase in (Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT):
+        if phase in _PAIR_PHASES:
+            rcpts = (event.recipient,) if isinstance(event, Rcpt) else tuple(session.rcpts)
             cl, al = [], []
+            first_seen = self.first_seen
             for r in rcpts:
-                key = (phase.value, sender, r.lower())
-                self.attempts[key] += 1
-                cl.append(self.attempts[key])
-                first = self.first_seen.setdefault((client, sender, r.lower()), now)
-                al.append(max(0.0, now - first))
+                low = r.lower()
+                key = (name, sender, low)
+                n = attempts[key] = attempts[key] + 1
+                cl.append(n)
+                first = first_seen.setdefault((client, sender, low), now)
+                al.append(now - first if now > first else 0.0)
             counts, ages = tuple(cl), tuple(al)
         else:
-            key = (phase.value, client, sender if phase is Phase.MAIL else "")
-            self.attempts[key] += 1
-            counts = (self.attempts[key],)
+            if isinstance(event, Vrfy):
+                rcpts = (event.argument,)
+            key = (name, client, sender if phase is Phase.MAIL else "")
+            n = attempts[key] = attempts[key] + 1
+            counts = (n,)
 
-        limited = self._limit(session, event, now)
-        if limited is not None:
-            return limited
-        rules = self._rules[phase]
-        if not rules:  # nothing to match: the normal behaviour
+        if self._limited[phase]:
+            limited = self._limit(session, event, now)
+            if limited is not None:
+                return limited
+        if not self._rules[phase]:  # nothing to match: the normal behaviour
             return self._normal[phase]
         facts = Facts(
             phase=phase,
@@ -379,7 +398,7 @@ class Engine:
             if limits.max_connections is not None and total > limits.max_connections:
                 return refuse("max_connections", _TOO_MANY_CONNECTIONS, True)
             if (limits.max_connections_per_client is not None
-                    and self.active[str(conn.client)] > limits.max_connections_per_client):
+                    and self.active[conn.key] > limits.max_connections_per_client):
                 return refuse("max_connections_per_client", _TOO_MANY_FROM_YOU, True)
         elif isinstance(event, Mail):
             if (limits.messages_per_connection is not None

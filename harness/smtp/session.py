@@ -65,11 +65,9 @@ class Send(Action):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Record(Action):
-    """A transcript line to keep and show."""
-
-    line: TranscriptLine
+#: A transcript line to keep and show is an action too: the TranscriptLine
+#: itself (there are many, so no wrapper).
+Out = Action | TranscriptLine
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,9 +333,12 @@ class ServerSession:
         self.last_command = "(connect)"
         self.end_reason: str | None = None
         self.closing_rule: str | None = None  # the rule that ended the session, if one did
+        #: the session's envelope: each address the client gave, once
         self.mail_froms: list[str] = []
         self.rcpt_tos: list[str] = []
+        self._envelope_changed = False
         self._phase: Phase | None = None
+        self._now = clock()  # the time of what is being handled now
         # input
         self._buf = bytearray()
         self._pos = 0
@@ -402,11 +403,11 @@ class ServerSession:
 
     # -------------------------------------------------------------- driving
 
-    def start(self) -> list[Action]:
+    def start(self) -> list[Out]:
         """The connection is open (after any PROXY header and implicit TLS)."""
         return self._drive(None)
 
-    def receive_data(self, data: bytes) -> list[Action]:
+    def receive_data(self, data: bytes) -> list[Out]:
         if self.over or self._tls_pending:
             self.discarded += len(data)
             return []
@@ -428,7 +429,7 @@ class ServerSession:
         self._want = None
         return self._drive(None, need=want)
 
-    def receive_eof(self) -> list[Action]:
+    def receive_eof(self) -> list[Out]:
         """The client closed its sending side. Whatever complete commands it
         sent before are still answered (a pipelined QUIT then a half-close)."""
         self._eof = True
@@ -444,14 +445,14 @@ class ServerSession:
         self._stop()
         return [Close("fin")]
 
-    def resume(self, result: object = None) -> list[Action]:
+    def resume(self, result: object = None) -> list[Out]:
         """The answer to the request the session waits on."""
         if self._waiting is None or self.over:
             return []
         self._waiting = None
         return self._drive(result)
 
-    def throw(self, error: BaseException) -> list[Action]:
+    def throw(self, error: BaseException) -> list[Out]:
         """The request the session waits on failed: `error` is raised where
         the session asked (a failed handshake, a check that broke, a store
         that could not commit)."""
@@ -460,7 +461,7 @@ class ServerSession:
         self._waiting = None
         return self._drive(None, error)
 
-    def idle_timeout(self) -> list[Action]:
+    def idle_timeout(self) -> list[Out]:
         """Nothing came from the client for the server's timeout."""
         if self.finished:
             return []
@@ -471,6 +472,7 @@ class ServerSession:
         if self.over:
             return [Close("fin")]
         self._out = out = self._fresh()
+        self._now = self._clock()
         self.end_reason = "idle timeout"
         self._phase = None
         self._reply(["421 4.4.2 Idle timeout, closing connection"], None)
@@ -478,7 +480,7 @@ class ServerSession:
         self._stop()
         return out
 
-    def connection_lost(self, error: BaseException | None = None) -> list[Action]:
+    def connection_lost(self, error: BaseException | None = None) -> list[Out]:
         """The connection is gone (closed by either side, or broken): the
         last records of the session."""
         if self.finished:
@@ -488,6 +490,7 @@ class ServerSession:
             self.end_reason = "connection lost" if error is not None else "client closed"
         self._stop()
         self._out = out = self._fresh()
+        self._now = self._clock()
         tx = self.transaction
         if tx is not None and tx.rcpts:
             # The client vanished after recipients were accepted: the pair
@@ -498,13 +501,13 @@ class ServerSession:
         self._decider.disconnect(self.connection)
         self._note(f"session ended: {self.end_reason}")
         out.append(Update({
-            "ended_at": self._clock(), "end_reason": self.end_reason, "helo": self.helo_seen,
+            "ended_at": self._now, "end_reason": self.end_reason, "helo": self.helo_seen,
             "extensions": self.used, "auth_user": self.auth_user,
             "mail_from": self.mail_froms, "rcpt_tos": self.rcpt_tos}))
         return out
 
     @staticmethod
-    def _fresh() -> list[Action]:
+    def _fresh() -> list[Out]:
         return []
 
     def _stop(self) -> None:
@@ -517,11 +520,12 @@ class ServerSession:
         self._gen.close()
 
     def _drive(self, value: object, error: BaseException | None = None, *,
-               need: _Input | Request | None = None) -> list[Action]:
+               need: _Input | Request | None = None) -> list[Out]:
         """Run the conversation until it needs input it has not got, or a
         request answered; return the actions it produced. `need`: the input
         the conversation was waiting for, to be taken from the buffer first."""
         self._out = out = self._fresh()
+        self._now = self._clock()
         gen = self._gen
         try:
             if need is None:
@@ -653,9 +657,8 @@ class ServerSession:
     def _record(self, direction: Direction, text: str, rule: str | None = None) -> None:
         if len(text) > MAX_TRANSCRIPT_TEXT:
             text = text[:MAX_TRANSCRIPT_TEXT] + f"... ({len(text)} chars)"
-        phase = self._phase.value if self._phase is not None else None
-        self._out.append(Record(TranscriptLine(self.id, self._clock(), direction, phase,
-                                               text, rule)))
+        # the phase as the word it is (a StrEnum member is a str)
+        self._out.append(TranscriptLine(self.id, self._now, direction, self._phase, text, rule))
 
     def _note(self, text: str, rule: str | None = None) -> None:
         self._record("I", text, rule)
@@ -664,8 +667,8 @@ class ServerSession:
         """Record and send a reply (one line, or the lines of a multi-line one)."""
         for line in lines:
             self._record("S", line, rule)
-        self._out.append(Send("".join(f"{x}\r\n" for x in lines).encode(
-            "utf-8", "surrogateescape")))
+        text = f"{lines[0]}\r\n" if len(lines) == 1 else "".join(f"{x}\r\n" for x in lines)
+        self._out.append(Send(text.encode("utf-8", "surrogateescape")))
 
     def _error(self, text: str) -> None:
         """A reply of our own to a command we cannot take."""
@@ -679,7 +682,7 @@ class ServerSession:
         normal reply), or (`outcome` given) no reply at all."""
         tx = self.transaction
         mail_from = tx.mail_from if tx is not None else ""
-        t = self._clock()
+        t = self._now
         code: int | None = None
         enhanced: str | None = None
         reply: str | None = None
@@ -709,6 +712,8 @@ class ServerSession:
     def _play(self, d: Decision) -> Step:
         """A decision's delay, then its connection fault (which ends the
         conversation): what comes before the reply."""
+        if d.rule is None:  # the normal behaviour: nothing to play
+            return
         if d.delay > 0:
             self._note(f"delay {d.delay:.3f}s", d.rule)
             yield Delay(d.delay)
@@ -731,6 +736,9 @@ class ServerSession:
 
     def _answer(self, d: Decision, default: str | Sequence[str]) -> Step:
         """The scripted reply, or the default; tarpit and close as told."""
+        if d.rule is None:  # the normal behaviour
+            self._reply((default,) if isinstance(default, str) else default, None)
+            return
         if d.reply is not None:
             lines: Sequence[str] = d.reply.render()
         else:
@@ -1088,7 +1096,7 @@ class ServerSession:
             used["smtputf8"] = True
         if mail.requiretls:
             used["requiretls"] = True
-        self.mail_froms.append(address)
+        self._envelope(self.mail_froms, address)
         if mail.size is not None and server.size_limit and mail.size > server.size_limit:
             self._error(_SIZE_REFUSAL)
             return
@@ -1122,7 +1130,7 @@ class ServerSession:
         rparams = px.parse_rcpt_params(options, dsn=self.server.extensions.dsn)
         if rparams.notify or rparams.orcpt:
             self.used["dsn_rcpt"] = True
-        self.rcpt_tos.append(address)
+        self._envelope(self.rcpt_tos, address)
         tx.rcpt_commands += 1
         d = self._decide(ev.Rcpt(recipient=address))
         if not d.accepts:
@@ -1135,6 +1143,11 @@ class ServerSession:
             tx.rcpt_options.append(" ".join(options))
             tx.rcpt_params[address] = rparams
         yield from self._answer(d, "250 2.1.5 Ok")
+
+    def _envelope(self, addresses: list[str], address: str) -> None:
+        if address not in addresses:
+            addresses.append(address)
+            self._envelope_changed = True
 
     # ---------------------------------------------------------- DATA, BDAT
 
@@ -1264,7 +1277,7 @@ class ServerSession:
         # the checks below leaves the message in the store, and its
         # recipients (still pending) are recorded as lost.
         mid = yield StoreMessage(MessageDraft(
-            self.id, self._clock(), tx.mail_from, rcpts, tx.options,
+            self.id, self._now, tx.mail_from, rcpts, tx.options,
             tuple(tx.rcpt_options), content, subject, message_id, self._dsn_record(tx)))
         auth = None
         if self._decider.uses & {"dkim", "dmarc"}:
@@ -1276,7 +1289,9 @@ class ServerSession:
                        default=f"250 2.0.0 Ok: queued as {mid}")
         tx.rcpts = []
         self._note(f"stored as message {mid}", d.rule)
-        self._out.append(Update({"mail_from": self.mail_froms, "rcpt_tos": self.rcpt_tos}))
+        if self._envelope_changed:  # the session's row shows it while it lasts
+            self._envelope_changed = False
+            self._out.append(Update({"mail_from": self.mail_froms, "rcpt_tos": self.rcpt_tos}))
         mail_from = tx.mail_from
         self.transaction = None
         # Durable before any 2xx: wait for the commit that carries the message.

@@ -177,7 +177,7 @@ class SmtpTransport(asyncio.Protocol):
 
     # -------------------------------------------------------- the actions
 
-    def _run(self, actions: list[ss.Action]) -> None:
+    def _run(self, actions: list[ss.Out]) -> None:
         """Carry out the session's actions; a request (always last) is
         answered on the spot when it can be, else waited for."""
         session = self.session
@@ -188,8 +188,8 @@ class SmtpTransport(asyncio.Protocol):
         while actions:
             request: ss.Request | None = None
             for action in actions:
-                if isinstance(action, ss.Record):
-                    line = action.line
+                if type(action) is TranscriptLine:
+                    line = action
                     self._records.append(line)
                     for obs in ctx.observers:
                         try:
