@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.analysis.dsn import Ndr, parse_ndr
+from harness.lab.base import LabMta, QueueEntry
 from harness.lab.postfix import PostfixLab
 from harness.scenario.model import Outcome, Scenario, Send
 from harness.store.db import Attempt
@@ -69,7 +70,7 @@ class Verdict:
     checks: list[Check]
     timelines: list[RecipientTimeline]
     ndrs: list[dict[str, Any]]
-    queue: list[dict[str, Any]]
+    queue: list[QueueEntry]
     duration: float
     speed: float
     maillog_tail: str = ""
@@ -130,7 +131,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             expected = scenario.expect.outcome if scenario.expect else None
             returns = collector if mta == "postfix" else target
             deadline = time.monotonic() + window
-            queue: list[dict[str, Any]] = []
+            queue: list[QueueEntry] = []
             empty = 0
             while time.monotonic() < deadline:
                 # An MTA offers no event for "this message left the queue":
@@ -166,8 +167,8 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
 
 
 def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
-               settings: dict[str, str]) -> Any:
-    lab: Any
+               settings: dict[str, str]) -> LabMta:
+    lab: LabMta
     if mta == "postfix":
         lab = PostfixLab((target.host, target.port), settings=settings,
                          transports={mail_from: (collector.host, collector.port)})
@@ -184,17 +185,9 @@ def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
         raise
 
 
-def _queued(lab: Any, queue_id: str) -> list[dict[str, Any]]:
-    """The message's queue entries, as {queue_id, recipients: [{address}]}."""
-    out = []
-    for q in lab.queue():
-        qid = q.get("queue_id", q.get("id"))
-        if qid != queue_id:
-            continue
-        rcpts = q.get("recipients", [])
-        out.append({**q, "queue_id": qid, "recipients": [
-            r if isinstance(r, dict) else {"address": r} for r in rcpts]})
-    return out
+def _queued(lab: LabMta, queue_id: str) -> list[QueueEntry]:
+    """The message's queue entries (its bounces have other queue IDs)."""
+    return [q for q in lab.queue() if q.queue_id == queue_id]
 
 
 def _deferred_enough(target: Harness, collector: Harness, scenario: Scenario,
@@ -256,7 +249,7 @@ def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
 
 
 def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
-           queue: list[dict[str, Any]], token: str, speed: float,
+           queue: list[QueueEntry], token: str, speed: float,
            lab_settings: dict[str, str], mta: str = "postfix") -> Verdict:
     expect = scenario.expect
     stored = target.messages()
@@ -269,7 +262,7 @@ def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
             reports.append((ndr, m.id))
     failures = [n for n, _ in reports if not n.is_delay]
     delays = [n for n, _ in reports if n.is_delay]
-    queued = {r.get("address", "").lower() for q in queue for r in q.get("recipients", [])}
+    queued = {r.lower() for q in queue for r in q.recipients}
     timelines = []
     per_rcpt = timeline(target, list(send.rcpt))
     for rcpt in send.rcpt:
