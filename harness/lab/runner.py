@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.analysis.dsn import Ndr, parse_ndr
+from harness.analysis.queue_series import QueueSample, sample
 from harness.lab.base import LabMta, QueueEntry
 from harness.lab.postfix import PostfixLab
 from harness.scenario.model import Outcome, Scenario, Send
@@ -75,6 +76,9 @@ class Verdict:
     speed: float
     maillog_tail: str = ""
     notes: list[str] = field(default_factory=list)
+    #: the sending MTA's whole queue (bounces included) sampled during the
+    #: run, in scenario time: depth, oldest message's age, deferred count
+    queue_samples: list[QueueSample] = field(default_factory=list)
 
 
 def _message(send: Send, mail_from: str, token: str) -> bytes:
@@ -132,13 +136,15 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             returns = collector if mta == "postfix" else target
             deadline = time.monotonic() + window
             queue: list[QueueEntry] = []
+            samples = _Sampler(clock)
             empty = 0
             while time.monotonic() < deadline:
                 # An MTA offers no event for "this message left the queue":
                 # poll its queue (50 ms); the harness side is read as it is.
                 # Two empty looks in a row: a message moving between queue
                 # directories (active -> deferred) is briefly in none.
-                queue = _queued(lab, queue_id)
+                # Each look is also a sample of the whole queue over time.
+                queue = samples.take(lab, queue_id)
                 empty = 0 if queue else empty + 1
                 if empty >= 2:
                     break
@@ -149,7 +155,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
                         target, returns, scenario, send):
                     break
                 time.sleep(0.05)
-            queue = _queued(lab, queue_id)
+            queue = samples.take(lab, queue_id, force=True)
             if not queue:
                 with contextlib.suppress(Exception):
                     lab.wait_queue_empty(window)  # the bounce, if any, on its way out
@@ -161,6 +167,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
         verdict = _judge(scenario, send, target, returns, queue, token, speed, lab_settings,
                          mta)
         verdict.duration = time.monotonic() - started
+        verdict.queue_samples = samples.samples
         verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
     say(f"{scenario.name}: {'PASS' if verdict.passed else 'FAIL'}")
     return verdict
@@ -183,6 +190,31 @@ def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
     except BaseException:
         lab.stop()  # nothing of a half-started instance is left behind
         raise
+
+
+class _Sampler:
+    """Samples of the lab MTA's queue in scenario time. Arrival times are the
+    MTA's (Postfix counts whole seconds, so an age is known to a second of
+    wall time: `speed` seconds of scenario time). A sample is kept when the
+    queue changed, or half a second (wall) after the last one kept."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.samples: list[QueueSample] = []
+        self._kept_at = 0.0
+
+    def take(self, lab: LabMta, queue_id: str, *, force: bool = False) -> list[QueueEntry]:
+        entries = lab.queue()
+        wall = time.time()
+        c = self.clock
+        s = sample(c(), [(c.t0 + (e.arrival - c.t0) * c.speed, e.status == "deferred")
+                         for e in entries])
+        last = self.samples[-1] if self.samples else None
+        if force or last is None or (s.depth, s.deferred) != (last.depth, last.deferred) \
+                or wall - self._kept_at >= 0.5:
+            self.samples.append(s)
+            self._kept_at = wall
+        return [e for e in entries if e.queue_id == queue_id]
 
 
 def _queued(lab: LabMta, queue_id: str) -> list[QueueEntry]:
