@@ -82,7 +82,8 @@ def test_lab_command_writes_junit_and_html(tmp_path: Path) -> None:
     assert [c.get("name") for c in suites.iter("testcase")] == [
         "mailbox-full", "temp-fail-then-success"]
     page = (tmp_path / "lab.html").read_text()
-    assert page.count("<svg") == 2
+    # each scenario: its attempt timeline, and the sender's queue on the same axis
+    assert page.count("<svg viewBox") == 2 and page.count('<svg class="queue"') == 2
 
 
 #: Scenarios the Exim lab is expected to pass. The others differ for reasons
@@ -107,7 +108,11 @@ def test_lab_exim_verdict_passes(name: str) -> None:
               for c in verdict.checks if not c.ok]
     assert verdict.passed, f"{name}: " + "; ".join(failed) + "\n" + verdict.maillog_tail
     assert verdict.mta == "exim"
-    assert verdict.queue_samples and summary(verdict.queue_samples)["peak_depth"] >= 1
+    # Exim delivers (or bounces) a submission at once: a scenario refused at
+    # the first attempt may be gone before the first look at the queue
+    assert verdict.queue_samples
+    if name in ("greylisting", "temp-fail-then-success"):
+        assert summary(verdict.queue_samples)["peak_deferred"] >= 1
 
 
 def test_lab_samples_the_senders_queue_beside_the_timeline() -> None:
