@@ -400,6 +400,12 @@ def _predict(args: argparse.Namespace) -> int:
     return predict_command(args, out)
 
 
+def _queues(args: argparse.Namespace) -> int:
+    from harness.queues import queues_command
+
+    return queues_command(args.files, as_json=args.json, out=out, err=err)
+
+
 def _lab(args: argparse.Namespace) -> int:
     from harness.lab.report import html_report, junit_xml, print_verdicts, verdicts_json
     from harness.lab.runner import run_lab
@@ -521,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "will it bounce? (Exchange, Postfix, Exim retry models)")
     add_predict_arguments(sp)
 
+    sp = sub.add_parser("queues", help="an Exchange queue's depth over time, from Get-Queue "
+                        "exports (Export-Csv or ConvertTo-Json)")
+    sp.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    sp.add_argument("--json", action="store_true")
+
     sp = sub.add_parser("check", help="validate scenario files")
     sp.add_argument("scenarios", nargs="+", metavar="SCENARIO")
     store_opt(sp)
@@ -558,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,
-                   "explain": _explain, "predict": _predict}[args.command]
+                   "explain": _explain, "predict": _predict, "queues": _queues}[args.command]
         return handler(args)
     except ScenarioError as e:
         for p in e.problems:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from harness.analysis.dsn import Ndr, parse_ndr
+from harness.analysis.queue_series import QueueSample, sample
+from harness.lab.base import LabMta, QueueEntry
 from harness.lab.postfix import PostfixLab
 from harness.records import Outcome as AttemptOutcome
 from harness.scenario.model import Outcome, Scenario, Send
@@ -70,11 +72,14 @@ class Verdict:
     checks: list[Check]
     timelines: list[RecipientTimeline]
     ndrs: list[dict[str, Any]]
-    queue: list[dict[str, Any]]
+    queue: list[QueueEntry]
     duration: float
     speed: float
     maillog_tail: str = ""
     notes: list[str] = field(default_factory=list)
+    #: the sending MTA's whole queue (bounces included) sampled during the
+    #: run, in scenario time: depth, oldest message's age, deferred count
+    queue_samples: list[QueueSample] = field(default_factory=list)
 
 
 def _message(send: Send, mail_from: str, token: str) -> bytes:
@@ -131,14 +136,16 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             expected = scenario.expect.outcome if scenario.expect else None
             returns = collector if mta == "postfix" else target
             deadline = time.monotonic() + window
-            queue: list[dict[str, Any]] = []
+            queue: list[QueueEntry] = []
+            samples = _Sampler(clock)
             empty = 0
             while time.monotonic() < deadline:
                 # An MTA offers no event for "this message left the queue":
                 # poll its queue (50 ms); the harness side is read as it is.
                 # Two empty looks in a row: a message moving between queue
                 # directories (active -> deferred) is briefly in none.
-                queue = _queued(lab, queue_id)
+                # Each look is also a sample of the whole queue over time.
+                queue = samples.take(lab, queue_id)
                 empty = 0 if queue else empty + 1
                 if empty >= 2:
                     break
@@ -149,7 +156,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
                         target, returns, scenario, send):
                     break
                 time.sleep(0.05)
-            queue = _queued(lab, queue_id)
+            queue = samples.take(lab, queue_id, force=True)
             if not queue:
                 with contextlib.suppress(Exception):
                     lab.wait_queue_empty(window)  # the bounce, if any, on its way out
@@ -161,14 +168,15 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
         verdict = _judge(scenario, send, target, returns, queue, token, speed, lab_settings,
                          mta)
         verdict.duration = time.monotonic() - started
+        verdict.queue_samples = samples.samples
         verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
     say(f"{scenario.name}: {'PASS' if verdict.passed else 'FAIL'}")
     return verdict
 
 
 def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
-               settings: dict[str, str]) -> Any:
-    lab: Any
+               settings: dict[str, str]) -> LabMta:
+    lab: LabMta
     if mta == "postfix":
         lab = PostfixLab((target.host, target.port), settings=settings,
                          transports={mail_from: (collector.host, collector.port)})
@@ -185,17 +193,34 @@ def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
         raise
 
 
-def _queued(lab: Any, queue_id: str) -> list[dict[str, Any]]:
-    """The message's queue entries, as {queue_id, recipients: [{address}]}."""
-    out = []
-    for q in lab.queue():
-        qid = q.get("queue_id", q.get("id"))
-        if qid != queue_id:
-            continue
-        rcpts = q.get("recipients", [])
-        out.append({**q, "queue_id": qid, "recipients": [
-            r if isinstance(r, dict) else {"address": r} for r in rcpts]})
-    return out
+class _Sampler:
+    """Samples of the lab MTA's queue in scenario time. Arrival times are the
+    MTA's (Postfix counts whole seconds, so an age is known to a second of
+    wall time: `speed` seconds of scenario time). A sample is kept when the
+    queue changed, or half a second (wall) after the last one kept."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.samples: list[QueueSample] = []
+        self._kept_at = 0.0
+
+    def take(self, lab: LabMta, queue_id: str, *, force: bool = False) -> list[QueueEntry]:
+        entries = lab.queue()
+        wall = time.time()
+        c = self.clock
+        s = sample(c(), [(c.t0 + (e.arrival - c.t0) * c.speed, e.status == "deferred")
+                         for e in entries])
+        last = self.samples[-1] if self.samples else None
+        if force or last is None or (s.depth, s.deferred) != (last.depth, last.deferred) \
+                or wall - self._kept_at >= 0.5:
+            self.samples.append(s)
+            self._kept_at = wall
+        return [e for e in entries if e.queue_id == queue_id]
+
+
+def _queued(lab: LabMta, queue_id: str) -> list[QueueEntry]:
+    """The message's queue entries (its bounces have other queue IDs)."""
+    return [q for q in lab.queue() if q.queue_id == queue_id]
 
 
 def _deferred_enough(target: Harness, collector: Harness, scenario: Scenario,
@@ -259,7 +284,7 @@ def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
 
 
 def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
-           queue: list[dict[str, Any]], token: str, speed: float,
+           queue: list[QueueEntry], token: str, speed: float,
            lab_settings: dict[str, str], mta: str = "postfix") -> Verdict:
     expect = scenario.expect
     stored = target.messages()
@@ -272,7 +297,7 @@ def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
             reports.append((ndr, m.id))
     failures = [n for n, _ in reports if not n.is_delay]
     delays = [n for n, _ in reports if n.is_delay]
-    queued = {r.get("address", "").lower() for q in queue for r in q.get("recipients", [])}
+    queued = {r.lower() for q in queue for r in q.recipients}
     timelines = []
     per_rcpt = timeline(target, list(send.rcpt))
     for rcpt in send.rcpt:
