@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +100,25 @@ class ListenerSpec:
     scenario: str | None
     implicit_tls: bool = False
     proxy_protocol: bool = False
+    forward: tuple[str, int] | None = None
 
 
-def _listener_arg(text: str, *, implicit_tls: bool, proxy: bool) -> ListenerSpec:
+def _listener_arg(text: str, *, implicit_tls: bool, proxy: bool,
+                  forward: tuple[str, int] | None = None) -> ListenerSpec:
     from harness.smtp.runner import parse_hostport
 
     where, _, scenario = text.partition("=")
     host, port = parse_hostport(where, 465 if implicit_tls else 2525)
-    return ListenerSpec(host, port, scenario or None, implicit_tls, proxy)
+    return ListenerSpec(host, port, scenario or None, implicit_tls, proxy, forward)
+
+
+def _next_hop(text: str, where: str) -> tuple[str, int]:
+    from harness.scenario.values import parse_next_hop
+
+    try:
+        return parse_next_hop(text)
+    except ValueError as e:
+        raise HarnessError(f"{where}: {e}") from None
 
 
 def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
@@ -137,7 +148,7 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
     for i, item in enumerate(data["listeners"], 1):
         if not isinstance(item, dict) or "listen" not in item:
             raise HarnessError(f"{path}: listener {i} needs listen: HOST:PORT")
-        bad = set(item) - {"listen", "scenario", "tls", "proxy_protocol"}
+        bad = set(item) - {"listen", "scenario", "tls", "proxy_protocol", "forward"}
         if bad:
             raise HarnessError(f"{path}: listener {i}: unknown keys {', '.join(sorted(bad))}")
         if item.get("tls") not in (None, "implicit", "starttls"):
@@ -146,8 +157,11 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
         if scenario is not None and not Path(str(scenario)).is_absolute() and (
             path.parent / str(scenario)).is_file():
             scenario = str(path.parent / str(scenario))
+        forward = item.get("forward", args.forward)
         spec = _listener_arg(str(item["listen"]), implicit_tls=item.get("tls") == "implicit",
-                             proxy=bool(item.get("proxy_protocol", args.proxy_protocol)))
+                             proxy=bool(item.get("proxy_protocol", args.proxy_protocol)),
+                             forward=None if forward is None else _next_hop(
+                                 str(forward), f"{path}: listener {i}: forward"))
         spec.scenario = None if scenario is None else str(scenario)
         specs.append(spec)
     return specs
@@ -163,9 +177,10 @@ async def _serve(args: argparse.Namespace) -> int:
                                "or put them in the config")
         specs = _config(args.config, args)
     else:
-        specs = [_listener_arg(x, implicit_tls=False, proxy=args.proxy_protocol)
+        forward = None if args.forward is None else _next_hop(args.forward, "--forward")
+        specs = [_listener_arg(x, implicit_tls=False, proxy=args.proxy_protocol, forward=forward)
                  for x in (args.listen or ["127.0.0.1:2525"])]
-        specs += [_listener_arg(x, implicit_tls=True, proxy=args.proxy_protocol)
+        specs += [_listener_arg(x, implicit_tls=True, proxy=args.proxy_protocol, forward=forward)
                   for x in args.listen_tls]
     # Load every scenario before anything listens: a bad file starts nothing.
     scenarios = [load(spec.scenario or args.scenario) for spec in specs]
@@ -178,6 +193,10 @@ async def _serve(args: argparse.Namespace) -> int:
                                   implicit_tls=spec.implicit_tls,
                                   proxy_protocol=spec.proxy_protocol,
                                   ca_dir=Path(args.store).parent, dns=args.dns)
+            if spec.forward is not None:
+                from harness.smtp.handlers import Forward
+
+                ctx.handlers.append(Forward(*spec.forward, local_hostname=scenario.server.hostname))
             if not args.quiet:
                 ctx.observers.append(printer)
             listeners.append(await start_listener(ctx, spec.host, spec.port))
@@ -203,8 +222,11 @@ async def _serve(args: argparse.Namespace) -> int:
             raise
     for spec, listener in zip(specs, listeners, strict=True):
         h, p = listener.address
+        hops = [str(f) for f in (listener.ctx.scenario.forward,) if f is not None]
+        hops += ["{}:{}".format(*spec.forward)] if spec.forward else []
         extras = [x for x in ("implicit TLS" if spec.implicit_tls else "",
-                              "PROXY protocol" if spec.proxy_protocol else "") if x]
+                              "PROXY protocol" if spec.proxy_protocol else "",
+                              f"forwarding to {', '.join(hops)}" if hops else "") if x]
         out.print(f"SMTP Harness {__version__} listening on {h}:{p} "
                   f"(scenario {listener.ctx.scenario.name}"
                   + "".join(f", {x}" for x in extras) + ")")
@@ -333,8 +355,10 @@ def _show(args: argparse.Namespace) -> int:
             if args.raw:
                 sys.stdout.buffer.write(msg.raw or b"")
                 return 0
+            relays = r.relays(msg.id)
             if args.json:
-                print(json.dumps(msg.as_dict(raw=True), indent=2))
+                print(json.dumps({**msg.as_dict(raw=True),
+                                  "relays": [asdict(x) for x in relays]}, indent=2))
                 return 0
             out.print(f"[bold]message {msg.id}[/] (session {msg.session_id}, "
                       f"{_day(msg.received_at)}, {msg.size} bytes)")
@@ -354,6 +378,9 @@ def _show(args: argparse.Namespace) -> int:
                                              f"{r.get('status')} {r.get('diagnostic_text') or ''}")
                                       for r in ndr.get("recipients", []))
                           + "  [dim](harness explain for what it means)[/]")
+            for x in relays:
+                out.print(f"[{'green' if x.ok else 'red'}]{escape(x.handler)}: "
+                          f"{'ok' if x.ok else 'failed'}[/] {escape(x.status)}")
             return 0
         if not ident.lstrip("s").isdigit():
             raise HarnessError(f"bad id {args.id!r}: give a session number or m<number>")
@@ -491,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None,
                     help="seed the RNG (chance:, random delays) to replay a run")
     sp.add_argument("--quiet", action="store_true", help="do not print sessions live")
+    sp.add_argument("--forward", default=None, metavar="HOST:PORT",
+                    help="pass each accepted message on to this SMTP server once stored "
+                         "(a failure there is recorded; the reply given stands)")
     sp.add_argument("--dns", choices=("scenario", "system"), default="scenario",
                     help="where SPF/DKIM/DMARC look up records: the scenario's dns: zone "
                          "(default, offline) or the system resolver")

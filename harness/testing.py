@@ -8,6 +8,8 @@
 SMTP runs on an ephemeral loopback port in the harness's own event loop (a
 thread), with a temporary store unless one is given; `async with` works too
 (the server still has its own loop, so a test's loop never waits on it).
+`handlers=` passes each accepted message on, once stored, to aiosmtpd-style
+handlers (`handle_DATA(server, session, envelope)`), e.g. aiosmtpd's Proxy.
 Queries read the store after the writer has committed everything queued.
 Waits wake on the server's own "something was recorded" events (a
 condition variable), never by sleeping and polling. Errors raised inside the
@@ -20,7 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +34,7 @@ from harness.scenario.loader import build_rule, load_file, load_text
 from harness.scenario.model import Scenario
 from harness.smtp.listener import JournalEntry, ListenerContext
 from harness.smtp.runner import Listener, close_connections, start_listener
-from harness.store.db import Attempt, MessageRecord, Reader, SessionRecord, Store
+from harness.store.db import Attempt, MessageRecord, Reader, Relay, SessionRecord, Store
 
 T = TypeVar("T")
 
@@ -72,7 +74,7 @@ class Harness:
                  seed: int | None = None, clock: Callable[[], float] | None = None,
                  implicit_tls: bool = False, proxy_protocol: bool = False,
                  keep_store: bool = False, http: bool = False,
-                 api_token: str | None = None) -> None:
+                 api_token: str | None = None, handlers: Sequence[Any] = ()) -> None:
         first = _scenario(scenario)
         self._bind = (host, port)
         self._tmp: str | None = None
@@ -89,7 +91,8 @@ class Harness:
         self.ctx = ListenerContext(engine=self.engine, store=self.store,
                                    implicit_tls=implicit_tls, proxy_protocol=proxy_protocol,
                                    ca_dir=self.store_path.parent,
-                                   analysis_quiet=0.0)  # tests read analyses at once
+                                   analysis_quiet=0.0,  # tests read analyses at once
+                                   handlers=list(handlers))
         self._changed = threading.Condition()
         self._generation = 0
         self.ctx.on_change.append(self._notify)
@@ -267,6 +270,11 @@ class Harness:
         first, each with `interval` since the pair's previous attempt."""
         return self._read(lambda r: r.attempts(rcpt=rcpt, mail_from=mail_from))
 
+    def relays(self, message_id: int | None = None) -> list[Relay]:
+        """What the handlers (forward:) did with stored messages; call
+        `wait_idle()` first to see the ones still under way."""
+        return self._read(lambda r: r.relays(message_id))
+
     @property
     def journal(self) -> list[JournalEntry]:
         return list(self.ctx.journal)
@@ -329,9 +337,11 @@ class Harness:
         """Wait until no connection is being served (sessions recorded as ended)
         and every stored message has been analysed."""
         async def idle() -> None:
-            while self.ctx.active or self.ctx.pending:
-                waits: list[asyncio.Future[None]] = [p.closed for p in self.ctx.active]
-                waits += list(self.ctx.pending)  # analyses of stored messages
+            ctx = self.ctx
+            while ctx.active or ctx.pending or ctx.pending_handlers:
+                waits: list[asyncio.Future[Any]] = [p.closed for p in ctx.active]
+                waits += list(ctx.pending)  # analyses of stored messages
+                waits += list(ctx.pending_handlers)  # messages being passed on
                 await asyncio.wait(waits)
         try:
             self._call(asyncio.wait_for(idle(), timeout), timeout + 1)

@@ -312,6 +312,8 @@ class _KeyRecord:
 
 def check_dkim(raw: bytes, resolver: Resolver) -> tuple[DkimResult, ...]:
     """Verify every DKIM-Signature of `raw`, top to bottom, with keys from `resolver`."""
+    if not re.search(rb"(?im)^dkim-signature[ \t]*:", _head(raw)):
+        return ()  # unsigned: nothing for dkimpy to read (it would parse it all)
     import dkim  # lazy: dkimpy imports dnspython (and socket) at import
 
     try:
@@ -458,10 +460,20 @@ def aligned(a: str, b: str, mode: str, org_domain: Callable[[str], str] = organi
     return a == b if mode == "s" else org_domain(a) == org_domain(b)
 
 
+def _head(raw: bytes) -> bytes:
+    """The header block and the blank line after it (the parser would decode
+    and carry the whole body along, for nothing)."""
+    end = raw.find(b"\r\n\r\n")
+    bare = raw.find(b"\n\n", 0, end if end >= 0 else len(raw))
+    if bare >= 0:
+        return raw[:bare + 2]
+    return raw[:end + 4] if end >= 0 else raw
+
+
 def from_domain(raw: bytes) -> tuple[str, str]:
     """(domain, problem) of the RFC5322.From: one From field with one address
     (several addresses of one domain pass, as RFC 7489 6.6.1 allows)."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
+    headers = BytesHeaderParser(policy=compat32).parsebytes(_head(raw))
     fields = headers.get_all("From") or []
     if not fields:
         return "", "no From header field"

@@ -412,7 +412,9 @@ async def message_show(request: web.Request) -> web.Response:
     # the analysis stored with the message (done once, in the background)
     stored = m.analysis or {}
     analysis = {**stored, "explained": _explain_recipients(stored.get("ndr"))}
-    return web.json_response({**m.as_dict(), **parsed, "analysis": analysis})
+    relays = await read(request, lambda r: r.relays(m.id))
+    return web.json_response({**m.as_dict(), **parsed, "analysis": analysis,
+                              "relays": [asdict(x) for x in relays]})
 
 
 @routes.get("/api/v1/messages/{id}/raw")

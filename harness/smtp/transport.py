@@ -18,7 +18,7 @@ import logging
 import socket
 import ssl
 import struct
-from typing import Any
+from typing import Any, cast
 
 from harness.records import TranscriptLine
 from harness.smtp import session as ss
@@ -64,8 +64,8 @@ class SmtpTransport(asyncio.Protocol):
     # ------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport subclasses)
+        self.transport = cast(asyncio.Transport, transport)
         self.ctx.active.add(self)
         self.ctx.last_activity = self.loop.time()
         self._arm_idle()

@@ -193,3 +193,76 @@ def test_purity_static_scan_sees_every_import_form(source: str, found: list[str]
     path = ROOT / "harness" / "scenario" / "_purity_probe.py"
     names = [name for _, name in imported_names(path, source)]
     assert [n for n in names if is_forbidden(n) or is_forbidden(n, FORBIDDEN_INTERNAL)] == found
+
+
+# ------------------------------------------------ aiosmtpd, composed not subclassed
+
+
+def _aiosmtpd_uses(path: Path) -> list[tuple[int, str]]:
+    """Private aiosmtpd names a file touches: imports of underscore names,
+    attributes with an underscore reached from an aiosmtpd name, and classes
+    deriving from an aiosmtpd class (whose private state they would share)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    names: set[str] = set()
+    bad: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aiosmtpd"):
+            for alias in node.names:
+                names.add(alias.asname or alias.name)
+                if alias.name.startswith("_") or "._" in (node.module or ""):
+                    bad.append((node.lineno, f"imports {node.module}.{alias.name}"))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("aiosmtpd"):
+                    names.add((alias.asname or alias.name).split(".")[0])
+                    if "._" in alias.name:
+                        bad.append((node.lineno, f"imports {alias.name}"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in names:
+                bad.append((node.lineno, f"touches {base.id}....{node.attr}"))
+        elif isinstance(node, ast.ClassDef):
+            for b in node.bases:
+                root = b
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id in names:
+                    bad.append((node.lineno, f"class {node.name} derives from {ast.unparse(b)}"))
+    return bad
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "harness").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_purity_no_private_aiosmtpd_name(path: Path) -> None:
+    bad = _aiosmtpd_uses(path)
+    assert bad == [], "\n".join(f"{path.relative_to(ROOT)}:{line}: {what}" for line, what in bad)
+
+
+def test_purity_private_aiosmtpd_scan_sees_what_it_must() -> None:
+    probe = ROOT / "harness" / "smtp" / "_probe_not_written.py"
+    source = ("from aiosmtpd.smtp import SMTP, Envelope\n"
+              "class X(SMTP):\n    pass\n"
+              "e = Envelope()\nprint(e._private)\n")
+    tree_file = probe.with_suffix(".txt")
+    tree_file.write_text(source)
+    try:
+        found = [what for _, what in _aiosmtpd_uses(tree_file)]
+    finally:
+        tree_file.unlink()
+    assert found == ["class X derives from SMTP"]  # e._private: e is a value, not a name
+    tree_file.write_text("import aiosmtpd.smtp as s\nprint(s.SMTP._handle_client)\n")
+    try:
+        assert [w for _, w in _aiosmtpd_uses(tree_file)] == ["touches s...._handle_client"]
+    finally:
+        tree_file.unlink()
+
+
+def test_purity_aiosmtpd_is_required_as_a_range() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [spec] = [d for d in project["dependencies"] if d.startswith("aiosmtpd")]
+    assert "==" not in spec and "<2" in spec, spec
