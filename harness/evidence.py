@@ -252,6 +252,12 @@ def _style(reply: str | None) -> str:
                                                                        "white")
 
 
+def _where(where: str) -> str:
+    """'/long/path/maillog:12' -> 'maillog:12' (the files are listed above in full)."""
+    path, _, line = where.rpartition(":")
+    return f"{Path(path).name}:{line}" if line.isdigit() else where
+
+
 def render(lineup: Lineup, console: Console, stores: Sequence[dict[str, Any]] = ()) -> None:
     for f in lineup.files:
         console.print(f"[bold]{escape(f.path)}[/]: {escape(f.title)}, {f.records} record(s)"
@@ -284,7 +290,7 @@ def render(lineup: Lineup, console: Console, stores: Sequence[dict[str, Any]] = 
         table.add_column("", no_wrap=True)
         for st in m.steps:
             sender = "\n".join(
-                f"[dim]{escape(x.where)}[/] [{_style(x.reply)}]{escape(x.text)}[/]"
+                f"[dim]{escape(_where(x.where))}[/] [{_style(x.reply)}]{escape(x.text)}[/]"
                 for x in st.sender) or "[dim]-[/]"
             harness = (f"[{_style(st.harness.reply)}]{escape(st.harness.text)}[/]"
                        if st.harness else f"[dim]{escape(st.note or '-')}[/]")

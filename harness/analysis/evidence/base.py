@@ -204,7 +204,7 @@ def csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
 _US = re.compile(r"^(\d{1,2})/(\d{1,2})/(\d{4})\s+(\d{1,2}):(\d{2})(?::(\d{2})(\.\d+)?)?"
                  r"\s*([AaPp][Mm])?$")
 _DOTNET = re.compile(r"^\\?/Date\((-?\d+)([+-]\d{4})?\)\\?/$")
-_LOOSE = re.compile(r"^(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2}):(\d{2})(\.\d+)?"
+_LOOSE = re.compile(r"^(\d{4})[-/](\d{1,2})[-/](\d{1,2})[ T](\d{1,2}):(\d{2}):(\d{2})(\.\d+)?"
                     r"\s*(Z|GMT|UTC|[+-]\d{2}:?\d{2})?$")
 
 

@@ -83,6 +83,7 @@ def read_smtp_log(path: str, text: str, options: ReadOptions | None = None) -> E
     records: list[ProtocolLine] = []
     count: dict[str, int] = {}
     open_session: dict[str, str] = {}
+    quitting: set[str] = set()  # sent QUIT: the next response ends the session
     for n, idx, cells in src.rows(text, sep=" "):
         row = {k: cells[i].replace("+", " ") if cells[i] != "-" else ""
                for k, i in idx.items() if i < len(cells)}
@@ -109,6 +110,9 @@ def read_smtp_log(path: str, text: str, options: ReadOptions | None = None) -> E
                 remote=(remote_ip, int(port) if port.isdigit() else None),
                 event="<" if response else ">", data=data.strip(), context=""))
             if not response and data.upper().startswith("QUIT"):
+                quitting.add(remote_ip)
+            elif response and remote_ip in quitting:
+                quitting.discard(remote_ip)
                 open_session.pop(remote_ip, None)
         else:
             # an inbound line: the client's command, and the status it got
@@ -152,7 +156,8 @@ def read_tracking_2003(path: str, text: str, options: ReadOptions | None = None
                                     "header line"))
             continue
         cells = raw.split("\t")
-        row = {k: cells[i].strip() if i < len(cells) else "" for k, i in index.items()}
+        row = {k: cells[i].strip() if i < len(cells) and cells[i].strip() != "-" else ""
+               for k, i in index.items()}
         when = f"{row.get('date', '')} {row.get('time', '')}"
         t = parse_time(when)
         if t is None:

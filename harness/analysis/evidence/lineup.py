@@ -409,7 +409,11 @@ def _exim_obs(f: EvidenceFile) -> list[_Obs]:
         if r.kind in ("delivery", "failed", "deferred"):
             attempt = r.host is not None
             outcome = {"delivery": "sent", "failed": "bounced", "deferred": "deferred"}[r.kind]
-            out.append(_Obs(where=where, t=r.t, text=_short(f"{r.flag} {r.text[3:]}", 220),
+            host = f" H={_ep(r.host)}" if r.host else ""
+            local = f" I={_ep(r.local)}" if r.local else ""
+            said = r.error or (f'C="{r.fields["C"]}"' if "C" in r.fields else "")
+            out.append(_Obs(where=where, t=r.t,
+                            text=_short(f"{r.flag} {r.address}{host}{local}: {said}", 220),
                             kind="attempt" if attempt else "info", key=key(r.msgid),
                             rcpt=r.address, outcome=outcome if attempt else None,
                             reply=r.reply, host=r.host, local=r.local, reached=attempt,
@@ -594,7 +598,9 @@ def _sender_tokens(ps: ProtocolSession) -> list[_Tok]:
 
 
 def _our_tokens(s: CapturedSession) -> list[_Tok]:
-    return _fold((e.direction, e.t, e.text, None) for e in s.events if e.direction in "CS")
+    # "<message: 903 bytes>" stands for the content, which no sender's log shows
+    return _fold((e.direction, e.t, e.text, None) for e in s.events
+                 if e.direction in "CS" and not (e.direction == "C" and e.text.startswith("<")))
 
 
 def _protocol_work(f: EvidenceFile, captures: Sequence[Capture], options: LineupOptions,
@@ -1027,15 +1033,12 @@ def _check_unlogged(works: list[_FileWork], targets: list[_Target],
         tol = opts.tolerance + w.file.resolution
         lo = min(o.t for o in att) - w.skew - tol
         hi = max(o.t for o in att) - w.skew + tol
-        rcpts = {o.rcpt.lower() for o in att if o.rcpt}
         senders = {o.mail_from.lower() for o in att if o.mail_from is not None}
         listeners = {o.host[1] for o in att if o.host and o.host[1] is not None}
         for t in targets:
             if t.key in matched_by or not lo <= t.t <= hi:
                 continue
             if listeners and t.session.listener and t.session.listener[1] not in listeners:
-                continue
-            if t.rcpt is not None and t.rcpt.lower() not in rcpts:
                 continue
             if t.attempt is not None and senders and t.attempt.mail_from.lower() not in senders:
                 continue
@@ -1079,8 +1082,12 @@ def _timelines(works: list[_FileWork], targets: list[_Target],
                matched_by: dict[tuple[str, int, int], list[_Obs]],
                opts: LineupOptions) -> tuple[MessageTimeline, ...]:
     groups: dict[str, _Group] = {}
+    # a notification's own delivery belongs to the message it is about
+    notices = {o.dsn_id: o.key for w in works for o in w.obs
+               if o.kind == "dsn" and o.dsn_id and o.key and o.key != o.dsn_id}
 
     def group(key: str | None) -> _Group:
+        key = notices.get(key or "", key)
         return groups.setdefault(key or "(no message)", _Group())
 
     def side(x: _Obs) -> SenderSide:
@@ -1093,11 +1100,12 @@ def _timelines(works: list[_FileWork], targets: list[_Target],
             g = group(o.key)
             if o.sender_id and o.sender_id not in g.sender_ids:
                 g.sender_ids.append(o.sender_id)
-            if o.mail_from is not None and g.mail_from is None:
+            if o.mail_from is not None and g.mail_from is None and o.key not in notices:
                 g.mail_from = o.mail_from
-            if o.rcpt and o.kind == "attempt" and o.rcpt not in g.recipients:
+            if o.rcpt and o.kind == "attempt" and o.rcpt not in g.recipients and (
+                    o.key not in notices):
                 g.recipients.append(o.rcpt)
-            if o.message_id and g.message_id is None:
+            if o.message_id and g.message_id is None and o.key not in notices:
                 g.message_id = o.message_id
             if o.matched is not None:
                 if o.matched.key in done:
