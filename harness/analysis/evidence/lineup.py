@@ -234,6 +234,7 @@ class _Obs:
     host: Endpoint | None = None  # the server it talked to
     local: Endpoint | None = None  # its own end of the connection
     reached: bool = True  # False: the connection never reached a server
+    elsewhere: str | None = None  # it went to a server that is not the harness
     dsn_id: str | None = None
     dsn_about: str | None = None
     dsn_rcpt: str | None = None
@@ -614,10 +615,20 @@ def _protocol_work(f: EvidenceFile, captures: Sequence[Capture], options: Lineup
     for s in ours:
         if s.peer[1] is not None:
             by_port.setdefault(s.peer[1], []).append(s)
+    ports = {s.listener[1] for s in ours if s.listener and s.listener[1] is not None}
     psessions = [p for p in sessions(f.records) if p.direction == "send"]
+    other = [p for p in psessions if ours and p.remote and p.remote[1] is not None
+             and p.remote[1] not in ports]
+    if other:
+        psessions = [p for p in psessions if p not in other]
+        work.file = replace(work.file, notes=(*work.file.notes, f"{len(other)} session(s) "
+                            "to other servers (" + ", ".join(sorted({_ep(p.remote)
+                                                                     for p in other}))
+                            + ") left out: the harness was not there"))
     receive = [p for p in sessions(f.records) if p.direction == "receive"]
     if receive:
-        work.file = replace(f, notes=(*f.notes, f"{len(receive)} Receive-connector session(s): "
+        work.file = replace(work.file, notes=(*work.file.notes, f"{len(receive)} "
+                            "Receive-connector session(s): "
                                       "Exchange was the server there, so there is no harness "
                                       "session to line them up with"))
     pairs: list[tuple[ProtocolSession, CapturedSession | None]] = []
@@ -670,12 +681,17 @@ def _protocol_work(f: EvidenceFile, captures: Sequence[Capture], options: Lineup
 
 
 def _aligned(theirs: list[_Tok], mine: list[_Tok]) -> list[tuple[_Tok, _Tok]]:
-    sm = difflib.SequenceMatcher(a=[t.token for t in theirs], b=[t.token for t in mine],
-                                 autojunk=False)
+    """Pairs of the same command or reply, commands and replies matched as
+    two sequences: a client that pipelines logs MAIL, RCPT, RCPT before the
+    replies, while the server's transcript interleaves them."""
     out = []
-    for block in sm.get_matching_blocks():
-        for k in range(block.size):
-            out.append((theirs[block.a + k], mine[block.b + k]))
+    for kind in ("C:", "S:"):
+        a = [t for t in theirs if t.token.startswith(kind)]
+        b = [t for t in mine if t.token.startswith(kind)]
+        sm = difflib.SequenceMatcher(a=[t.token for t in a], b=[t.token for t in b],
+                                     autojunk=False)
+        for block in sm.get_matching_blocks():
+            out += [(a[block.a + k], b[block.b + k]) for k in range(block.size)]
     return out
 
 
@@ -695,33 +711,37 @@ def _session_steps(f: EvidenceFile, ps: ProtocolSession, s: CapturedSession | No
     mine = _our_tokens(s)
     if key is None:
         key = _mid(work.session_mids.get((store, s.id))) or f"session {label}{s.id}"
-    sm = difflib.SequenceMatcher(a=[t.token for t in theirs], b=[t.token for t in mine],
-                                 autojunk=False)
     our_replies = [t.reply for t in mine if t.reply]
-    for op, a0, a1, b0, b1 in sm.get_opcodes():
-        if op == "equal":
-            for a, b in zip(theirs[a0:a1], mine[b0:b1], strict=True):
-                if a.reply and b.reply and not a.reply.agrees(b.reply):
-                    _never_sent(f, a, b.reply, s, label, key, work)
-            continue
-        for a in theirs[a0:a1]:
-            if a.reply is not None and not any(a.reply.agrees(r) for r in our_replies):
-                _never_sent(f, a, mine[b0].reply if b0 < len(mine) else None, s, label, key,
-                            work)
-            else:
-                where = f"{f.path}:{a.line}"
+    for kind in ("C:", "S:"):
+        a = [t for t in theirs if t.token.startswith(kind)]
+        b = [t for t in mine if t.token.startswith(kind)]
+        sm = difflib.SequenceMatcher(a=[t.token for t in a], b=[t.token for t in b],
+                                     autojunk=False)
+        for op, a0, a1, b0, b1 in sm.get_opcodes():
+            if op == "equal":
+                for x, y in zip(a[a0:a1], b[b0:b1], strict=True):
+                    if x.reply and y.reply and not x.reply.agrees(y.reply):
+                        _never_sent(f, x, y.reply, s, label, key, work)
+                continue
+            for x in a[a0:a1]:
+                if x.reply is not None and not any(x.reply.agrees(r) for r in our_replies):
+                    _never_sent(f, x, b[b0].reply if b0 < len(b) else None, s, label, key,
+                                work)
+                else:
+                    where = f"{f.path}:{x.line}"
+                    work.disagreements.append((key, Disagreement(
+                        kind="transcript-differs", where=where, t=x.t - work.skew,
+                        message=f"{where}: the sender logged {x.text!r} where the harness's "
+                                f"session {label}{s.id} has "
+                                + (", ".join(repr(y.text) for y in b[b0:b1]) or "nothing"))))
+            if op == "insert":
+                prev = a[a0 - 1] if a0 else None
+                where = f"{f.path}:{prev.line if prev else ps.lines[0].line}"
                 work.disagreements.append((key, Disagreement(
-                    kind="transcript-differs", where=where, t=a.t - work.skew,
-                    message=f"{where}: the sender logged {a.text!r} where the harness's "
-                            f"session {label}{s.id} has "
-                            + (", ".join(repr(b.text) for b in mine[b0:b1]) or "nothing"))))
-        if op == "insert":
-            where = f"{f.path}:{theirs[a0 - 1].line if a0 else ps.lines[0].line}"
-            work.disagreements.append((key, Disagreement(
-                kind="transcript-differs", where=where, t=mine[b0].t,
-                message=f"{where}: the harness's session {label}{s.id} has "
-                        + ", ".join(repr(b.text) for b in mine[b0:b1])
-                        + " which the sender did not log")))
+                    kind="transcript-differs", where=where, t=b[b0].t,
+                    message=f"{where}: the harness's session {label}{s.id} has "
+                            + ", ".join(repr(y.text) for y in b[b0:b1])
+                            + " which the sender did not log")))
     # each recipient's deciding reply: a step of the message's timeline
     pending: list[_Tok] = []
     rcpts: list[tuple[str, _Tok, _Tok | None]] = []
@@ -908,17 +928,25 @@ def line_up(files: Sequence[EvidenceFile], captures: Sequence[Capture],
     measured = [w.skew for w in works if w.skew_info is not None
                 and w.skew_info.seconds is not None]
     matched_by: dict[tuple[str, int, int], list[_Obs]] = {}
+    listeners = {s.listener[1] for c in captures for s in c.sessions
+                 if s.listener and s.listener[1] is not None}
+    judge = bool(captures)  # without a store there is nothing to disagree with
     for w in works:
         if w.skew_info is None and len(measured) == 1:
             w.skew = measured[0]
+        for o in w.obs:
+            if listeners and o.host and o.host[1] is not None and o.host[1] not in listeners:
+                o.reached, o.elsewhere = False, f"it went to {_ep(o.host)}, not to the harness"
         _match(w, targets, by_session, port_sessions, opts)
         for o in w.obs:
             if o.matched is not None:
                 matched_by.setdefault(o.matched.key, []).append(o)
-        _check_replies(w, replies, opts)
-        _check_dsns(w, messages, opts)
-    _check_unlogged(works, targets, matched_by, opts)
-    timelines = _timelines(works, targets, matched_by, opts)
+        if judge:
+            _check_replies(w, replies, opts)
+            _check_dsns(w, messages, opts)
+    if judge:
+        _check_unlogged(works, targets, matched_by, opts)
+    timelines = _timelines(works, targets, matched_by, opts, judge)
     if not captures:
         notes.append("no store was given: only the sender's side is shown")
     skews = tuple(w.skew_info for w in works if w.skew_info is not None)
@@ -962,7 +990,8 @@ def _check_replies(w: _FileWork,
     harness sent around then (a queue's LastError, an unmatched log line)."""
     tol = opts.tolerance + w.file.resolution
     for o in w.obs:
-        if o.matched is not None or o.reply is None or o.kind not in ("attempt", "queue"):
+        if o.matched is not None or o.reply is None or o.kind not in ("attempt", "queue") \
+                or not o.reached:
             continue
         timed = o.t > 0
         found = [(s, e, label) for s, e, r, label in replies
@@ -1080,7 +1109,7 @@ class _Group:
 
 def _timelines(works: list[_FileWork], targets: list[_Target],
                matched_by: dict[tuple[str, int, int], list[_Obs]],
-               opts: LineupOptions) -> tuple[MessageTimeline, ...]:
+               opts: LineupOptions, judge: bool) -> tuple[MessageTimeline, ...]:
     groups: dict[str, _Group] = {}
     # a notification's own delivery belongs to the message it is about
     notices = {o.dsn_id: o.key for w in works for o in w.obs
@@ -1119,10 +1148,10 @@ def _timelines(works: list[_FileWork], targets: list[_Target],
                 continue
             note = None
             if o.kind == "attempt" and not o.reached:
-                note = "the connection never reached the harness"
+                note = o.elsewhere or "the connection never reached the harness"
             elif o.kind == "attempt" and o.harness_text is None and not o.flags:
                 note = "no harness attempt beside it"
-                if o.reply is None:
+                if o.reply is None and judge:
                     o.flags.append("no-session")
                     w.disagreements.append((o.key, Disagreement(
                         kind="no-session", where=o.where, t=o.t - w.skew,
@@ -1133,10 +1162,15 @@ def _timelines(works: list[_FileWork], targets: list[_Target],
                                 harness=o.harness_text, flags=tuple(o.flags), note=note))
         for key, st in w.steps:
             group(key).steps.append(st)
+    seen: set[tuple[str, str | None, str]] = set()
     for w in works:
         for key, d in w.disagreements:
-            group(key).disagreements.append(d)
-    _check_retries(groups, works, opts)
+            mark = (d.kind, d.where, d.message if d.where is None else "")
+            if mark not in seen:  # a session's check and its step's may find the same line
+                seen.add(mark)
+                group(key).disagreements.append(d)
+    if judge:
+        _check_retries(groups, works, opts)
     out = []
     for key, g in groups.items():
         _keep_file_order(g)

@@ -40,14 +40,15 @@ class SyslogLine:
     resolution: float  # 1.0 when the time had no fraction
 
 
-def _year(month: int, options: ReadOptions) -> int | None:
+def _year(month: int, day: int, options: ReadOptions) -> int | None:
     if options.year is not None:
         return options.year
     if options.now is None:
         return None
     now = datetime.fromtimestamp(options.now, options.tz)
-    # a month more than one after now's is last year's (December's log read in January)
-    return now.year - 1 if month > now.month + 1 else now.year
+    # a log line is from the past: a date after today is last year's
+    # (December's log read in January)
+    return now.year - 1 if (month, day) > (now.month, now.day + 1) else now.year
 
 
 def parse_syslog_line(line: str, options: ReadOptions) -> SyslogLine | str | None:
@@ -84,7 +85,7 @@ def parse_syslog_line(line: str, options: ReadOptions) -> SyslogLine | str | Non
     if month is None:
         return None
     day, h, mi, s = int(m["day"]), int(m["h"]), int(m["m"]), int(m["s"])
-    year = _year(month, options)
+    year = _year(month, day, options)
     if year is None:
         return "a syslog time has no year: give ReadOptions(year=...) or now"
     try:
