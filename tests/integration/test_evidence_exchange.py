@@ -47,13 +47,14 @@ rules:
     when: {rcpt: full@lab.test}
     reply: 552 5.2.2 Mailbox full; the recipient's mailbox is over its storage quota
 """
-TRACKING_FIELDS = (
-    "date-time,client-ip,client-hostname,server-ip,server-hostname,source-context,"
-    "connector-id,source,event-id,internal-message-id,message-id,network-message-id,"
-    "recipient-address,recipient-status,total-bytes,recipient-count,related-recipient-address,"
-    "reference,message-subject,sender-address,return-path,message-info,directionality,"
-    "tenant-id,original-client-ip,original-server-ip,custom-data,transport-traffic-type,"
-    "log-id,schema-version").split(",")
+TRACKING_FIELDS = [
+    "date-time", "client-ip", "client-hostname", "server-ip", "server-hostname",
+    "source-context", "connector-id", "source", "event-id", "internal-message-id",
+    "message-id", "network-message-id", "recipient-address", "recipient-status", "total-bytes",
+    "recipient-count", "related-recipient-address", "reference", "message-subject",
+    "sender-address", "return-path", "message-info", "directionality", "tenant-id",
+    "original-client-ip", "original-server-ip", "custom-data", "transport-traffic-type",
+    "log-id", "schema-version"]
 
 
 def stamp(t: float) -> str:
@@ -243,7 +244,7 @@ def _steps(lineup: Any, path: Path) -> list[Any]:
 
 
 def test_evidence_exchange_logs_line_up_with_the_session(exchange_run: Any) -> None:
-    h, send, track, mid, ndr_id = exchange_run
+    h, send, track, mid, _ndr_id = exchange_run
     lineup = _lineup(send, track, store=h.store_path)
     assert lineup.problems == []
     assert lineup.disagreements == [], [d.message for d in lineup.disagreements]
@@ -296,7 +297,7 @@ def test_evidence_flags_an_edited_reply_in_each_exchange_log(exchange_run: Any,
 
 def test_evidence_flags_a_dsn_never_captured_and_an_attempt_not_logged(
         exchange_run: Any, tmp_path: Path) -> None:
-    h, send, track, _mid, ndr_id = exchange_run
+    h, send, track, _mid, _ndr_id = exchange_run
     # a DSN event for an NDR that went elsewhere (another Message-ID, another reference)
     lines = track.read_text().splitlines()
     n = next(i for i, ln in enumerate(lines) if ",DSN," in ln)

@@ -116,7 +116,7 @@ def test_evidence_protocol_log_fields_by_name_and_sessions() -> None:
     f = read("SEND20261130-1.LOG")
     assert f.header["log-type"] == "SMTP Send Protocol Log"
     lines = [r for r in f.records if isinstance(r, ProtocolLine)]
-    first, second = sessions(lines)
+    first, _second = sessions(lines)
     assert first.session == "08DE2F1A3C4B5D01"
     assert first.local == ("10.0.0.5", 50211) and first.remote == ("192.0.2.10", 2525)
     assert first.message_ids == ("<4f2c9a01@EX01.contoso.test>",)
