@@ -65,8 +65,10 @@ from harness.store.db import Reader
 
 SCHEMA = "harness.evidence/1"
 LAB_INFO = "lab.json"
-#: The API takes at most this many files per request.
+#: The API takes at most this many files per request (and, like every
+#: request, at most 1 MiB).
 MAX_FILES = 16
+MAX_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,13 @@ def parse_tz(text: str | None) -> tzinfo:
     t = text.strip()
     if t.upper() in ("UTC", "Z", "GMT"):
         return UTC
-    if t[:1] in "+-" and t[1:].replace(":", "").isdigit() and len(t[1:].replace(":", "")) == 4:
-        digits = t[1:].replace(":", "")
+    digits = t[1:].replace(":", "")
+    if t[:1] in "+-" and digits.isdigit() and len(digits) == 4:
         sign = -1 if t[0] == "-" else 1
-        return timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+        try:
+            return timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+        except ValueError as e:
+            raise HarnessError(f"--tz {text!r}: an offset lies between -23:59 and +23:59") from e
     try:
         from zoneinfo import ZoneInfo
 
@@ -168,15 +173,29 @@ def _endpoint(text: str | None) -> tuple[str, int | None] | None:
     return (host.strip("[]"), int(port)) if port.isdigit() else (text, None)
 
 
+def capture_from_reader(r: Reader, label: str, clock: LabClock | None = None) -> Capture:
+    # the analysis runs after the 250: a message not analysed yet is parsed here
+    return capture_from_records(label, r.sessions(with_events=True), r.attempts(),
+                                r.messages(raw=True), clock)
+
+
 def load_capture(path: Path, label: str) -> tuple[Capture, dict[str, Any] | None]:
     """A store's records (read-only), and the lab.json beside it."""
     info = read_lab_info(path)
     with Reader(path) as r:
-        sessions = r.sessions(with_events=True)
-        attempts = r.attempts()
-        messages = r.messages(raw=True)
-    # the analysis runs after the 250: a message not analysed yet is parsed here
-    return capture_from_records(label, sessions, attempts, messages, _clock(info)), info
+        return capture_from_reader(r, label, _clock(info)), info
+
+
+def evidence_from_texts(r: Reader, texts: Sequence[tuple[str, str]], *, tz: tzinfo = UTC,
+                        retry_interval: float | None = None, window: float | None = None,
+                        now: float | None = None) -> dict[str, Any]:
+    """The API's lining up: files given as (name, text), the store open in `r`."""
+    opts = ReadOptions(tz=tz, now=time.time() if now is None else now)
+    files = [read_evidence(name, text, opts) for name, text in texts]
+    lopts = LineupOptions(retry_interval=retry_interval,
+                          **({"window": window} if window is not None else {}))
+    lineup = line_up(files, [capture_from_reader(r, "")], lopts)
+    return lineup_json(lineup, [{"path": str(r.path), "label": "", "clock": None}])
 
 
 def read_file(path: Path, options: ReadOptions) -> EvidenceFile:

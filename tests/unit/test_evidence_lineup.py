@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harness.analysis.evidence import ReadOptions, read_evidence
 from harness.analysis.evidence.capture import (
@@ -17,7 +19,7 @@ from harness.analysis.evidence.capture import (
     CapturedMessage,
     CapturedSession,
 )
-from harness.analysis.evidence.lineup import Lineup, LineupOptions, line_up
+from harness.analysis.evidence.lineup import KINDS, Lineup, LineupOptions, line_up
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "evidence"
 OPTS = ReadOptions(now=datetime(2026, 11, 30, 12, 0, tzinfo=UTC).timestamp())
@@ -278,3 +280,33 @@ def test_lineup_exchange_2003_logs_by_time() -> None:
     assert kinds(lineup) == []
     steps = [st for m in lineup.timelines for st in m.steps if st.harness]
     assert [st.harness.reply for st in steps] == [GREY]
+
+
+LINEUP_PROFILE = settings(max_examples=120, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+LINES = [
+    "Nov 30 09:00:01 h postfix/smtp[1]: 8F2A31C0D4: to=<user@lab.test>, relay=192.0.2.10"
+    "[192.0.2.10]:2525, delay=1, dsn=4.7.1, status=deferred (host x said: 451 4.7.1 no)",
+    "Nov 30 09:00:02 h postfix/cleanup[1]: 8F2A31C0D4: message-id=<a@b>",
+    "Nov 30 09:00:03 h postfix/bounce[1]: 8F2A31C0D4: sender non-delivery notification: 1A2B3C",
+    "Nov 30 09:05:01 h postfix/smtp[1]: 8F2A31C0D4: to=<user@lab.test>, relay=192.0.2.10"
+    "[192.0.2.10]:2525, delay=1, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 7)",
+    "Nov 30 09:05:01 h postfix/smtp[1]: 1A2B3C: to=<app@contoso.test>, relay=none, delay=1, "
+    "dsn=4.4.1, status=deferred (connect to x: Connection refused)",
+]
+
+
+@LINEUP_PROFILE
+@given(st.lists(st.sampled_from(LINES), max_size=12), st.text(max_size=80),
+       st.floats(min_value=-600, max_value=600), st.booleans())
+def test_lineup_never_raises_whatever_the_log(lines: list[str], noise: str, shift: float,
+                                              ndr: bool) -> None:
+    """Any mix of lines, noise and clock offsets: a lineup, never an exception,
+    and every disagreement names a kind we document."""
+    text = "\n".join([*lines, noise])
+    f = read_evidence("m", text, OPTS)
+    cap = postfix_capture(ndr=ndr, retry_gap=abs(shift) + 1)
+    lineup = line_up([f], [cap], LineupOptions(retry_interval=60))
+    assert {d.kind for d in lineup.disagreements} <= set(KINDS)
+    for m in lineup.timelines:
+        assert [s.t for s in m.steps] == sorted(s.t for s in m.steps)
