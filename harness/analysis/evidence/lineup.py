@@ -33,6 +33,7 @@ May know: the records handed in. May not know: files, sockets, storage."""
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import itertools
 import re
@@ -357,6 +358,7 @@ def _postfix_obs(f: EvidenceFile) -> list[_Obs]:
         return _mid(mids.get(root)) or f"postfix:{root}"
 
     out: list[_Obs] = []
+    queued: set[str] = set()
     for r in recs:
         where = f"{f.path}:{r.line}"
         if r.kind == "delivery" and r.qid:
@@ -379,9 +381,10 @@ def _postfix_obs(f: EvidenceFile) -> list[_Obs]:
                             dsn_about=_mid(mids.get(r.qid)), dsn_rcpt=senders.get(r.qid),
                             sender_id=r.notification, mail_from=senders.get(r.qid)))
         elif r.kind in ("expired", "queued", "removed") and r.qid:
-            if r.kind == "queued" and any(o.kind == "info" and o.sender_id == r.qid
-                                          and "queued" in o.text for o in out):
-                continue  # qmgr says "queue active" at every retry: once is enough
+            if r.kind == "queued":
+                if r.qid in queued:
+                    continue  # qmgr says "queue active" at every retry: once is enough
+                queued.add(r.qid)
             text = {"expired": "qmgr: expired, returned to sender",
                     "queued": f"qmgr: queued, from=<{r.sender or ''}>",
                     "removed": "qmgr: removed from the queue"}[r.kind]
@@ -804,18 +807,19 @@ def _never_sent(f: EvidenceFile, a: _Tok, ours: Reply | None, s: CapturedSession
 # ------------------------------------------------------------------- skew
 
 def _mode(values: list[float], width: float) -> float:
-    """The value with the most others within `width` (ties: nearest 0)."""
+    """The middle of the densest run of values within `width` of one value
+    (ties: the one nearest 0); two pointers over the sorted values."""
     vals = sorted(values)
     best, best_n = 0.0, -1
-    j = 0
+    j = k = 0
     for i, v in enumerate(vals):
         while vals[j] < v - width:
             j += 1
-        k = i
+        k = max(k, i)
         while k + 1 < len(vals) and vals[k + 1] <= v + width:
             k += 1
         n = k - j + 1
-        centre = median(vals[j:k + 1])
+        centre = vals[(j + k) // 2]
         if n > best_n or (n == best_n and abs(centre) < abs(best)):
             best, best_n = centre, n
     return best
@@ -837,21 +841,51 @@ def _skew_from(path: str, diffs: list[float], resolution: float) -> Skew:
                 pairs=len(diffs), resolution=resolution)
 
 
-def _candidates(o: _Obs, targets: list[_Target], by_session: dict[tuple[str, int], list[_Target]],
-                port_sessions: dict[int, list[_Target]]) -> list[_Target]:
-    if o.session_match is not None:
-        got = by_session.get(o.session_match, [])
-        return [t for t in got if t.rcpt is None or o.rcpt is None
-                or t.rcpt.lower() == o.rcpt.lower()]
-    if o.local is not None and o.local[1] is not None and o.local[1] in port_sessions:
-        got = port_sessions[o.local[1]]
-        if o.host is not None and o.host[1] is not None:
-            got = [t for t in got if t.session.listener is None
-                   or t.session.listener[1] == o.host[1]] or got
-        return [t for t in got if t.rcpt is None or o.rcpt is None
-                or t.rcpt.lower() == o.rcpt.lower()]
-    return [t for t in targets if t.rcpt is None or o.rcpt is None
-            or t.rcpt.lower() == o.rcpt.lower()]
+class _Index:
+    """The harness's targets by session, by peer port and by recipient, each
+    list in time order, so a step looks only at what lies near it in time
+    (a day's mail log against a busy store stays linear)."""
+
+    def __init__(self, targets: list[_Target]) -> None:
+        self.by_session: dict[tuple[str, int], list[_Target]] = {}
+        self.by_port: dict[int, list[_Target]] = {}
+        self.by_rcpt: dict[str, list[_Target]] = {}
+        self.no_rcpt: list[_Target] = []
+        self.all = sorted(targets, key=lambda x: x.t)
+        for t in self.all:
+            self.by_session.setdefault((t.store, t.session.id), []).append(t)
+            if t.session.peer[1] is not None:
+                self.by_port.setdefault(t.session.peer[1], []).append(t)
+            if t.rcpt is None:
+                self.no_rcpt.append(t)
+            else:
+                self.by_rcpt.setdefault(t.rcpt.lower(), []).append(t)
+        self._times = {id(v): [t.t for t in v] for v in (self.all, self.no_rcpt,
+                                                         *self.by_rcpt.values())}
+
+    def _window(self, seq: list[_Target], lo: float, hi: float) -> list[_Target]:
+        times = self._times[id(seq)]
+        return seq[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]
+
+    def candidates(self, o: _Obs, lo: float, hi: float) -> list[_Target]:
+        """What of ours may sit beside `o`, among targets in [lo, hi] (the
+        connection's ports, when the log gives them, settle it at once)."""
+        def same_rcpt(got: list[_Target]) -> list[_Target]:
+            return [t for t in got if t.rcpt is None or o.rcpt is None
+                    or t.rcpt.lower() == o.rcpt.lower()]
+
+        if o.session_match is not None:
+            return same_rcpt(self.by_session.get(o.session_match, []))
+        if o.local is not None and o.local[1] is not None and o.local[1] in self.by_port:
+            got = [t for t in self.by_port[o.local[1]] if lo <= t.t <= hi]
+            if o.host is not None and o.host[1] is not None:
+                got = [t for t in got if t.session.listener is None
+                       or t.session.listener[1] == o.host[1]] or got
+            return same_rcpt(got)
+        if o.rcpt is None:
+            return self._window(self.all, lo, hi)
+        return self._window(self.by_rcpt.get(o.rcpt.lower(), []), lo, hi) + \
+            self._window(self.no_rcpt, lo, hi)
 
 
 def _score(o: _Obs, t: _Target, skew: float) -> tuple[int, float]:
@@ -865,15 +899,14 @@ def _score(o: _Obs, t: _Target, skew: float) -> tuple[int, float]:
     return miss, abs(o.t - skew - t.t)
 
 
-def _attempt_skew(f: EvidenceFile, obs: list[_Obs], targets: list[_Target],
-                  by_session: dict[tuple[str, int], list[_Target]],
-                  port_sessions: dict[int, list[_Target]], options: LineupOptions
+def _attempt_skew(f: EvidenceFile, obs: list[_Obs], index: _Index, options: LineupOptions
                   ) -> tuple[float, Skew]:
     diffs: list[float] = []
+    w = options.window
     for o in obs:
         if o.kind != "attempt" or o.reply is None:
             continue
-        for t in _candidates(o, targets, by_session, port_sessions):
+        for t in index.candidates(o, o.t - w, o.t + w):
             if t.reply is not None and o.reply.agrees(t.reply) and \
                     abs(o.t - t.t) <= options.window:
                 diffs.append(o.t - t.t)
@@ -884,7 +917,7 @@ def _attempt_skew(f: EvidenceFile, obs: list[_Obs], targets: list[_Target],
     for o in obs:
         if o.kind != "attempt" or o.reply is None:
             continue
-        best = min((o.t - t.t for t in _candidates(o, targets, by_session, port_sessions)
+        best = min((o.t - t.t for t in index.candidates(o, o.t - w, o.t + w)
                     if t.reply is not None and o.reply.agrees(t.reply)),
                    key=lambda d: abs(d - centre), default=None)
         if best is not None and abs(best - centre) <= options.tolerance + f.resolution:
@@ -900,15 +933,9 @@ def line_up(files: Sequence[EvidenceFile], captures: Sequence[Capture],
     """The sender's files beside the harness's records: one timeline per message."""
     opts = options or LineupOptions()
     targets = _targets(captures)
-    by_session: dict[tuple[str, int], list[_Target]] = {}
-    port_sessions: dict[int, list[_Target]] = {}
-    for t in targets:
-        by_session.setdefault((t.store, t.session.id), []).append(t)
-        if t.session.peer[1] is not None:
-            port_sessions.setdefault(t.session.peer[1], []).append(t)
+    index = _Index(targets)
     messages = [m for c in captures for m in c.messages]
-    replies = [(s, e, Reply.parse(e.text), c.label) for c in captures for s in c.sessions
-               for e in s.events if e.direction == "S"]
+    replies = _Replies.of(captures)
     session_mids = {(m.store, m.session_id): m.message_id for m in messages}
     works: list[_FileWork] = []
     notes: list[str] = []
@@ -920,8 +947,7 @@ def line_up(files: Sequence[EvidenceFile], captures: Sequence[Capture],
         elif f.kind in _OBSERVERS:
             work.obs = _OBSERVERS[f.kind](f)
             if any(o.kind == "attempt" for o in work.obs):
-                work.skew, work.skew_info = _attempt_skew(f, work.obs, targets, by_session,
-                                                          port_sessions, opts)
+                work.skew, work.skew_info = _attempt_skew(f, work.obs, index, opts)
         works.append(work)
     # a file without attempts of its own (queues, traces) takes the skew of
     # another file of the same sender, when there is exactly one measured
@@ -937,7 +963,7 @@ def line_up(files: Sequence[EvidenceFile], captures: Sequence[Capture],
         for o in w.obs:
             if listeners and o.host and o.host[1] is not None and o.host[1] not in listeners:
                 o.reached, o.elsewhere = False, f"it went to {_ep(o.host)}, not to the harness"
-        _match(w, targets, by_session, port_sessions, opts)
+        _match(w, index, opts)
         for o in w.obs:
             if o.matched is not None:
                 matched_by.setdefault(o.matched.key, []).append(o)
@@ -956,16 +982,15 @@ def line_up(files: Sequence[EvidenceFile], captures: Sequence[Capture],
     return Lineup(files=files_out, skews=skews, timelines=timelines, notes=tuple(notes))
 
 
-def _match(w: _FileWork, targets: list[_Target],
-           by_session: dict[tuple[str, int], list[_Target]],
-           port_sessions: dict[int, list[_Target]], opts: LineupOptions) -> None:
+def _match(w: _FileWork, index: _Index, opts: LineupOptions) -> None:
     tol = opts.tolerance + w.file.resolution
     used: set[tuple[str, int, int]] = set()
     for o in sorted((o for o in w.obs if o.kind == "attempt" and o.reached),
                     key=lambda o: o.t):
-        cands = [t for t in _candidates(o, targets, by_session, port_sessions)
+        at = o.t - w.skew
+        cands = [t for t in index.candidates(o, at - tol, at + tol)
                  if t.key not in used and (o.session_match is not None
-                                           or abs(o.t - w.skew - t.t) <= tol)]
+                                           or abs(at - t.t) <= tol)]
         if not cands:
             continue
         best = min(cands, key=lambda t: _score(o, t, w.skew))
@@ -983,9 +1008,36 @@ def _match(w: _FileWork, targets: list[_Target],
                             f"{label}{best.session.id}")))
 
 
-def _check_replies(w: _FileWork,
-                   replies: list[tuple[CapturedSession, CapturedEvent, Reply | None, str]],
-                   opts: LineupOptions) -> None:
+@dataclass
+class _Replies:
+    """Every reply the harness sent, by code, in time order."""
+
+    by_code: dict[int, list[tuple[CapturedSession, CapturedEvent, Reply, str]]]
+    times: dict[int, list[float]]
+
+    @classmethod
+    def of(cls, captures: Sequence[Capture]) -> _Replies:
+        by_code: dict[int, list[tuple[CapturedSession, CapturedEvent, Reply, str]]] = {}
+        for c in captures:
+            for s in c.sessions:
+                for e in s.events:
+                    r = Reply.parse(e.text) if e.direction == "S" else None
+                    if r is not None:
+                        by_code.setdefault(r.code, []).append((s, e, r, c.label))
+        for v in by_code.values():
+            v.sort(key=lambda x: x[1].t)
+        return cls(by_code, {k: [x[1].t for x in v] for k, v in by_code.items()})
+
+    def near(self, reply: Reply, lo: float, hi: float
+             ) -> list[tuple[CapturedSession, CapturedEvent, str]]:
+        seq = self.by_code.get(reply.code, [])
+        times = self.times.get(reply.code, [])
+        return [(s, e, label) for s, e, r, label in
+                seq[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]
+                if reply.agrees(r)]
+
+
+def _check_replies(w: _FileWork, replies: _Replies, opts: LineupOptions) -> None:
     """A logged reply with no attempt beside it must at least be a reply the
     harness sent around then (a queue's LastError, an unmatched log line)."""
     tol = opts.tolerance + w.file.resolution
@@ -994,10 +1046,10 @@ def _check_replies(w: _FileWork,
                 or not o.reached:
             continue
         timed = o.t > 0
-        found = [(s, e, label) for s, e, r, label in replies
-                 if r is not None and o.reply.agrees(r)
-                 and (not timed or abs(o.t - w.skew - e.t) <= (
-                     tol if o.kind == "attempt" else opts.window))]
+        span = tol if o.kind == "attempt" else opts.window
+        at = o.t - w.skew
+        found = replies.near(o.reply, at - span, at + span) if timed else \
+            replies.near(o.reply, float("-inf"), float("inf"))
         if found:
             s, e, label = min(found, key=lambda x: abs(o.t - w.skew - x[1].t))
             lab = f"{label}:" if label else ""
@@ -1014,23 +1066,18 @@ def _check_replies(w: _FileWork,
 
 
 def _check_dsns(w: _FileWork, messages: list[CapturedMessage], opts: LineupOptions) -> None:
+    notices = [m for m in messages if m.is_ndr or m.mail_from == ""]
+    by_id = {k: m for m in notices if (k := _mid(m.message_id))}
+    by_about = {k: m for m in notices if (k := _mid(m.ndr_original_id))}
     for o in w.obs:
         if o.kind != "dsn":
             continue
-        found = None
-        for m in messages:
-            if not (m.is_ndr or m.mail_from == ""):
-                continue
-            if o.dsn_id and _mid(m.message_id) == o.dsn_id:
-                found = m
-                break
-            if o.dsn_about and _mid(m.ndr_original_id) == o.dsn_about:
-                found = m
-                break
+        found = (by_id.get(o.dsn_id) if o.dsn_id else None) or (
+            by_about.get(o.dsn_about) if o.dsn_about else None)
         if found is None and not o.dsn_id and not o.dsn_about and o.dsn_rcpt:
             t0 = o.t - w.skew
-            found = next((m for m in messages if (m.is_ndr or m.mail_from == "")
-                          and o.dsn_rcpt.lower() in (r.lower() for r in m.rcpt_tos)
+            rcpt = o.dsn_rcpt.lower()
+            found = next((m for m in notices if rcpt in (r.lower() for r in m.rcpt_tos)
                           and t0 - opts.tolerance <= m.received_at <= t0 + opts.window), None)
         if found is not None:
             label = f"{found.store}:" if found.store else ""
