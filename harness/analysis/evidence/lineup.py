@@ -864,6 +864,8 @@ class _Index:
                                                          *self.by_rcpt.values())}
 
     def _window(self, seq: list[_Target], lo: float, hi: float) -> list[_Target]:
+        if not seq:
+            return []
         times = self._times[id(seq)]
         return seq[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]
 
