@@ -43,7 +43,8 @@ def build(n: int) -> tuple[str, Capture]:
         for k, (t, reply) in enumerate(((t1, GREY), (t2, f"250 2.0.0 Ok: queued as {i}"))):
             sid = 2 * i + k + 1
             sessions.append(CapturedSession(
-                id=sid, started_at=t - 0.01, ended_at=t + 0.01, peer=("10.0.0.9", 10000 + sid % 50000),
+                id=sid, started_at=t - 0.01, ended_at=t + 0.01,
+                peer=("10.0.0.9", 10000 + sid % 50000),
                 listener=("192.0.2.10", 2525),
                 events=(CapturedEvent(t=t - 0.001, direction="C", phase="rcpt",
                                       text=f"RCPT TO:<{rcpt}>"),

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from harness import __version__
 from harness.errors import HarnessError, ScenarioError
+from harness.records import TranscriptLine
 from harness.scenario.engine import Engine
 from harness.scenario.library import library_dir, library_names, load, resolve
 from harness.scenario.loader import load_file
@@ -66,8 +67,8 @@ class LivePrinter:
         self.console = console
         self.last_command: dict[int, str] = {}
 
-    def __call__(self, sid: int, t: float, direction: str, phase: str | None, text: str,
-                 rule: str | None) -> None:
+    def __call__(self, line: TranscriptLine) -> None:
+        sid, t, direction, _, text, rule = line
         if direction == "C":
             self.last_command[sid] = text
             return
@@ -153,8 +154,8 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from harness.smtp.listener import ListenerContext
     from harness.smtp.runner import Listener, start_listener
-    from harness.smtp.server import ListenerContext
 
     if args.config is not None:
         if args.listen or args.listen_tls:
@@ -405,6 +406,12 @@ def _predict(args: argparse.Namespace) -> int:
     return predict_command(args, out)
 
 
+def _queues(args: argparse.Namespace) -> int:
+    from harness.queues import queues_command
+
+    return queues_command(args.files, as_json=args.json, out=out, err=err)
+
+
 def _lab(args: argparse.Namespace) -> int:
     from harness.lab.report import html_report, junit_xml, print_verdicts, verdicts_json
     from harness.lab.runner import run_lab
@@ -553,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "will it bounce? (Exchange, Postfix, Exim retry models)")
     add_predict_arguments(sp)
 
+    sp = sub.add_parser("queues", help="an Exchange queue's depth over time, from Get-Queue "
+                        "exports (Export-Csv or ConvertTo-Json)")
+    sp.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    sp.add_argument("--json", action="store_true")
+
     sp = sub.add_parser("check", help="validate scenario files")
     sp.add_argument("scenarios", nargs="+", metavar="SCENARIO")
     store_opt(sp)
@@ -590,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,
-                   "explain": _explain, "predict": _predict,
+                   "explain": _explain, "predict": _predict, "queues": _queues,
                    "evidence": _evidence}[args.command]
         return handler(args)
     except ScenarioError as e:

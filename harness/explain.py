@@ -39,7 +39,8 @@ ever added, never renamed or removed, within a schema version::
              "transient": bool|null,
              "causes": [str], "checks": [str], "exchange": str|null,
              "vendor": str|null,         # null: IANA / RFC; "Microsoft": vendor value
-             "typical_replies": [str]}
+             "typical_replies": [str],
+             "source": [str]}            # URLs the meaning comes from, main one first
 
     REPLY = {"text": str, "basic_code": "550"|null, "enhanced_code": "5.7.1"|null,
              "message": str,             # the human text after the codes
@@ -404,9 +405,21 @@ def _render_code(asked: str, info: CodeInfo) -> RenderableType:
         rows.append(("registry", Text(
             f"{info.vendor} value, not in the IANA registry" if info.vendor
             else "IANA enhanced status code (RFC 3463, RFC 5248)")))
+    if info.source:
+        rows.append(("source", _sources(info.source)))
     parts.append(Padding(_grid(rows), (0, 0, 0, 2)))
     parts.extend(_details(info.causes, info.checks, [info.exchange], info.typical_replies))
     return Group(*parts)
+
+
+def _sources(urls: Sequence[str]) -> Text:
+    """The pages the meaning comes from, one a line, the main one first."""
+    text = Text()
+    for n, url in enumerate(urls):
+        if n:
+            text.append("\n")
+        text.append(url, style="link " + url if n == 0 else "dim")
+    return text
 
 
 def _details(causes: Sequence[str], checks: Sequence[str], exchange: Sequence[str],
@@ -442,6 +455,8 @@ def _reply_rows(expl: Explanation) -> list[tuple[str, RenderableType]]:
     primary = expl.primary
     if primary is not None:
         rows.append(("meaning", Text(primary.meaning)))
+        if primary.source:
+            rows.append(("source", _sources(primary.source)))
     return rows
 
 

@@ -10,6 +10,7 @@ the NDR goes out, and what the prediction assumes. The models live in
     harness predict --mta exchange --failure connection --set MessageExpirationTimeout=00:30:00
     harness predict --mta postfix --set delay_warning_time=4h --first-failure 2025-01-06T09:00Z
     harness predict --mta exim --set 'retry=F,1h,5m' --json
+    harness predict --mta exchange-online --rate 100/min --greylist 5m
 
 Wiring (cli.py): ``add_arguments(subparser)`` adds the options;
 ``predict_command(args, console)`` runs the command and returns the exit
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,7 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness.analysis import retry
+from harness.analysis import queue_series, retry
 from harness.errors import HarnessError
 
 __all__ = ["PredictError", "add_arguments", "build_report", "predict_command"]
@@ -88,6 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="list every attempt (long runs of equal intervals are shortened "
                              "otherwise)")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    parser.add_argument(
+        "--rate", metavar="RATE",
+        help="messages a time toward the remote (100/min, 5/s, 2000/h): show the queue "
+             "depth and the oldest message's age this builds up, for a dead remote and for "
+             "greylisting, and an alert level that tells them apart")
+    parser.add_argument(
+        "--greylist", default="5m", metavar="DURATION",
+        help="with --rate: how long the greylisting remote refuses a new sender (default "
+             "5m); its first retry at or after this is accepted")
 
 
 def predict_command(args: argparse.Namespace | Mapping[str, Any] | None = None,
@@ -108,6 +119,13 @@ def predict_command(args: argparse.Namespace | Mapping[str, Any] | None = None,
     except ValueError as e:
         raise PredictError(str(e)) from None
     report = build_report(mta, failure, settings, schedule, start)
+    if opts["rate"] is not None:
+        report["queue"] = queue_report(schedule, str(opts["rate"]), str(opts["greylist"]))
+        if opts["json"]:
+            out.out(json.dumps(report, indent=2), highlight=False)
+            return 0
+        _render_queue(report, out)
+        return 0
     if opts["json"]:
         out.out(json.dumps(report, indent=2), highlight=False)
         return 0
@@ -188,6 +206,8 @@ def _options(args: argparse.Namespace | Mapping[str, Any] | None,
         "first_failure": given.get("first_failure", "now"),
         "json": bool(given.get("json", False)),
         "all_attempts": bool(given.get("all_attempts", False)),
+        "rate": given.get("rate"),
+        "greylist": given.get("greylist") or "5m",
     }
 
 
@@ -295,3 +315,87 @@ def _offset(t: datetime) -> str:
     sign = "-" if off < timedelta(0) else "+"
     minutes = abs(int(off.total_seconds())) // 60
     return f"UTC{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+# ------------------------------------------------------------ queue build-up
+
+#: Where the build-up is shown (seconds after the messages start to fail)
+_QUEUE_TIMES = (0, 60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 12 * 3600,
+                24 * 3600, 36 * 3600, 48 * 3600, 72 * 3600, 96 * 3600, 120 * 3600)
+
+
+def queue_report(schedule: retry.Schedule, rate_text: str, greylist_text: str
+                 ) -> dict[str, Any]:
+    """The queue a steady flow builds up against a dead remote (nothing is
+    accepted; each message stays until it expires) and against greylisting
+    (each message is accepted at its first retry after the greylisting
+    window), with the MTA's retry schedule; and an alert level on the oldest
+    message's age that the second never reaches and the first does."""
+    try:
+        rate = queue_series.parse_rate(rate_text)
+        window = retry.parse_duration(greylist_text)
+    except ValueError as e:
+        raise PredictError(str(e)) from None
+    dead = queue_series.stay(schedule.attempts, schedule.expires_at, None)
+    grey = queue_series.stay(schedule.attempts, schedule.expires_at, window)
+    end = max(dead or 0.0, 3600.0)
+    times = sorted({t for t in _QUEUE_TIMES if t <= end} | {end}
+                   | ({grey} if grey is not None else set()))
+    level = queue_series.threshold(grey, dead)
+
+    def series(held: float | None) -> list[dict[str, float | int]]:
+        return [{"t": x.t, "depth": x.depth, "oldest_age": x.oldest_age,
+                 "deferred": x.deferred} for x in queue_series.build_up(rate, held, times)]
+
+    return {
+        "rate_per_minute": rate * 60,
+        "greylist_window": window,
+        "scenarios": [
+            {"name": "dead remote", "held": dead, "samples": series(dead)},
+            {"name": "greylisting", "held": grey, "samples": series(grey)},
+        ],
+        "alert_oldest_age": level,
+        "alert_depth": None if level is None else math.ceil(rate * level),
+    }
+
+
+def _render_queue(report: Mapping[str, Any], out: Console) -> None:
+    mta = str(report["mta"])
+    q: Mapping[str, Any] = report["queue"]
+    dead, grey = q["scenarios"]
+    rate = q["rate_per_minute"]
+    out.print(f"[bold]{escape(_MTA_TEXT[mta])}[/]: queue build-up at {rate:g} messages a "
+              f"minute, every one deferred at its first attempt")
+    span = retry.format_duration
+    out.print(f"dead remote: nothing is accepted; each message stays until it expires "
+              f"({span(dead['held']) if dead['held'] is not None else 'never'})")
+    out.print(f"greylisting ({span(q['greylist_window'])}): each message is accepted at its "
+              f"first retry after that, "
+              f"{span(grey['held']) if grey['held'] is not None else 'never'} after it came")
+    out.print()
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    table.add_column("after", justify="right")
+    table.add_column("dead remote: depth", justify="right")
+    table.add_column("oldest", justify="right")
+    table.add_column("greylisting: depth", justify="right")
+    table.add_column("oldest", justify="right")
+    for d, g in zip(dead["samples"], grey["samples"], strict=True):
+        # ages to the whole second above: arrivals are 1/rate apart, so the
+        # oldest is a fraction of a second younger than the hold time
+        table.add_row(span(d["t"]) if d["t"] else "0s", f"{d['depth']:,}",
+                      span(math.ceil(d["oldest_age"])) if d["oldest_age"] else "0s",
+                      f"{g['depth']:,}",
+                      span(math.ceil(g["oldest_age"])) if g["oldest_age"] else "0s")
+    out.print(table)
+    out.print()
+    level = q["alert_oldest_age"]
+    if level is None:
+        out.print("[yellow]the oldest message's age does not tell a dead remote from "
+                  "greylisting here[/]")
+    else:
+        out.print(f"[bold]alert[/] when the oldest queued message is older than "
+                  f"{span(level)} (or the queue deeper than {q['alert_depth']:,}): greylisting "
+                  f"peaks at {span(grey['held'])}; a dead remote's oldest message reaches it "
+                  f"{span(level)} after the remote stops accepting")
+    out.print("[dim]every queued message waits for a retry (deferred = depth); the retry "
+              "times are the model's (see harness predict without --rate)[/]")

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,8 +30,8 @@ from harness.scenario.engine import Engine
 from harness.scenario.library import load
 from harness.scenario.loader import build_rule, load_file, load_text
 from harness.scenario.model import Scenario
-from harness.smtp.runner import Listener, start_listener
-from harness.smtp.server import JournalEntry, ListenerContext
+from harness.smtp.listener import JournalEntry, ListenerContext
+from harness.smtp.runner import Listener, close_connections, start_listener
 from harness.store.db import Attempt, MessageRecord, Reader, SessionRecord, Store
 
 T = TypeVar("T")
@@ -74,8 +73,7 @@ class Harness:
                  implicit_tls: bool = False, proxy_protocol: bool = False,
                  keep_store: bool = False, http: bool = False,
                  api_token: str | None = None) -> None:
-        self.scenario = _scenario(scenario)
-        self._base = self.scenario  # what reset() goes back to
+        first = _scenario(scenario)
         self._bind = (host, port)
         self._tmp: str | None = None
         if store is None:
@@ -86,7 +84,7 @@ class Harness:
         self.seed = seed
         self._offset = 0.0
         self._clock = clock or time.time
-        self.engine = Engine(self.scenario, seed=seed, clock=self.now)
+        self.engine = Engine(first, seed=seed, clock=self.now)
         self.store = Store(self.store_path)
         self.ctx = ListenerContext(engine=self.engine, store=self.store,
                                    implicit_tls=implicit_tls, proxy_protocol=proxy_protocol,
@@ -207,18 +205,14 @@ class Harness:
             raise ValueError("time only moves forward")
         self._offset += seconds
 
+    @property
+    def scenario(self) -> Scenario:
+        """The scenario the harness serves now (with any rules added)."""
+        return self.ctx.scenario
+
     def use(self, scenario: str | Path | Scenario) -> None:
         """Switch scenario for new decisions (counters and state carry on)."""
-        self.scenario = _scenario(scenario)
-        self.engine.use(self.scenario)
-        self.ctx.prepare_tls()
-        self._scenario_changed()
-
-    def _scenario_changed(self) -> None:
-        """Tell the listener's watchers (the web page) on the server's loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            for cb in self.ctx.on_scenario:
-                self._loop.call_soon_threadsafe(cb)
+        self.ctx.use(_scenario(scenario))
 
     def add_rule(self, *, on: str, name: str | None = None, **spec: Any) -> str:
         """Add a rule in code, checked exactly as one in a file; it goes before
@@ -227,23 +221,16 @@ class Harness:
         rule_spec: dict[str, Any] = {"name": name or f"added rule {self._rule_seq}", "on": on}
         rule_spec.update(spec)
         rule = build_rule(rule_spec, index=self._rule_seq - 1, source="<add_rule>")
-        if any(r.name == rule.name for r in self.scenario.rules):
-            raise HarnessError(f"a rule named {rule.name!r} exists already")
-        self.scenario = replace(self.scenario, rules=(rule, *self.scenario.rules))
-        self.engine.use(self.scenario)
-        self._scenario_changed()
+        self.ctx.add_rule(rule, position="first")
         return rule.name
 
     def reset(self, *, scenario: str | Path | Scenario | None = None) -> None:
         """Back to a clean slate: the base scenario (or `scenario`), no added
         rules, counters, state and journal forgotten, captures deleted."""
-        if scenario is not None:
-            self._base = _scenario(scenario)
         self.disconnect_all()  # nothing sent before the reset lands after it
-        self.use(self._base)
+        self.ctx.reset(to_base=True,
+                       scenario=_scenario(scenario) if scenario is not None else None)
         self._offset = 0.0
-        self.engine.reset()
-        self.ctx.journal.clear()
         self.store.clear()
         self.store.sync_barrier()
         self.store.error = None
@@ -332,21 +319,10 @@ class Harness:
     def disconnect_all(self, timeout: float = 10) -> int:
         """Close every open SMTP connection (e.g. a client's pooled one left
         over from a test) and wait for their sessions to end; returns how many."""
-        async def close() -> int:
-            open_ = list(self.ctx.active)
-            for proto in open_:
-                transport = proto.transport
-                if isinstance(transport, asyncio.Transport):
-                    transport.abort()
-                elif transport is not None:
-                    transport.close()
-            tasks = [p.task for p in open_ if p.task is not None]
-            if tasks:
-                await asyncio.wait(tasks, timeout=timeout)
-            return len(open_)
         if self._loop is None:
             return 0
-        count: int = self._call(close(), timeout + 1)
+        count: int = self._call(close_connections(self.ctx, abort=True, grace=timeout),
+                                timeout + 1)
         return count
 
     def wait_idle(self, timeout: float = 10) -> None:
@@ -354,17 +330,16 @@ class Harness:
         and every stored message has been analysed."""
         async def idle() -> None:
             while self.ctx.active or self.ctx.pending:
-                tasks: list[asyncio.Future[None]] = [p.task for p in self.ctx.active
-                                                     if p.task is not None]
-                tasks += list(self.ctx.pending)  # analyses of stored messages
-                if not tasks:
-                    break
-                await asyncio.wait(tasks)
+                waits: list[asyncio.Future[None]] = [p.closed for p in self.ctx.active]
+                waits += list(self.ctx.pending)  # analyses of stored messages
+                await asyncio.wait(waits)
         try:
             self._call(asyncio.wait_for(idle(), timeout), timeout + 1)
         except TimeoutError:
-            open_ = ", ".join(f"session {p._sid} from {p._peer} (last: {p._last_command!r})"
-                              for p in list(self.ctx.active)) or "none"
+            open_ = ", ".join(
+                f"session {p.session.id} from {p.session.peer[0]}:{p.session.peer[1]}"
+                f" (last: {p.session.last_command!r})"
+                for p in list(self.ctx.active) if p.session is not None) or "none"
             raise HarnessAssertionError(
                 f"waited {timeout:g}s for the harness to be idle; still open: {open_}") from None
 

@@ -77,6 +77,9 @@ class CodeInfo:
     typical_replies: tuple[str, ...] = ()
     vendor: str | None = None
     match: Match = "exact"
+    #: Where the meaning comes from: the IANA registry or an RFC for standard
+    #: codes, Microsoft's own page for Exchange's; the first is the main one.
+    source: tuple[str, ...] = ()
 
     @property
     def known(self) -> bool:
@@ -112,6 +115,7 @@ class CodeInfo:
             "exchange": self.exchange or None,
             "vendor": self.vendor,
             "typical_replies": list(self.typical_replies),
+            "source": list(self.source),
         }
 
 
@@ -282,7 +286,21 @@ def _texts(where: str, data: Mapping[str, Any], key: str, *, required: bool = Tr
 
 
 _ENTRY_KEYS = {"code", "classes", "title", "meaning", "causes", "checks", "exchange",
-               "vendor", "class_2", "class_4", "class_5"}
+               "vendor", "source", "class_2", "class_4", "class_5"}
+#: The fallbacks (c.x.x, c.s.x, cxx) say what the standards say.
+RFC_3463 = "https://www.rfc-editor.org/rfc/rfc3463"
+RFC_5321 = "https://www.rfc-editor.org/rfc/rfc5321"
+
+
+def _sources(where: str, data: Mapping[str, Any]) -> tuple[str, ...]:
+    """An entry's `source:`: one https URL or a list of them (required)."""
+    value = data.get("source")
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, list) or not urls or not all(
+            isinstance(u, str) and re.fullmatch(r"https://[^\s]+", u) for u in urls):
+        raise CatalogueError(f"{where}: 'source' must be an https URL or a list of them "
+                             f"(where the meaning comes from), got {value!r}")
+    return tuple(urls)
 _OVERRIDE_KEYS = {"title", "meaning", "causes", "checks", "exchange"}
 
 
@@ -307,7 +325,7 @@ def _build(raw: Any) -> _Catalogue:
             class_name=class_names[cls], subject=None, subject_name=None,
             title=_text(where, c, "title"), meaning=_text(where, c, "meaning"),
             transient=_transient(cls), causes=_texts(where, c, "causes"),
-            checks=_texts(where, c, "checks"), match="class")
+            checks=_texts(where, c, "checks"), match="class", source=(RFC_3463,))
 
     subject_names: dict[int, str] = {}
     subjects: dict[tuple[int, int], CodeInfo] = {}
@@ -329,7 +347,7 @@ def _build(raw: Any) -> _Catalogue:
                 transient=_transient(cls),
                 causes=_texts(where, s, "causes") if cls != 2 else base.causes,
                 checks=_texts(where, s, "checks") if cls != 2 else base.checks,
-                match="subject")
+                match="subject", source=(RFC_3463,))
 
     exact: dict[str, CodeInfo] = {}
     ranges: list[_Range] = []
@@ -400,7 +418,7 @@ def _build(raw: Any) -> _Catalogue:
             class_name=basic_class_names[cls], subject=None, subject_name=None,
             title=_text(where, c, "title"), meaning=_text(where, c, "meaning"),
             transient=_transient(cls), causes=_texts(where, c, "causes"),
-            checks=_texts(where, c, "checks"), match="class")
+            checks=_texts(where, c, "checks"), match="class", source=(RFC_5321,))
     basics = raw.get("basic")
     if not isinstance(basics, list):
         raise CatalogueError("catalogue.yaml: 'basic' must be a list")
@@ -412,7 +430,8 @@ def _build(raw: Any) -> _Catalogue:
         bm = _BASIC_RE.match(code)
         if not bm:
             raise CatalogueError(f"{where}: not a basic reply code")
-        unknown = set(b) - {"code", "title", "meaning", "causes", "checks", "exchange"}
+        unknown = set(b) - {"code", "title", "meaning", "causes", "checks", "exchange",
+                            "source"}
         if unknown:
             raise CatalogueError(f"{where}: unknown keys {sorted(unknown)}")
         cls, subj = int(bm.group(1)), int(bm.group(2))
@@ -422,7 +441,8 @@ def _build(raw: Any) -> _Catalogue:
             title=_text(where, b, "title"), meaning=_text(where, b, "meaning"),
             transient=_transient(cls), causes=_texts(where, b, "causes"),
             checks=_texts(where, b, "checks"),
-            exchange=_text(where, b, "exchange", required=False)))
+            exchange=_text(where, b, "exchange", required=False),
+            source=_sources(where, b)))
 
     replies = raw.get("typical_replies")
     if not isinstance(replies, dict):
@@ -494,7 +514,8 @@ def _entry(where: str, e: Mapping[str, Any], cls: int, subj: int, class_names: M
         transient=_transient(cls), causes=_texts(where, e, "causes"),
         checks=_texts(where, e, "checks"),
         exchange=_text(where, e, "exchange", required=False),
-        vendor=_text(where, e, "vendor", required=False) or None)
+        vendor=_text(where, e, "vendor", required=False) or None,
+        source=_sources(where, e))
 
 
 @functools.cache

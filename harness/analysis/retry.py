@@ -249,8 +249,13 @@ def _parse_int(name: str, text: str, lo: int, hi: int) -> int:
 #   (TransportRetryConfigCheck) recommends 5 minutes or less. We use 15 min
 #   and say so; set MessageRetryInterval to what Get-TransportService shows.
 # - Exchange Online: the tenant cannot change these settings and Microsoft
-#   does not publish the service's schedule, so the same model with the
-#   on-premises defaults is an estimate, to be checked in a lab.
+#   does not publish the service's retry schedule, so the same model with the
+#   on-premises defaults is an estimate, to be checked in a lab. Its expiry
+#   is published: Microsoft's current "Fix error code 4.4.7 in Exchange
+#   Online" page and the queued messages report say a message that cannot be
+#   delivered for 24 hours is returned with an NDR (older pages and the
+#   X-MS-Exchange-Organization-ExpirationInterval header said two days; that
+#   is history). So exchange-online expires at 24 h.
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,18 @@ def _exchange_time(name: str, text: str) -> float:
         raise ValueError(f"{name}: {e}") from None
 
 
-def _exchange_settings(values: Mapping[str, str]) -> ExchangeSettings:
+#: Exchange Online returns an undeliverable message after 24 hours (4.4.7 page,
+#: queued messages report); it was two days before.
+EXCHANGE_ONLINE_EXPIRATION = 1 * DAY
+EXCHANGE_ONLINE_SOURCES = (
+    "https://learn.microsoft.com/en-us/troubleshoot/exchange/email-delivery/ndr/"
+    "fix-error-code-550-4-4-7-in-exchange-online",
+    "https://learn.microsoft.com/en-us/exchange/monitoring/mail-flow-reports/"
+    "mfr-queued-messages-report",
+)
+
+
+def _exchange_settings(values: Mapping[str, str], *, online: bool = False) -> ExchangeSettings:
     changes: dict[str, Any] = {}
     role_given = False
     for raw_name, text in values.items():
@@ -351,7 +367,8 @@ def _exchange_settings(values: Mapping[str, str]) -> ExchangeSettings:
                 raise ValueError(f"{name}: {format_timespan(seconds)} is outside the valid "
                                  f"range {format_timespan(lo)} through {format_timespan(hi)}")
             changes[fname] = seconds
-    base = ExchangeSettings()
+    base = (ExchangeSettings(message_expiration_timeout=EXCHANGE_ONLINE_EXPIRATION) if online
+            else ExchangeSettings())
     if role_given and changes["role"] == "edge":
         # Edge Transport defaults differ for these two (message-intervals page)
         changes.setdefault("transient_failure_retry_interval", 10 * MINUTE)
@@ -379,6 +396,10 @@ def exchange_schedule(s: ExchangeSettings, failure: Failure = "message", *,
         notes.append("Exchange Online: its retry settings are not configurable and Microsoft "
                      "does not publish its schedule; this is the on-premises model with its "
                      "defaults, an estimate to check against a lab")
+        if "MessageExpirationTimeout" not in s.overridden:
+            notes.append("Exchange Online returns a message it could not deliver for 24 hours "
+                         "with an NDR (Microsoft's 4.4.7 page and queued messages report: "
+                         f"{EXCHANGE_ONLINE_SOURCES[0]}); older documentation said two days")
     if failure == "message":
         gaps: Iterator[float] = _repeat(s.message_retry_interval)
         notes.append(f"{product}: a 4xx reply inside a working session puts the message in "
@@ -875,7 +896,7 @@ def settings_for(mta: str, values: Mapping[str, str] | None = None) -> Settings:
     values = values or {}
     kind = _mta(mta)
     if kind in ("exchange", "exchange-online"):
-        return _exchange_settings(values)
+        return _exchange_settings(values, online=kind == "exchange-online")
     if kind == "postfix":
         return _postfix_settings(values)
     return _exim_settings(values)

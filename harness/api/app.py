@@ -31,9 +31,10 @@ from aiohttp import web
 
 from harness import __version__
 from harness.errors import HarnessError, ScenarioError
+from harness.records import TranscriptLine
 from harness.scenario.library import library_dir, library_names, load
 from harness.scenario.loader import build_rule, load_text
-from harness.smtp.server import ListenerContext
+from harness.smtp.listener import ListenerContext
 from harness.store.db import MessageRecord, Reader
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -41,7 +42,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CTX_KEY = web.AppKey("listeners", list[ListenerContext])
 STORE_KEY = web.AppKey("store_path", Path)
 TOKEN_KEY = web.AppKey("token", str)
-BASE_KEY = web.AppKey("base_scenarios", list[Any])
 
 #: The page may load its own script and style, and talk to this origin only.
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -80,10 +80,11 @@ class EventHub:
                 q.put_nowait(event)
 
     def attach(self, ctx: ListenerContext, index: int) -> None:
-        def transcript(sid: int, t: float, direction: str, phase: str | None, text: str,
-                       rule: str | None) -> None:
-            self.publish({"type": "line", "listener": index, "session": sid, "t": t,
-                          "direction": direction, "phase": phase, "text": text, "rule": rule})
+        def transcript(line: TranscriptLine) -> None:
+            if self.clients:  # nobody watching: nothing to build
+                self.publish({"type": "line", "listener": index, "session": line.session_id,
+                              "t": line.t, "direction": line.direction, "phase": line.phase,
+                              "text": line.text, "rule": line.rule})
 
         ctx.observers.append(transcript)
         ctx.on_message.append(lambda mid: self.publish(
@@ -277,7 +278,7 @@ async def listeners_list(request: web.Request) -> web.Response:
 
 @routes.put("/api/v1/listeners/{index}/scenario")
 async def activate(request: web.Request) -> web.Response:
-    index, ctx = listener(request)
+    _, ctx = listener(request)
     data = await body_json(request)
     if isinstance(data.get("yaml"), str):
         scenario = load_text(data["yaml"], "<api>", default_name="api")
@@ -289,19 +290,13 @@ async def activate(request: web.Request) -> web.Response:
         scenario = load(name)  # a library name only: no path from a request
     else:
         return problem(400, "give name (a library scenario) or yaml (a scenario text)")
-    await asyncio.to_thread(ctx.engine.use, scenario)
-    await asyncio.to_thread(ctx.prepare_tls)
-    request.app[BASE_KEY][index] = scenario
-    request.app[HUB_KEY].publish({"type": "scenario", "listener": index,
-                                  "scenario": scenario.name})
+    await asyncio.to_thread(ctx.use, scenario)  # may make a certificate: off the loop
     return web.json_response(scenario_json(scenario))
 
 
 @routes.post("/api/v1/listeners/{index}/rules")
 async def add_rule(request: web.Request) -> web.Response:
-    from dataclasses import replace
-
-    index, ctx = listener(request)
+    _, ctx = listener(request)
     data = await body_json(request)
     where = data.pop("position", "first")
     if where not in ("first", "last"):
@@ -309,33 +304,24 @@ async def add_rule(request: web.Request) -> web.Response:
     rule = build_rule(data, index=len(ctx.scenario.rules), source="<api>")
     if any(r.name == rule.name for r in ctx.scenario.rules):
         return problem(409, f"a rule named {rule.name!r} exists")
-    rules = (rule, *ctx.scenario.rules) if where == "first" else (*ctx.scenario.rules, rule)
-    ctx.engine.use(replace(ctx.scenario, rules=rules))
-    request.app[HUB_KEY].publish({"type": "scenario", "listener": index,
-                                  "scenario": ctx.scenario.name})
+    ctx.add_rule(rule, position=where)
     return web.json_response(rule_json(rule), status=201)
 
 
 @routes.delete("/api/v1/listeners/{index}/rules/{name}")
 async def remove_rule(request: web.Request) -> web.Response:
-    from dataclasses import replace
-
     _, ctx = listener(request)
     name = request.match_info["name"]
-    rules = tuple(r for r in ctx.scenario.rules if r.name != name)
-    if len(rules) == len(ctx.scenario.rules):
+    if not any(r.name == name for r in ctx.scenario.rules):
         return problem(404, f"no rule named {name!r}")
-    ctx.engine.use(replace(ctx.scenario, rules=rules))
-    for cb in ctx.on_scenario:
-        cb()
+    ctx.remove_rule(name)
     return web.json_response({"removed": name})
 
 
 @routes.post("/api/v1/listeners/{index}/reset")
 async def reset(request: web.Request) -> web.Response:
     index, ctx = listener(request)
-    ctx.engine.reset()
-    ctx.journal.clear()
+    ctx.reset()
     return web.json_response({"reset": index, "state": ctx.engine.state})
 
 
@@ -586,7 +572,6 @@ def make_app(listeners: list[ListenerContext], store_path: Path, token: str = ""
     app[CTX_KEY] = listeners
     app[STORE_KEY] = store_path
     app[TOKEN_KEY] = token
-    app[BASE_KEY] = [c.scenario for c in listeners]
     hub = EventHub()
     for i, c in enumerate(listeners):
         hub.attach(c, i)
@@ -624,10 +609,8 @@ class ApiServer:
         except OSError as e:
             raise HarnessError(f"cannot listen for HTTP on {self.host}:{self.port}: "
                                f"{e.strerror}") from e
-        server = site._server  # the bound port, when 0 was asked for
-        assert server is not None
-        sock = server.sockets[0]  # type: ignore[attr-defined]
-        self.host, self.port = sock.getsockname()[:2]
+        # the bound address (the port, when 0 was asked for)
+        self.host, self.port = self.runner.addresses[0][:2]
         return self.host, self.port
 
     async def stop(self) -> None:

@@ -39,7 +39,6 @@ none is left.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import grp
 import os
@@ -48,7 +47,6 @@ import re
 import secrets
 import shutil
 import signal
-import smtplib
 import subprocess
 import tempfile
 import time
@@ -56,12 +54,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
-from harness.lab.postfix import _free_port, _proc_stat, _wait_gone
+from harness.lab.base import (
+    LOOPBACK,
+    POLL_INTERVAL,
+    LabMta,
+    LabMtaError,
+    QueueEntry,
+    free_port,
+    proc_stat,
+    wait_gone,
+)
 
-LOOPBACK = "127.0.0.1"
-SUBMIT_HELO = "submit.lab.test"  # our EHLO name toward Exim: no getfqdn() lookup
-POLL_INTERVAL = 0.05
 DEFAULT_ROOT = Path("/opt/harness-exim")  # where tools/install-exim.sh unpacks the .deb
 INSTALL_HINT = "run tools/install-exim.sh as root (after apt-get update)"
 EXIM_USER = "Debian-exim"  # what Debian's build runs as (EXIM_USER=ref:Debian-exim)
@@ -72,7 +75,7 @@ _OPTION = re.compile(r"^[a-z][a-z0-9_]*$")
 _EXPECTED_PANIC = re.compile(r"exim user lost privilege for using -C option")
 
 
-class EximLabError(HarnessError):
+class EximLabError(LabMtaError):
     """The lab Exim could not be set up, started, stopped or driven."""
 
 
@@ -109,20 +112,7 @@ def _config_value(value: str | int | bool) -> str:
     return text
 
 
-#: Every lab not yet stopped, strongly held: a lab its owner dropped without
-#: stop() still has a daemon (our child) and a directory to clean up at exit.
-_labs: set[EximLab] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    """An interpreter that exits without stop() leaves no Exim and no temp dir behind."""
-    for lab in list(_labs):
-        with contextlib.suppress(Exception):
-            lab.stop()
-
-
-class EximLab:
+class EximLab(LabMta):
     """A private Exim daemon on loopback that sends every message to `relay`.
 
     `settings`: main-section options that override the lab defaults (values
@@ -136,6 +126,10 @@ class EximLab:
     default a temporary directory, removed by `stop()`.
     """
 
+    kind = "exim"
+    error = EximLabError
+    queue_id_reply = re.compile(rb"id=(" + MESSAGE_ID.encode() + rb")")
+
     def __init__(self, relay: tuple[str, int], workdir: str | Path | None = None, *,
                  settings: Mapping[str, str | int | bool] | None = None,
                  transport: Mapping[str, str | int | bool] | None = None,
@@ -145,24 +139,19 @@ class EximLab:
         if reason:
             raise EximLabError(reason)
         self.binary = exim_binary()
-        self.relay = (str(relay[0]), int(relay[1]))
         self.token = secrets.token_hex(4)
-        self.temporary = workdir is None
-        self.keep = keep
-        self.root = Path(tempfile.mkdtemp(prefix="exim-lab-") if workdir is None else workdir
-                         ).resolve()
+        self._init_common(relay, Path(tempfile.mkdtemp(prefix="exim-lab-")
+                                      if workdir is None else workdir).resolve(),
+                          temporary=workdir is None, keep=keep)
         self.config_path = self.root / "exim.conf"
         self.spool_directory = self.root / "spool"
         self.log_directory = self.root / "log"
         self.pid_path = self.root / "run" / "exim.pid"
         self.daemon_output_path = self.log_directory / "daemon.out"
-        self.name = f"exim-lab-{self.token}"
-        self.host = LOOPBACK
+        self._name = f"exim-lab-{self.token}"
         self._daemon: subprocess.Popen[bytes] | None = None
-        self._started = False
-        self._final_logs: dict[str, str] | None = None
         try:
-            self.port = _free_port()
+            self.port = free_port()
             self.retry = _config_value(retry)
             if not re.fullmatch(r"\d+[smhdw]?", queue_interval):
                 raise EximLabError(f"queue_interval {queue_interval!r}: a time such as 1s")
@@ -174,7 +163,7 @@ class EximLab:
             if self.temporary:
                 shutil.rmtree(self.root, ignore_errors=True)
             raise
-        _labs.add(self)
+        self._register()
 
     # -- configuration ---------------------------------------------------
 
@@ -200,6 +189,15 @@ class EximLab:
             out = (p.stdout + p.stderr).decode(errors="replace").strip().splitlines()
             return f"{binary} -bV failed ({'; '.join(out[-2:]) or p.returncode}): {INSTALL_HINT}"
         return None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def log_path(self) -> Path:
+        """Exim's mainlog (log_file_path; the reject and panic logs beside it)."""
+        return self.log_directory / "mainlog"
 
     @property
     def primary_hostname(self) -> str:
@@ -347,15 +345,14 @@ begin retry
         until it listens; raises with its output and the logs on failure."""
         if self._started:
             return self
-        if self._final_logs is not None:
-            raise EximLabError("this lab was stopped and its directory removed; make a new one")
+        self._check_restartable()
         try:
             self.check_config()
             for tries in range(3, 0, -1):
                 if self._start_daemon():
                     break
                 if tries > 1 and "Address already in use" in self._daemon_output():
-                    self.port = _free_port()  # lost a race for the port: pick another
+                    self.port = free_port()  # lost a race for the port: pick another
                     self.settings["daemon_smtp_ports"] = str(self.port)
                     self.config_path.write_text(self.config_text())
                     continue
@@ -393,33 +390,6 @@ begin retry
         except FileNotFoundError:
             return ""
 
-    def stop(self) -> None:
-        """Stop every process of this instance (always safe to call), then
-        remove the temporary directory (the log texts are kept in memory)."""
-        _labs.discard(self)
-        try:
-            if self.root.exists():
-                self._kill_instance()
-                left = self.processes()
-                if left:
-                    raise EximLabError(f"Exim processes of {self.name} survived stop: {left}")
-        finally:
-            self._started = False
-            if self._final_logs is None and self.temporary and not self.keep:
-                self._final_logs = {name: self._read_log(name)
-                                    for name in ("main", "reject", "panic")}
-                shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> EximLab:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._started
-
     def __repr__(self) -> str:
         state = "running" if self._started else "stopped"
         return (f"<EximLab {self.name} {state} smtp {self.host}:{self.port}"
@@ -440,7 +410,7 @@ begin retry
             except OSError:
                 continue
             if marker in cmdline + b"\0":
-                st = _proc_stat(pid)
+                st = proc_stat(pid)
                 if st is not None and st[0] != "Z":
                     found.add(pid)
         if self._daemon is not None and self._daemon.poll() is None:
@@ -467,7 +437,7 @@ begin retry
             for pid in procs:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            _wait_gone(procs, timeout=1 if sig == signal.SIGTERM else 5)
+            wait_gone(procs, timeout=1 if sig == signal.SIGTERM else 5)
             sig = signal.SIGKILL
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
@@ -475,42 +445,6 @@ begin retry
                 daemon.wait(5)
 
     # -- submission ------------------------------------------------------
-
-    def submit_smtp(self, mail_from: str, rcpts: str | Iterable[str], message: bytes | str, *,
-                    timeout: float = 10) -> str:
-        """Submit through the daemon with smtplib (explicit EHLO name, no DNS;
-        BODY=8BITMIME for 8-bit content). Returns Exim's message ID; any
-        refusal raises EximLabError. Exim starts a delivery at once."""
-        rcpt_list = [rcpts] if isinstance(rcpts, str) else list(rcpts)
-        data = message.encode() if isinstance(message, str) else bytes(message)
-        mail_opts = [] if data.isascii() else ["BODY=8BITMIME"]
-        where = f"Exim {self.host}:{self.port}"
-        try:
-            with smtplib.SMTP(self.host, self.port, local_hostname=SUBMIT_HELO,
-                              timeout=timeout) as s:
-                s.ehlo()
-                code, reply = s.mail(mail_from, mail_opts)
-                if code != 250:
-                    raise EximLabError(f"{where}: MAIL FROM:<{mail_from}> got {code} "
-                                       f"{reply.decode(errors='replace')}")
-                refused = {}
-                for r in rcpt_list:
-                    code, reply = s.rcpt(r)
-                    if code not in (250, 251):
-                        refused[r] = f"{code} {reply.decode(errors='replace')}"
-                if refused or not rcpt_list:
-                    s.rset()
-                    raise EximLabError(f"{where}: recipients refused: {refused or 'none given'}")
-                code, reply = s.data(data)
-                if code != 250:
-                    raise EximLabError(f"{where}: DATA got {code} "
-                                       f"{reply.decode(errors='replace')}")
-        except (OSError, smtplib.SMTPException) as e:
-            raise EximLabError(f"{where}: {e}{self._log_tail()}") from e
-        m = re.search(rb"id=(" + MESSAGE_ID.encode() + rb")", reply)
-        if m is None:
-            raise EximLabError(f"{where}: no message ID in {reply!r}")
-        return m.group(1).decode()
 
     def submit_local(self, mail_from: str, rcpts: str | Iterable[str], message: bytes | str, *,
                      timeout: float = 30) -> str:
@@ -531,7 +465,7 @@ begin retry
 
     # -- the queue -------------------------------------------------------
 
-    def queue(self) -> list[dict[str, Any]]:
+    def exim_queue(self) -> list[dict[str, Any]]:
         """The queue as `exim -bp` lists it: one dict per message (id, age,
         size, sender, frozen, recipients [undelivered], delivered)."""
         out = self._run("-bp").stdout.decode(errors="replace")
@@ -550,6 +484,31 @@ begin retry
                 else:
                     entries[-1]["recipients"].append(words[-1])
         return entries
+
+    def queue(self) -> list[QueueEntry]:
+        """The queue (`exim -bp`), one typed entry per message. Exim keeps
+        one spool, so the status is read from the mainlog: `hold` if frozen,
+        `deferred` once a delivery attempt was deferred (a `==` line, whose
+        text after the address is the reason), else `active`. The arrival
+        time is the one Exim encodes in the message ID."""
+        reasons = self._defer_reasons()
+        out = []
+        for q in self.exim_queue():
+            reason = reasons.get(q["id"])
+            out.append(QueueEntry(
+                queue_id=q["id"], sender=q["sender"], recipients=tuple(q["recipients"]),
+                arrival=id_time(q["id"]), size=_size(q["size"]),
+                status="hold" if q["frozen"] else "deferred" if reason else "active",
+                reason=reason))
+        return out
+
+    def _defer_reasons(self) -> dict[str, str]:
+        """Each message's last deferral in the mainlog: what follows its address."""
+        rx = re.compile(rf"^\S+ \S+ (?:\[\d+\] )?({MESSAGE_ID}) == \S+ (.*)$", re.M)
+        return {m.group(1): m.group(2) for m in rx.finditer(self.mainlog())}
+
+    def _queued_count(self) -> int:
+        return len(self.queued_ids())
 
     def queued_ids(self) -> list[str]:
         """IDs of the messages in the spool (read from the spool directory:
@@ -570,27 +529,6 @@ begin retry
         from a message another process is delivering)."""
         self._run("-M", message_id, timeout=timeout, check=False)
 
-    def wait_queue_empty(self, timeout: float = 10) -> float:
-        """Wait until no message is queued (bounces Exim generates included);
-        return the seconds waited. Polls the spool every 50 ms (Exim has no
-        event for it); two empty looks in a row are required."""
-        start = time.monotonic()
-        deadline = start + timeout
-        empty_seen = 0
-        while True:
-            self._raise_if_daemon_died()
-            if not self.queued_ids():
-                empty_seen += 1
-                if empty_seen >= 2:
-                    return time.monotonic() - start
-            else:
-                empty_seen = 0
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(POLL_INTERVAL)
-        raise EximLabError(f"{self.name}: queue not empty after {timeout:g}s: "
-                           f"{self.queue()}{self._log_tail()}")
-
     def wait_log(self, pattern: str, timeout: float = 10, *, start: int = 0) -> re.Match[str]:
         """Wait until the mainlog (from offset `start`) has a line matching the
         regular expression `pattern` (multiline mode); return the match."""
@@ -600,18 +538,12 @@ begin retry
             m = rx.search(self.mainlog(), start)
             if m:
                 return m
-            self._raise_if_daemon_died()
+            self._raise_if_failed()
             if time.monotonic() >= deadline:
                 break
             time.sleep(POLL_INTERVAL)
         raise EximLabError(f"{self.name}: no mainlog line matching {pattern!r} after "
                            f"{timeout:g}s{self._log_tail()}")
-
-    def wait_deferred(self, message_id: str, timeout: float = 10) -> str:
-        """Wait until a delivery attempt of the message was deferred (a `==`
-        line in the mainlog); return that line."""
-        m = self.wait_log(rf"^.* {re.escape(message_id)} == .*$", timeout)
-        return m.group(0)
 
     def wait_completed(self, message_id: str, timeout: float = 10) -> str:
         """Wait until Exim is done with the message (`Completed`); return its
@@ -626,20 +558,24 @@ begin retry
 
     # -- logs ------------------------------------------------------------
 
+    def _read_logs(self) -> dict[str, str]:
+        logs = {}
+        for name in ("main", "reject", "panic"):
+            try:
+                logs[name] = (self.log_directory / f"{name}log").read_text(errors="replace")
+            except FileNotFoundError:
+                logs[name] = ""
+        return logs
+
     def _read_log(self, name: str) -> str:
-        if self._final_logs is not None:
-            return self._final_logs.get(name, "")
-        try:
-            return (self.log_directory / f"{name}log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self._log(name)
 
     def mainlog(self) -> str:
         """Exim's mainlog so far (log_selector +all -arguments)."""
-        return self._read_log("main")
+        return self._log("main")
 
     def maillog(self) -> str:
-        """The same as mainlog() (the name PostfixLab uses); the panic log is
+        """The mainlog (the name every lab MTA has); the panic log is
         appended when it has anything."""
         panic = self.paniclog()
         return self.mainlog() + (f"\n--- paniclog ---\n{panic}" if panic else "")
@@ -653,7 +589,7 @@ begin retry
     def rejectlog(self) -> str:
         return self._read_log("reject")
 
-    def _raise_if_daemon_died(self) -> None:
+    def _raise_if_failed(self) -> None:
         if self._started and self._daemon is not None and self._daemon.poll() is not None:
             raise EximLabError(f"{self.name}: the Exim daemon exited (status "
                                f"{self._daemon.returncode}): {self._daemon_output()}"
@@ -668,3 +604,25 @@ begin retry
         panic = self.paniclog().strip()
         text = ("\n--- mainlog tail ---\n" + "\n".join(tail)) if tail else ""
         return text + (f"\n--- paniclog ---\n{panic}" if panic else "")
+
+
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def id_time(message_id: str) -> float:
+    """When Exim received a message: the first part of its ID is the time in
+    base 62 (Exim's spec, "Message identification")."""
+    seconds = 0
+    for c in message_id.split("-", 1)[0]:
+        seconds = seconds * 62 + _B62.index(c)
+    return float(seconds)
+
+
+def _size(text: str) -> int:
+    """`exim -bp`'s size column (412, 2.3K, 1.1M) in bytes."""
+    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        return 0

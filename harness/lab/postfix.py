@@ -33,7 +33,6 @@ one-second sleeps) and waits for every process of the instance to exit.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -42,28 +41,34 @@ import secrets
 import select
 import shutil
 import signal
-import smtplib
-import socket
 import subprocess
 import tempfile
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.errors import HarnessError
+from harness.lab.base import (
+    LOOPBACK,
+    POLL_INTERVAL,
+    LabMta,
+    LabMtaError,
+    QueueEntry,
+    QueueStatus,
+    free_port,
+    proc_stat,
+    wait_gone,
+)
 
-LOOPBACK = "127.0.0.1"
-SUBMIT_HELO = "submit.lab.test"  # our EHLO name toward Postfix's smtpd: no getfqdn() lookup
-POLL_INTERVAL = 0.05
 _SBIN = ("/usr/sbin", "/sbin", "/usr/lib/sendmail")
-_NOTIFY = ("SUCCESS", "FAILURE", "DELAY", "NEVER")
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DOMAIN = re.compile(r"^[^\s:]+$")
+#: postqueue -j's queue names: maildrop and incoming are on their way in
+_STATUS: dict[str, QueueStatus] = {"maildrop": "active", "incoming": "active",
+                                   "active": "active", "deferred": "deferred", "hold": "hold"}
 
 
-class PostfixLabError(HarnessError):
+class PostfixLabError(LabMtaError):
     """The lab Postfix could not be set up, started, stopped or driven."""
 
 
@@ -73,50 +78,6 @@ class PostfixLabError(HarnessError):
 def _tool(name: str) -> str | None:
     path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
     return shutil.which(name, path=path)
-
-
-def _free_port() -> int:
-    """An ephemeral port on 127.0.0.1 that is free right now.
-
-    The master binds it a moment later (with SO_REUSEADDR); if someone else
-    took it in between, `start()` picks another and retries."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def _xtext(value: str) -> str:
-    """RFC 3461 xtext, for ENVID."""
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value)
-
-
-def _notify(value: str | Iterable[str]) -> list[str]:
-    words = value.split(",") if isinstance(value, str) else list(value)
-    out = [w.strip().upper() for w in words if w.strip()]
-    bad = [w for w in out if w not in _NOTIFY]
-    if not out or bad:
-        raise PostfixLabError(f"dsn_notify {value!r}: use NEVER or any of SUCCESS, FAILURE, DELAY")
-    if "NEVER" in out and len(out) > 1:
-        raise PostfixLabError("dsn_notify: NEVER cannot be combined with other values")
-    return out
-
-
-def _ret(value: str) -> str:
-    ret = value.strip().upper()
-    if ret not in ("FULL", "HDRS"):
-        raise PostfixLabError(f"ret {value!r}: use FULL or HDRS")
-    return ret
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, session id) of a process, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[3])
 
 
 def _env() -> dict[str, str]:
@@ -169,57 +130,10 @@ def _read_until_exit(proc: subprocess.Popen[bytes], fd: int, timeout: float) -> 
             os.close(pidfd)
 
 
-def _wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
-    """Wait until the processes exit; return those still alive at the timeout.
-
-    A pidfd becomes readable when its process exits: an event, not a poll.
-    (Kernels without pidfd_open fall back to a 50 ms check of /proc.)"""
-    deadline = time.monotonic() + timeout
-    fds: dict[int, int] = {}
-    poller = select.poll()
-    polled: set[int] = set()
-    try:
-        for pid in set(pids):
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            except OSError:
-                polled.add(pid)
-                continue
-            fds[fd] = pid
-            poller.register(fd, select.POLLIN)
-        while fds or polled:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            wait_ms = int(min(left, POLL_INTERVAL) * 1000) if polled else int(left * 1000) + 1
-            for fd, _ in poller.poll(wait_ms):
-                poller.unregister(fd)
-                os.close(fd)
-                del fds[fd]
-            polled = {p for p in polled if (_proc_stat(p) or ("Z", 0))[0] != "Z"}
-        return set(fds.values()) | polled
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-_labs: weakref.WeakSet[PostfixLab] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all() -> None:
-    """An interpreter that exits without stop() leaves no Postfix and no temp dir behind."""
-    for lab in list(_labs):
-        with contextlib.suppress(Exception):
-            lab.stop()
-
-
 # ---------------------------------------------------------------- the lab
 
 
-class PostfixLab:
+class PostfixLab(LabMta):
     """A private Postfix instance on loopback whose relayhost is `relay`.
 
     `workdir`: where to build the instance (created if missing, kept after
@@ -230,6 +144,10 @@ class PostfixLab:
     or domain -> a raw Postfix transport such as "error:5.1.1 no such user".
     """
 
+    kind = "postfix"
+    error = PostfixLabError
+    queue_id_reply = re.compile(rb"queued as ([0-9A-Za-z]+)")
+
     def __init__(self, relay: tuple[str, int], workdir: str | Path | None = None, *,
                  settings: Mapping[str, str] | None = None,
                  transports: Mapping[str, tuple[str, int] | str] | None = None,
@@ -238,24 +156,19 @@ class PostfixLab:
         if missing:
             raise PostfixLabError(f"Postfix is not installed (missing {', '.join(missing)}):"
                                   " apt-get install postfix")
-        self.relay = (str(relay[0]), int(relay[1]))
         self.token = secrets.token_hex(4)
-        self.temporary = workdir is None  # ours to remove at stop()
-        self.keep = keep
-        self.root = Path(tempfile.mkdtemp(prefix="postfix-lab-") if workdir is None else workdir
-                         ).resolve()
+        self._init_common(relay, Path(tempfile.mkdtemp(prefix="postfix-lab-")
+                                      if workdir is None else workdir).resolve(),
+                          temporary=workdir is None, keep=keep)
         self.config_dir = self.root / "etc"
         self.queue_directory = self.root / "spool"
         self.data_directory = self.root / "data"  # created by `postfix check`, not by us
         self.maillog_path = self.root / "log" / "maillog"
         self.syslog_name = f"postfix-lab-{self.token}"
-        self.host = LOOPBACK
         self._master_pid: int | None = None
-        self._started = False
-        self._final_log: str | None = None
         self._log_mark = 0  # maillog offset at the last start attempt
         try:
-            self.port = _free_port()
+            self.port = free_port()
             self.transports = dict(transports or {})
             self.settings = self._settings(dict(settings or {}))
             self._write_tree()
@@ -263,7 +176,7 @@ class PostfixLab:
             if self.temporary:
                 shutil.rmtree(self.root, ignore_errors=True)
             raise
-        _labs.add(self)
+        self._register()
 
     # -- configuration ---------------------------------------------------
 
@@ -277,6 +190,15 @@ class PostfixLab:
         if os.geteuid() != 0:
             return "a private Postfix instance needs root (its master drops privileges)"
         return None
+
+    @property
+    def name(self) -> str:
+        return self.syslog_name
+
+    @property
+    def log_path(self) -> Path:
+        """The instance's maillog_file (Postfix's own log format, as syslog writes it)."""
+        return self.maillog_path
 
     @property
     def myhostname(self) -> str:
@@ -471,8 +393,7 @@ class PostfixLab:
         """`postfix check` then `postfix start`; raises with the maillog tail on failure."""
         if self._started:
             return self
-        if self._final_log is not None:
-            raise PostfixLabError("this lab was stopped and its directory removed; make a new one")
+        self._check_restartable()
         try:
             self._postfix("check")
             for tries in range(3, 0, -1):
@@ -481,7 +402,7 @@ class PostfixLab:
                 if p.returncode == 0:
                     break
                 if tries > 1 and "Address already in use" in self.maillog()[self._log_mark:]:
-                    self.port = _free_port()  # lost a race for the port: pick another
+                    self.port = free_port()  # lost a race for the port: pick another
                     self._write_config("master.cf", self._master_cf())
                     self._kill_instance()
                     continue
@@ -496,36 +417,12 @@ class PostfixLab:
             # a daemon that already died on its settings is reported now (the
             # queue waits report later ones as soon as they are logged).
             self.queue()
-            self._raise_if_daemon_failed()
+            self._raise_if_failed()
         except BaseException:
             self._kill_instance()
             raise
         self._started = True
         return self
-
-    def stop(self) -> None:
-        """Stop every process of this instance (always safe to call), then
-        remove the temporary directory (the maillog text is kept in memory)."""
-        _labs.discard(self)
-        try:
-            if self.root.exists():
-                self._kill_instance()
-                self._verify_stopped()
-        finally:
-            self._started = False
-            if self._final_log is None and self.temporary and not self.keep:
-                self._final_log = self.maillog()
-                shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PostfixLab:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._started
 
     def __repr__(self) -> str:
         state = "running" if self._started else "stopped"
@@ -554,7 +451,7 @@ class PostfixLab:
             if not entry.isdigit() or int(entry) == me:
                 continue
             pid = int(entry)
-            st = _proc_stat(pid)
+            st = proc_stat(pid)
             if st is None or st[0] == "Z":
                 continue
             stats[pid] = st
@@ -577,12 +474,12 @@ class PostfixLab:
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        left = _wait_gone(procs, timeout=5)
+        left = wait_gone(procs, timeout=5)
         left |= set(self.processes())
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _wait_gone(left, timeout=5)
+        wait_gone(left, timeout=5)
 
     def _verify_stopped(self) -> None:
         if (self.queue_directory / "pid" / "master.pid").exists():  # a master ever ran
@@ -590,9 +487,7 @@ class PostfixLab:
             if status.returncode == 0:
                 raise PostfixLabError(f"postfix -c {self.config_dir} status: still running"
                                       f"{self._log_tail()}")
-        left = self.processes()
-        if left:
-            raise PostfixLabError(f"Postfix processes of {self.syslog_name} survived stop: {left}")
+        super()._verify_stopped()
 
     # -- submission ------------------------------------------------------
 
@@ -611,54 +506,6 @@ class PostfixLab:
             return None
         raise PostfixLabError(f"via {via!r}: use 'smtp' or 'sendmail'")
 
-    def submit_smtp(self, mail_from: str, rcpts: str | Iterable[str], message: bytes | str, *,
-                    dsn_notify: str | Iterable[str] | None = None, envid: str | None = None,
-                    ret: str | None = None, timeout: float = 10) -> str:
-        """Submit through this instance's smtpd with smtplib (explicit EHLO name,
-        no DNS). DSN parameters go on MAIL (RET, ENVID) and RCPT (NOTIFY).
-        Returns Postfix's queue ID; any refusal raises PostfixLabError."""
-        rcpt_list = [rcpts] if isinstance(rcpts, str) else list(rcpts)
-        data = message.encode() if isinstance(message, str) else bytes(message)
-        mail_opts: list[str] = []
-        rcpt_opts: list[str] = []
-        if any(not a.isascii() for a in (mail_from, *rcpt_list)):
-            mail_opts.append("SMTPUTF8")
-        if not data.isascii():
-            mail_opts.append("BODY=8BITMIME")
-        if ret is not None:
-            mail_opts.append(f"RET={_ret(ret)}")
-        if envid is not None:
-            mail_opts.append(f"ENVID={_xtext(envid)}")
-        if dsn_notify is not None:
-            rcpt_opts.append("NOTIFY=" + ",".join(_notify(dsn_notify)))
-        where = f"Postfix smtpd {self.host}:{self.port}"
-        try:
-            with smtplib.SMTP(self.host, self.port, local_hostname=SUBMIT_HELO,
-                              timeout=timeout) as s:
-                s.ehlo()
-                code, reply = s.mail(mail_from, mail_opts)
-                if code != 250:
-                    raise PostfixLabError(f"{where}: MAIL FROM:<{mail_from}> got {code} "
-                                          f"{reply.decode(errors='replace')}")
-                refused = {}
-                for r in rcpt_list:
-                    code, reply = s.rcpt(r, rcpt_opts)
-                    if code not in (250, 251):
-                        refused[r] = f"{code} {reply.decode(errors='replace')}"
-                if refused or not rcpt_list:
-                    s.rset()
-                    raise PostfixLabError(f"{where}: recipients refused: {refused or 'none given'}")
-                code, reply = s.data(data)
-                if code != 250:
-                    raise PostfixLabError(f"{where}: DATA got {code} "
-                                          f"{reply.decode(errors='replace')}")
-        except (OSError, smtplib.SMTPException) as e:
-            raise PostfixLabError(f"{where}: {e}{self._log_tail()}") from e
-        m = re.search(rb"queued as ([0-9A-Za-z]+)", reply)
-        if m is None:
-            raise PostfixLabError(f"{where}: no queue ID in {reply!r}")
-        return m.group(1).decode()
-
     def submit_sendmail(self, mail_from: str, rcpts: str | Iterable[str],
                         message: bytes | str, *, dsn_notify: str | Iterable[str] | None = None,
                         envid: str | None = None, ret: str | None = None,
@@ -672,7 +519,7 @@ class PostfixLab:
         data = message.encode() if isinstance(message, str) else bytes(message)
         argv = ["sendmail", "-C", str(self.config_dir), "-i", "-f", mail_from]
         if dsn_notify is not None:
-            argv += ["-N", ",".join(_notify(dsn_notify)).lower()]
+            argv += ["-N", ",".join(self.dsn_notify(dsn_notify)).lower()]
         if envid is not None:
             # Postfix's sendmail reads "-V xy" (two characters) as the pre-2.3 VERP
             # option, not as an envelope ID, and ignores unprintable or long ones.
@@ -683,17 +530,32 @@ class PostfixLab:
                                       " submit_smtp() for others")
             argv += ["-V", envid]
         if ret is not None:
-            argv += ["-R", _ret(ret).lower()]
+            argv += ["-R", self.dsn_ret(ret).lower()]
         self._run(*argv, "--", *rcpt_list, input=data, timeout=timeout)
 
     # -- the queue -------------------------------------------------------
 
-    def queue(self) -> list[dict[str, Any]]:
+    def postqueue(self) -> list[dict[str, Any]]:
         """The queue as `postqueue -j` reports it: one dict per message
         (queue_name, queue_id, arrival_time, message_size, forced_expire,
         sender, recipients [{address, delay_reason}])."""
         p = self._run("postqueue", "-c", str(self.config_dir), "-j")
         return [json.loads(line) for line in p.stdout.decode().splitlines() if line.strip()]
+
+    def queue(self) -> list[QueueEntry]:
+        """The queue (`postqueue -j`), one typed entry per message; the
+        reason is the first recipient's delay_reason that has one."""
+        out = []
+        for q in self.postqueue():
+            rcpts = q.get("recipients", [])
+            reasons = [r["delay_reason"] for r in rcpts if r.get("delay_reason")]
+            out.append(QueueEntry(
+                queue_id=str(q["queue_id"]), sender=str(q.get("sender", "")),
+                recipients=tuple(str(r.get("address", "")) for r in rcpts),
+                arrival=float(q.get("arrival_time", 0)), size=int(q.get("message_size", 0)),
+                status=_STATUS.get(str(q.get("queue_name")), "active"),
+                reason=reasons[0] if reasons else None))
+        return out
 
     def flush(self) -> None:
         """Attempt delivery of all queued mail now (`postqueue -f`)."""
@@ -710,67 +572,21 @@ class PostfixLab:
             else:
                 self._run("postqueue", "-c", str(self.config_dir), "-i", queue_id, check=False)
 
-    def _queue_files(self) -> int:
+    def _queued_count(self) -> int:
+        """Files in the queue directories (cheap enough to poll every 50 ms)."""
         count = 0
         for name in ("maildrop", "incoming", "active", "deferred", "hold"):
             for _dir, _subdirs, files in os.walk(self.queue_directory / name):
                 count += len(files)
         return count
 
-    def wait_queue_empty(self, timeout: float = 10) -> float:
-        """Wait until no message is queued (including bounces Postfix has just
-        generated); return the seconds waited.
-
-        Postfix offers no event to await for "queue empty", so this polls the
-        queue directories every 50 ms, bounded by `timeout`. Two empty looks
-        in a row are required: a message renamed between queue directories
-        during one scan could otherwise be missed."""
-        start = time.monotonic()
-        deadline = start + timeout
-        empty_seen = 0
-        while True:
-            self._raise_if_daemon_failed()
-            if self._queue_files() == 0:
-                empty_seen += 1
-                if empty_seen >= 2:
-                    return time.monotonic() - start
-            else:
-                empty_seen = 0
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(POLL_INTERVAL)
-        queued = json.dumps(self.queue(), indent=1) if self._started else "(not running)"
-        raise PostfixLabError(f"{self.syslog_name}: queue not empty after {timeout:g}s: "
-                              f"{queued}{self._log_tail()}")
-
-    def wait_deferred(self, queue_id: str, timeout: float = 10) -> dict[str, Any]:
-        """Wait until the message is in the deferred queue (a delivery attempt
-        failed temporarily); return its `postqueue -j` entry.
-
-        Polls `postqueue -j` every 50 ms, bounded by `timeout`: Postfix has no
-        event for "message deferred" either."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self._raise_if_daemon_failed()
-            for entry in self.queue():
-                if entry.get("queue_id") == queue_id and entry.get("queue_name") == "deferred":
-                    return entry
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(POLL_INTERVAL)
-        raise PostfixLabError(f"{self.syslog_name}: {queue_id} not deferred after {timeout:g}s: "
-                              f"{json.dumps(self.queue(), indent=1)}{self._log_tail()}")
-
     # -- logs ------------------------------------------------------------
 
-    def maillog(self) -> str:
-        """The instance's log (maillog_file) so far."""
-        if self._final_log is not None:
-            return self._final_log
+    def _read_logs(self) -> dict[str, str]:
         try:
-            return self.maillog_path.read_text(errors="replace")
+            return {"main": self.maillog_path.read_text(errors="replace")}
         except FileNotFoundError:
-            return ""
+            return {"main": ""}
 
     def failures(self) -> list[str]:
         """The maillog's fatal/panic lines since the last start: a daemon died
@@ -779,16 +595,11 @@ class PostfixLab:
         log = self.maillog()[self._log_mark:]
         return [line for line in log.splitlines() if marker.search(line)]
 
-    def _raise_if_daemon_failed(self) -> None:
+    def _raise_if_failed(self) -> None:
         failed = self.failures()
         if failed:
             raise PostfixLabError(f"{self.syslog_name}: a Postfix daemon failed: {failed[0]}"
                                   f"{self._log_tail()}")
-
-    def _log_tail(self, lines: int = 25) -> str:
-        tail = self.maillog().splitlines()[-lines:]
-        return ("\n--- maillog tail ---\n" + "\n".join(tail)) if tail else ""
-
 
 _compat: str | None = None
 

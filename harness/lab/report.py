@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from harness.analysis.queue_series import QueueSample, summary
 from harness.lab.runner import RecipientTimeline, Verdict, _span
 
 
@@ -27,12 +28,24 @@ def print_verdicts(verdicts: list[Verdict], console: Console) -> None:
             f"[{'green' if c.ok else 'red'}]{escape(c.name)}: {escape(c.observed)}[/]"
             + ("" if c.ok or not c.why else f"\n  [red]why: {escape(c.why)}[/]")
             for c in v.checks) or "; ".join(v.notes)
+        queue = _queue_line(v)
+        if queue:
+            observed += f"\n[dim]{escape(queue)}[/]"
         word = "[green]PASS[/]" if v.passed else "[red]FAIL[/]"
         table.add_row(f"{escape(v.scenario)}\n[dim]{v.mta}, {v.duration:.1f}s[/]", word,
                       escape(expected), observed)
     console.print(table)
     passed = sum(v.passed for v in verdicts)
     console.print(f"{passed} of {len(verdicts)} scenarios passed")
+
+
+def _queue_line(v: Verdict) -> str:
+    """The sender's queue during the run, in one line (scenario time)."""
+    if not v.queue_samples:
+        return ""
+    p = summary(v.queue_samples)
+    return (f"sender's queue: peak depth {p['peak_depth']}, deferred {p['peak_deferred']}, "
+            f"oldest {_span(float(p['peak_oldest_age']))} ({p['samples']} samples)")
 
 
 def junit_xml(verdicts: list[Verdict]) -> bytes:
@@ -72,13 +85,26 @@ def _attempt_text(a: Any) -> str:
 _COLOURS = {"accepted": "#2e9e6b", "deferred": "#d9a400", "rejected": "#d64545"}
 
 
-def _svg(t: RecipientTimeline) -> str:
-    """One recipient's attempts on a time axis, in scenario time."""
-    w, h, pad = 760, 90, 40
+_W, _PAD = 760, 40
+
+
+def _axis(v: Verdict) -> tuple[float, float]:
+    """(start, span) of the scenario-time axis every picture of a verdict
+    shares: its attempts and its queue samples, so they line up."""
+    times = [a.t for t in v.timelines for a in t.attempts] + [s.t for s in v.queue_samples]
+    if not times:
+        return 0.0, 1.0
+    return min(times), max(1.0, max(times) - min(times))
+
+
+def _svg(t: RecipientTimeline, axis: tuple[float, float] | None = None) -> str:
+    """One recipient's attempts on a time axis, in scenario time; times are
+    shown from its first attempt."""
+    w, h, pad = _W, 90, _PAD
     if not t.attempts:
         return '<p class="muted">no attempt reached the harness</p>'
-    t0 = t.attempts[0].t
-    span = max(1.0, t.attempts[-1].t - t0)
+    first = t.attempts[0].t
+    t0, span = axis or (first, max(1.0, t.attempts[-1].t - first))
     parts = [f'<svg viewBox="0 0 {w} {h}" role="img" aria-label="attempts of '
              f'{html.escape(t.rcpt)}">',
              f'<line x1="{pad}" y1="40" x2="{w - pad}" y2="40" stroke="#9aa5b1"/>']
@@ -86,15 +112,63 @@ def _svg(t: RecipientTimeline) -> str:
         x = pad + (a.t - t0) / span * (w - 2 * pad)
         colour = _COLOURS.get(a.outcome.split(" ")[0], "#7c5cbf")
         label = str(a.code) if a.code is not None else a.outcome.split(" ")[0]
-        tip = html.escape(f"+{_span(a.t - t0)}: {a.reply or a.outcome}")
+        tip = html.escape(f"+{_span(a.t - first)}: {a.reply or a.outcome}")
         parts.append(f'<circle cx="{x:.1f}" cy="40" r="11" fill="{colour}"><title>{tip}'
                      f'</title></circle>')
         parts.append(f'<text x="{x:.1f}" y="72" text-anchor="middle" font-size="13">'
                      f'{html.escape(label)}</text>')
         parts.append(f'<text x="{x:.1f}" y="20" text-anchor="middle" font-size="11" '
-                     f'fill="#5b6774">+{_span(a.t - t0)}</text>')
+                     f'fill="#5b6774">+{_span(a.t - first)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _queue_svg(samples: list[QueueSample], axis: tuple[float, float]) -> str:
+    """The sending MTA's queue over the same time axis as the attempts: depth
+    (blue area) and deferred (orange line) as steps, with the peak and the
+    oldest message's age written beside."""
+    if not samples:
+        return ""
+    w, h, pad, top, bottom = _W, 110, _PAD, 14, 86
+    t0, span = axis
+    peak = max(1, max(s.depth for s in samples))
+
+    def x(t: float) -> float:
+        return pad + (t - t0) / span * (w - 2 * pad)
+
+    def y(n: int) -> float:
+        return bottom - n / peak * (bottom - top)
+
+    def steps(values: list[int]) -> str:
+        pts: list[str] = []
+        for i, (s, n) in enumerate(zip(samples, values, strict=True)):
+            if i:
+                pts.append(f"{x(s.t):.1f},{y(values[i - 1]):.1f}")
+            pts.append(f"{x(s.t):.1f},{y(n):.1f}")
+        return " ".join(pts)
+
+    depth = steps([s.depth for s in samples])
+    area = f"{x(samples[0].t):.1f},{bottom} {depth} {x(samples[-1].t):.1f},{bottom}"
+    deferred = steps([s.deferred for s in samples])
+    p = summary(samples)
+    label = (f"peak {p['peak_depth']} queued, {p['peak_deferred']} deferred, oldest "
+             f"{_span(float(p['peak_oldest_age']))}")
+    return "".join([
+        f'<svg class="queue" viewBox="0 0 {w} {h}" role="img" aria-label="sending MTA queue: '
+        f'{html.escape(label)}">',
+        f'<line x1="{pad}" y1="{bottom}" x2="{w - pad}" y2="{bottom}" stroke="#9aa5b1"/>',
+        f'<text x="{pad - 6}" y="{y(peak) + 4:.1f}" text-anchor="end" font-size="11" '
+        f'fill="#5b6774">{peak}</text>',
+        f'<text x="{pad - 6}" y="{bottom + 4}" text-anchor="end" font-size="11" '
+        f'fill="#5b6774">0</text>',
+        f'<polygon points="{area}" fill="#3b7dd8" fill-opacity="0.25" stroke="none"/>',
+        f'<polyline points="{depth}" fill="none" stroke="#3b7dd8" stroke-width="2"/>',
+        f'<polyline points="{deferred}" fill="none" stroke="#d9a400" stroke-width="2" '
+        f'stroke-dasharray="5 3"/>',
+        f'<text x="{pad}" y="{h - 4}" font-size="12" fill="#1d2733">'
+        f'<tspan fill="#3b7dd8">&#9632; queued</tspan>  '
+        f'<tspan fill="#d9a400">&#9632; deferred</tspan>  {html.escape(label)}</text>',
+        "</svg>"])
 
 
 def html_report(verdicts: list[Verdict], title: str = "SMTP Harness lab report") -> str:
@@ -105,9 +179,13 @@ def html_report(verdicts: list[Verdict], title: str = "SMTP Harness lab report")
             f'<tr class="{"ok" if c.ok else "bad"}"><td>{html.escape(c.name)}</td>'
             f"<td>{html.escape(c.expected)}</td><td>{html.escape(c.observed)}</td>"
             f"<td>{html.escape(c.why)}</td></tr>" for c in v.checks)
+        axis = _axis(v)
         timelines = "".join(
             f"<h4>{html.escape(t.rcpt)}: {html.escape(t.outcome)}, {len(t.attempts)} "
-            f"attempt(s)</h4>{_svg(t)}" for t in v.timelines)
+            f"attempt(s)</h4>{_svg(t, axis)}" for t in v.timelines)
+        if v.queue_samples:
+            timelines += (f"<h4>{html.escape(v.mta)}'s queue over the same time</h4>"
+                          + _queue_svg(v.queue_samples, axis))
         ndrs = "".join(
             f"<li>{'delay notice' if n['delay'] else 'NDR'} ({html.escape(str(n['format']))}): "
             + "; ".join(html.escape(f"{r['recipient']} {r['action']} {r['status']} "
@@ -146,6 +224,7 @@ table.evidence td {{ font-size: .85rem; }}
 table.evidence td.where {{ color: #5b6774; white-space: nowrap; }}
 .muted {{ color: #5b6774; }}
 svg {{ width: 100%; max-width: 760px; height: 90px; display: block; }}
+svg.queue {{ height: 110px; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{passed} of {len(verdicts)} scenarios passed.</p>

@@ -19,10 +19,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from harness.analysis.dsn import Ndr, parse_ndr
+from harness.analysis.queue_series import QueueSample, sample
+from harness.lab.base import LabMta, QueueEntry
 from harness.lab.postfix import PostfixLab
+from harness.records import Outcome as AttemptOutcome
 from harness.scenario.model import Outcome, Scenario, Send
 from harness.store.db import Attempt
 from harness.testing import Harness
@@ -70,11 +73,14 @@ class Verdict:
     checks: list[Check]
     timelines: list[RecipientTimeline]
     ndrs: list[dict[str, Any]]
-    queue: list[dict[str, Any]]
+    queue: list[QueueEntry]
     duration: float
     speed: float
     maillog_tail: str = ""
     notes: list[str] = field(default_factory=list)
+    #: the sending MTA's whole queue (bounces included) sampled during the
+    #: run, in scenario time: depth, oldest message's age, deferred count
+    queue_samples: list[QueueSample] = field(default_factory=list)
     #: The MTA's log lined up with the harness (harness.evidence/1 JSON).
     evidence: dict[str, Any] = field(default_factory=dict)
     kept: str = ""  # the folder of a kept run (harness lab --keep), else ""
@@ -142,14 +148,16 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             expected = scenario.expect.outcome if scenario.expect else None
             returns = collector if mta == "postfix" else target
             deadline = time.monotonic() + window
-            queue: list[dict[str, Any]] = []
+            queue: list[QueueEntry] = []
+            samples = _Sampler(clock)
             empty = 0
             while time.monotonic() < deadline:
                 # An MTA offers no event for "this message left the queue":
                 # poll its queue (50 ms); the harness side is read as it is.
                 # Two empty looks in a row: a message moving between queue
                 # directories (active -> deferred) is briefly in none.
-                queue = _queued(lab, queue_id)
+                # Each look is also a sample of the whole queue over time.
+                queue = samples.take(lab, queue_id)
                 empty = 0 if queue else empty + 1
                 if empty >= 2:
                     break
@@ -160,7 +168,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
                         target, returns, scenario, send):
                     break
                 time.sleep(0.05)
-            queue = _queued(lab, queue_id)
+            queue = samples.take(lab, queue_id, force=True)
             if not queue:
                 with contextlib.suppress(Exception):
                     lab.wait_queue_empty(window)  # the bounce, if any, on its way out
@@ -172,6 +180,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
         verdict = _judge(scenario, send, target, returns, queue, token, speed, lab_settings,
                          mta)
         verdict.duration = time.monotonic() - started
+        verdict.queue_samples = samples.samples
         verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
         # (evidence) the MTA's own log beside the harness's records
         verdict.evidence = lab_evidence(maillog, mta, target,
@@ -183,8 +192,8 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
 
 
 def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
-               settings: dict[str, str]) -> Any:
-    lab: Any
+               settings: dict[str, str]) -> LabMta:
+    lab: LabMta
     if mta == "postfix":
         lab = PostfixLab((target.host, target.port), settings=settings,
                          transports={mail_from: (collector.host, collector.port)})
@@ -201,17 +210,34 @@ def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
         raise
 
 
-def _queued(lab: Any, queue_id: str) -> list[dict[str, Any]]:
-    """The message's queue entries, as {queue_id, recipients: [{address}]}."""
-    out = []
-    for q in lab.queue():
-        qid = q.get("queue_id", q.get("id"))
-        if qid != queue_id:
-            continue
-        rcpts = q.get("recipients", [])
-        out.append({**q, "queue_id": qid, "recipients": [
-            r if isinstance(r, dict) else {"address": r} for r in rcpts]})
-    return out
+class _Sampler:
+    """Samples of the lab MTA's queue in scenario time. Arrival times are the
+    MTA's (Postfix counts whole seconds, so an age is known to a second of
+    wall time: `speed` seconds of scenario time). A sample is kept when the
+    queue changed, or half a second (wall) after the last one kept."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.samples: list[QueueSample] = []
+        self._kept_at = 0.0
+
+    def take(self, lab: LabMta, queue_id: str, *, force: bool = False) -> list[QueueEntry]:
+        entries = lab.queue()
+        wall = time.time()
+        c = self.clock
+        s = sample(c(), [(c.t0 + (e.arrival - c.t0) * c.speed, e.status == "deferred")
+                         for e in entries])
+        last = self.samples[-1] if self.samples else None
+        if force or last is None or (s.depth, s.deferred) != (last.depth, last.deferred) \
+                or wall - self._kept_at >= 0.5:
+            self.samples.append(s)
+            self._kept_at = wall
+        return [e for e in entries if e.queue_id == queue_id]
+
+
+def _queued(lab: LabMta, queue_id: str) -> list[QueueEntry]:
+    """The message's queue entries (its bounces have other queue IDs)."""
+    return [q for q in lab.queue() if q.queue_id == queue_id]
 
 
 def _deferred_enough(target: Harness, collector: Harness, scenario: Scenario,
@@ -261,7 +287,9 @@ def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
                 id=0, session_id=s.id, t=s.started_at, mail_from="", rcpt=r,
                 phase=(last.phase or "connect") if last else "connect", code=code,
                 enhanced=None, reply=last.text if last else None,
-                outcome=outcome if code is None or code >= 400 else f"{outcome} ({reason})",
+                # a connection-level attempt: its outcome says how it ended
+                outcome=cast(AttemptOutcome, outcome if code is None or code >= 400
+                              else f"{outcome} ({reason})"),
                 rule=last.rule if last else None, message_id=None))
     for r in rcpts:
         out[r].sort(key=lambda a: a.t)
@@ -273,7 +301,7 @@ def timeline(target: Harness, rcpts: list[str]) -> dict[str, list[Attempt]]:
 
 
 def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
-           queue: list[dict[str, Any]], token: str, speed: float,
+           queue: list[QueueEntry], token: str, speed: float,
            lab_settings: dict[str, str], mta: str = "postfix") -> Verdict:
     expect = scenario.expect
     stored = target.messages()
@@ -286,7 +314,7 @@ def _judge(scenario: Scenario, send: Send, target: Harness, collector: Harness,
             reports.append((ndr, m.id))
     failures = [n for n, _ in reports if not n.is_delay]
     delays = [n for n, _ in reports if n.is_delay]
-    queued = {r.get("address", "").lower() for q in queue for r in q.get("recipients", [])}
+    queued = {r.lower() for q in queue for r in q.recipients}
     timelines = []
     per_rcpt = timeline(target, list(send.rcpt))
     for rcpt in send.rcpt:

@@ -17,13 +17,10 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from email.message import Message as EmailMessage
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from threading import Lock
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from harness.scenario.model import (
     Facts,
@@ -33,6 +30,9 @@ from harness.scenario.model import (
     Scenario,
 )
 from harness.scenario.values import Reply, parse_reply
+
+if TYPE_CHECKING:
+    from email.message import Message as EmailMessage
 
 INITIAL_STATE = "started"
 
@@ -161,27 +161,50 @@ class Decision:
 
 @dataclass
 class Connection:
-    """Per-connection context the engine keeps between events."""
+    """The engine's note of one open connection: who, and which of that
+    client's connections it is (for the `connection` matcher and the
+    concurrency limits). Everything else about the conversation lives in
+    the SMTP session, which the engine reads through `SessionFacts`."""
 
     client: ipaddress.IPv4Address | ipaddress.IPv6Address
     number: int  # Nth connection from this client
-    tls: bool = False
-    helo: str | None = None
-    auth_user: str | None = None
-    mail_from: str | None = None
-    declared_size: int | None = None
-    rcpts: list[str] = field(default_factory=list)
-    message_index: int = 0
-    rcpt_commands: int = 0  # RCPT commands in this transaction, accepted or not
-    spf: str | None = None  # of this transaction's MAIL FROM
     open: bool = True
+    key: str = ""  # the client address as text (the counters' key)
 
-    def reset_transaction(self) -> None:
-        self.spf = None
-        self.mail_from = None
-        self.declared_size = None
-        self.rcpts = []
-        self.rcpt_commands = 0
+    def __post_init__(self) -> None:
+        self.key = self.key or str(self.client)
+
+
+class SessionFacts(Protocol):
+    """What the engine reads of a session when it decides. The session owns
+    these (one transaction state, kept in one place) and changes them after
+    each decision; the engine never writes them."""
+
+    @property
+    def connection(self) -> Connection: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def helo(self) -> str | None: ...
+    @property
+    def auth_user(self) -> str | None: ...
+    @property
+    def mail_from(self) -> str | None: ...  # None: no transaction
+    @property
+    def declared_size(self) -> int | None: ...
+    @property
+    def rcpts(self) -> Sequence[str]: ...  # accepted in this transaction
+    @property
+    def message_index(self) -> int: ...  # transactions begun on this connection
+    @property
+    def rcpt_index(self) -> int: ...  # RCPT commands in this transaction, this one included
+    @property
+    def spf(self) -> str | None: ...  # of this transaction's MAIL FROM
+
+
+_PHASE_NAME = {p: p.value for p in Phase}
+#: Phases whose attempts count per sender/recipient pair.
+_PAIR_PHASES = frozenset({Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT})
 
 
 def _parse_client(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -234,6 +257,15 @@ class Engine:
                 for p, rs in self._rules.items()
             }
             self.uses = frozenset(mt.key for r in scenario.rules for mt in r.when)
+            self._normal = {p: Decision(phase=p) for p in Phase}
+            limits = scenario.server.limits
+            self._limited = {
+                Phase.CONNECT: (limits.max_connections is not None
+                                or limits.max_connections_per_client is not None),
+                Phase.MAIL: limits.messages_per_connection is not None or limits.rate is not None,
+                Phase.RCPT: limits.recipients_per_message is not None,
+            }
+            self._limited.update({p: False for p in Phase if p not in self._limited})
 
     def reset(self) -> None:
         """Forget attempts, first-seen times, rule uses and state; reseed."""
@@ -252,53 +284,95 @@ class Engine:
 
     # -- events -----------------------------------------------------------
 
-    def connect(self, client: str, *, tls: bool = False) -> Connection:
+    def connect(self, client: str) -> Connection:
         ip = _parse_client(client)
+        key = str(ip)
         with self._lock:
-            self.connections[str(ip)] += 1
-            self.active[str(ip)] += 1
-            return Connection(client=ip, number=self.connections[str(ip)], tls=tls)
+            self.connections[key] += 1
+            self.active[key] += 1
+            return Connection(client=ip, number=self.connections[key], key=key)
 
     def disconnect(self, conn: Connection) -> None:
         """The connection is closed (counts for the concurrency limits)."""
         with self._lock:
             if conn.open:
                 conn.open = False
-                key = str(conn.client)
+                key = conn.key
                 self.active[key] -= 1
                 if self.active[key] <= 0:
                     del self.active[key]
 
-    def decide(self, conn: Connection, event: Event) -> Decision:
-        """The decision for `event` on `conn`, updating the bookkeeping."""
+    def decide(self, session: SessionFacts, event: Event) -> Decision:
+        """The decision for `event` in `session`, updating the engine's own
+        bookkeeping (attempts, first-seen times, rule uses, state, rate
+        buckets); the session applies the decision to itself."""
         with self._lock:
-            return self._decide(conn, event)
+            return self._decide(session, event)
 
-    def _decide(self, conn: Connection, event: Event) -> Decision:
+    def _decide(self, session: SessionFacts, event: Event) -> Decision:
         phase = event.phase
+        name = _PHASE_NAME[phase]
         now = self.clock()
+        conn = session.connection
+        client = conn.key
+        mail_from = event.sender if isinstance(event, Mail) else session.mail_from
+        sender = mail_from.lower() if mail_from else ""
+        attempts = self.attempts
+
+        # Attempt counters: per pair once recipients are known, else per client
+        # (connect, helo, ...) or client and sender (mail).
+        rcpts: tuple[str, ...] = ()
+        counts: tuple[int, ...]
+        ages: tuple[float, ...] = ()
+        if phase in _PAIR_PHASES:
+            rcpts = (event.recipient,) if isinstance(event, Rcpt) else tuple(session.rcpts)
+            cl, al = [], []
+            first_seen = self.first_seen
+            for r in rcpts:
+                low = r.lower()
+                key = (name, sender, low)
+                n = attempts[key] = attempts[key] + 1
+                cl.append(n)
+                first = first_seen.setdefault((client, sender, low), now)
+                al.append(now - first if now > first else 0.0)
+            counts, ages = tuple(cl), tuple(al)
+        else:
+            if isinstance(event, Vrfy):
+                rcpts = (event.argument,)
+            key = (name, client, sender if phase is Phase.MAIL else "")
+            n = attempts[key] = attempts[key] + 1
+            counts = (n,)
+
+        if self._limited[phase]:
+            limited = self._limit(session, event, now)
+            if limited is not None:
+                return limited
+        if not self._rules[phase]:  # nothing to match: the normal behaviour
+            return self._normal[phase]
         facts = Facts(
             phase=phase,
             client=conn.client,
-            tls=conn.tls,
+            tls=session.tls,
             connection=conn.number,
             state=self.state,
             rng=self.rng,
-            helo=conn.helo,
-            auth_user=conn.auth_user,
-            mail_from=conn.mail_from,
-            message_index=conn.message_index,
-            size=conn.declared_size,
-            spf=conn.spf,
+            helo=session.helo,
+            auth_user=session.auth_user,
+            mail_from=mail_from,
+            rcpts=rcpts,
+            attempts=counts,
+            first_seen_ages=ages,
+            message_index=session.message_index,
+            rcpt_index=session.rcpt_index,
+            size=session.declared_size,
+            spf=session.spf,
         )
-        client = str(conn.client)
         if isinstance(event, Helo):
             facts.helo = event.name
         elif isinstance(event, Mail):
-            facts.mail_from = event.sender
             facts.size = event.size
             facts.spf = event.spf
-            facts.message_index = conn.message_index + 1
+            facts.message_index = session.message_index + 1
         elif isinstance(event, Message):
             facts.size = len(event.content)
             facts.dkim, facts.dmarc = event.dkim, event.dmarc
@@ -308,43 +382,13 @@ class Engine:
             facts.size = event.total
         elif isinstance(event, Auth):
             facts.auth_user = event.user
+        return self._match(facts)
 
-        # Attempt counters: per pair once recipients are known, else per client
-        # (connect, helo, ...) or client and sender (mail).
-        if isinstance(event, Rcpt):
-            facts.rcpts = (event.recipient,)
-            conn.rcpt_commands += 1
-            facts.rcpt_index = conn.rcpt_commands
-        elif isinstance(event, Vrfy):
-            facts.rcpts = (event.argument,)
-        elif phase in (Phase.DATA, Phase.MESSAGE, Phase.BDAT):
-            facts.rcpts = tuple(conn.rcpts)
-        sender = (facts.mail_from or "").lower()
-        if phase in (Phase.RCPT, Phase.DATA, Phase.MESSAGE, Phase.BDAT):
-            counts = []
-            ages = []
-            for r in facts.rcpts:
-                key = (phase.value, sender, r.lower())
-                self.attempts[key] += 1
-                counts.append(self.attempts[key])
-                triplet = (client, sender, r.lower())
-                first = self.first_seen.setdefault(triplet, now)
-                ages.append(max(0.0, now - first))
-            facts.attempts = tuple(counts)
-            facts.first_seen_ages = tuple(ages)
-        else:
-            key = (phase.value, client, sender if phase is Phase.MAIL else "")
-            self.attempts[key] += 1
-            facts.attempts = (self.attempts[key],)
-
-        decision = self._limit(conn, event, now) or self._match(facts)
-        self._apply(conn, event, decision)
-        return decision
-
-    def _limit(self, conn: Connection, event: Event, now: float) -> Decision | None:
+    def _limit(self, session: SessionFacts, event: Event, now: float) -> Decision | None:
         """The scenario's server limits, checked before its rules."""
         limits = self.scenario.server.limits
         phase = event.phase
+        conn = session.connection
 
         def refuse(name: str, reply: Reply, close: bool) -> Decision:
             return Decision(phase=phase, rule=f"limit {name}", reply=reply, close=close)
@@ -354,11 +398,11 @@ class Engine:
             if limits.max_connections is not None and total > limits.max_connections:
                 return refuse("max_connections", _TOO_MANY_CONNECTIONS, True)
             if (limits.max_connections_per_client is not None
-                    and self.active[str(conn.client)] > limits.max_connections_per_client):
+                    and self.active[conn.key] > limits.max_connections_per_client):
                 return refuse("max_connections_per_client", _TOO_MANY_FROM_YOU, True)
         elif isinstance(event, Mail):
             if (limits.messages_per_connection is not None
-                    and conn.message_index >= limits.messages_per_connection):
+                    and session.message_index >= limits.messages_per_connection):
                 return refuse("messages_per_connection", _TOO_MANY_MESSAGES, True)
             rate = limits.rate
             if rate is not None:
@@ -376,7 +420,7 @@ class Engine:
                     return refuse("rate", _RATE_SENDER, False)
                 self.buckets[key] = (tokens - 1.0, now)
         elif (isinstance(event, Rcpt) and limits.recipients_per_message is not None
-                and len(conn.rcpts) >= limits.recipients_per_message):
+                and len(session.rcpts) >= limits.recipients_per_message):
             return refuse("recipients_per_message", _TOO_MANY_RECIPIENTS, False)
         return None
 
@@ -417,34 +461,6 @@ class Engine:
             )
         return Decision(phase=facts.phase, misses=tuple(misses))
 
-    @staticmethod
-    def _apply(conn: Connection, event: Event, decision: Decision) -> None:
-        """Carry the decision into the connection's context."""
-        ok = decision.accepts
-        if isinstance(event, Helo):
-            if ok:
-                conn.helo = event.name
-                conn.reset_transaction()
-        elif isinstance(event, Mail):
-            if ok:
-                conn.reset_transaction()
-                conn.mail_from = event.sender
-                conn.declared_size = event.size
-                conn.spf = event.spf
-                conn.message_index += 1
-        elif isinstance(event, Rcpt):
-            if ok:
-                conn.rcpts.append(event.recipient)
-        elif isinstance(event, Auth):
-            positive = decision.reply.is_positive if decision.reply is not None else event.valid
-            if ok and positive:
-                conn.auth_user = event.user
-        elif isinstance(event, Bdat):
-            if not ok:
-                conn.reset_transaction()
-        elif isinstance(event, Message) or (isinstance(event, Rset) and ok):
-            conn.reset_transaction()
-
 
 #: The blank line that ends the header section, as the email parser reads it:
 #: CRLF or a bare LF, and possibly at the very start (no header fields).
@@ -452,6 +468,11 @@ _END_OF_HEADERS = re.compile(rb"(?:\A|\n)\r?\n")
 
 
 def _split_message(content: bytes) -> tuple[EmailMessage, str]:
+    # imported here: the email package loads socket (email.utils, for
+    # make_msgid), which the SMTP session must not pull in by importing us
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
+
     headers = BytesHeaderParser(policy=compat32).parsebytes(content)
     sep = _END_OF_HEADERS.search(content)
     body = content[sep.end():] if sep is not None else b""

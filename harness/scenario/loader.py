@@ -29,6 +29,7 @@ from harness.scenario.values import (
     Reply,
     parse_compare,
     parse_duration,
+    parse_next_hop,
     parse_reply,
     parse_size,
 )
@@ -38,7 +39,8 @@ T = TypeVar("T")
 _TRUE = {"true", "yes", "on", "y"}
 _FALSE = {"false", "no", "off", "n"}
 
-TOP_KEYS = ("scenario", "summary", "tags", "server", "dns", "rules", "expect", "send")
+TOP_KEYS = ("scenario", "summary", "tags", "server", "dns", "rules", "expect", "send",
+            "forward")
 SERVER_KEYS = ("hostname", "greeting", "size_limit", "timeout", "extensions",
                "starttls", "tls", "auth", "limits", "max_line_length")
 EXTENSION_KEYS = ("pipelining", "smtputf8", "8bitmime", "enhancedstatuscodes",
@@ -752,8 +754,13 @@ def _scenario(c: _Collector, root: Node, default_name: str) -> m.Scenario | None
                     rules.append(rule)
     expect = _expect(c, keys["expect"]) if "expect" in keys else None
     send = _send(c, keys["send"]) if "send" in keys else None
+    forward = None
+    if "forward" in keys:
+        hop = c.parsed(keys["forward"], "forward", parse_next_hop)
+        forward = m.Forward(host=hop[0], port=hop[1]) if hop is not None else None
     return m.Scenario(name=name, summary=summary, tags=tags, server=server, dns=dns,
-                      rules=tuple(rules), expect=expect, send=send, path=c.path)
+                      rules=tuple(rules), expect=expect, send=send, forward=forward,
+                      path=c.path)
 
 
 def _compose(c: _Collector, text: str) -> Node | None:

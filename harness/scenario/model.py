@@ -15,10 +15,12 @@ import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.message import Message
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from harness.scenario.values import Compare, Reply
+
+if TYPE_CHECKING:
+    from email.message import Message
 
 
 class Phase(enum.StrEnum):
@@ -424,6 +426,17 @@ class Send:
     size: int = 0  # pad the body to about this many bytes (0: a short text)
 
 @dataclass(frozen=True, kw_only=True)
+class Forward:
+    """A server each accepted message is passed on to, after it is stored."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Scenario:
     name: str
     summary: str = ""
@@ -433,4 +446,5 @@ class Scenario:
     rules: tuple[Rule, ...] = ()
     expect: Expect | None = None
     send: Send | None = None
+    forward: Forward | None = None
     path: str = "<code>"

@@ -217,3 +217,17 @@ def parse_reply(value: str | list[str]) -> Reply:
             raise ValueError("all lines of a multi-line reply need the same enhanced status")
         return Reply(parts[0].code, parts[0].enhanced, tuple(p.lines[0] for p in parts))
     return parse_reply_line(value)
+
+
+def parse_next_hop(text: str) -> tuple[str, int]:
+    """'HOST:PORT' ('[::1]:25' for IPv6) of a server to pass mail on to."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or (":" in host.strip("[]") and not text.startswith("[")):
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:2526, got {text!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"the port of {text!r} must be a number from 1 to 65535")
+    return host, int(port)

@@ -157,3 +157,34 @@ def cram_md5_valid(challenge: str, response: str, password: str | None) -> tuple
         return user, False
     expected = hmac.new(password.encode(), challenge.encode(), hashlib.md5).hexdigest()
     return user, hmac.compare_digest(expected, digest.lower())
+
+
+# ------------------------------------------------------------------ paths
+
+# RFC 5321 4.1.2 paths, written out because no library parses them: the
+# email package reads RFC 5322 addresses (comments, display names, folding),
+# which are not what MAIL FROM and RCPT TO carry, and its parser is private.
+# Atoms take any non-ASCII character too (RFC 6531, SMTPUTF8); whether a
+# non-ASCII address is allowed is the caller's business.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_LOCAL = (rf'(?:{_ATOM}(?:\.{_ATOM})*'
+          r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*")')
+_DOMAIN = r"(?:[^\s<>@\[\]\"\\,;:()]+|\[[^\[\]\\\s]*\])"
+_MAILBOX = rf"{_LOCAL}(?:@{_DOMAIN})?"
+#: "<[@relay,@relay:]mailbox>" then the parameters; a source route is read
+#: and dropped (RFC 5321 4.1.1.3: servers should ignore it).
+_ANGLE = re.compile(rf"\s*<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?({_MAILBOX})>(.*)\Z", re.S)
+#: A bare mailbox, as lenient servers (Postfix by default) also take.
+_BARE = re.compile(rf"\s*({_MAILBOX})(\s.*)?\Z", re.S)
+
+
+def parse_path(text: str) -> tuple[str, str] | None:
+    """(address, the rest) of a MAIL FROM:/RCPT TO: argument after the
+    keyword; "<>" for the null path; None when it is not a path."""
+    stripped = text.lstrip()
+    if stripped.startswith("<>"):
+        return "<>", stripped[2:]
+    m = _ANGLE.match(text) or _BARE.match(text)
+    if m is None:
+        return None
+    return m.group(1), m.group(2) or ""

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
-from harness.smtp.server import HarnessSMTP, ListenerContext
+from harness.smtp.handlers import FORWARD_TIMEOUT
+from harness.smtp.listener import ListenerContext
+from harness.smtp.transport import SmtpTransport
 
-# aiosmtpd logs every connection at INFO on "mail.log"; the harness has its
-# own transcript, so keep aiosmtpd to warnings.
+# aiosmtpd logs on "mail.log" (its PROXY parser, the handlers it runs); the
+# harness has its own transcript, so keep aiosmtpd to warnings.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
@@ -61,29 +62,44 @@ class Listener:
     async def close(self) -> None:
         """Stop accepting, close every open connection, let sessions finish."""
         self.server.close()
-        protocols = list(self.ctx.active)
-        for proto in protocols:
-            if proto.transport is not None:
-                proto.transport.close()
-        tasks = [p.task for p in protocols if p.task is not None]
-        for t in tasks:
-            t.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        await close_connections(self.ctx, abort=False, grace=5)
         # analyses still queued run now rather than at the next quiet moment
         self.ctx.analysis_quiet = 0.0
         if self.ctx.pending:
             await asyncio.wait(list(self.ctx.pending), timeout=10)
+        if self.ctx.pending_handlers:  # messages being passed on
+            await asyncio.wait(list(self.ctx.pending_handlers), timeout=FORWARD_TIMEOUT)
+        if self.ctx.handler_runner is not None:
+            await asyncio.to_thread(self.ctx.handler_runner.stop)
+            self.ctx.handler_runner = None
         await self.server.wait_closed()
+
+
+async def close_connections(ctx: ListenerContext, *, abort: bool, grace: float) -> int:
+    """Close every open connection of a listener (`abort`: at once, with
+    nothing more written) and wait for their sessions to be recorded as
+    ended; returns how many there were."""
+    open_ = list(ctx.active)
+    for proto in open_:
+        transport = proto.transport
+        if transport is not None:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+    if open_:
+        await asyncio.wait([p.closed for p in open_], timeout=grace)
+    return len(open_)
 
 
 async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: int = 2525
                          ) -> Listener:
     loop = asyncio.get_running_loop()
+    ctx.loop = loop
     ctx.prepare_tls()
     try:
         server = await loop.create_server(
-            lambda: HarnessSMTP(ctx), host, port, reuse_address=True,
+            lambda: SmtpTransport(ctx), host, port, reuse_address=True,
             ssl=ctx.tls_context() if ctx.implicit_tls else None,
             ssl_handshake_timeout=30 if ctx.implicit_tls else None)
     except OSError as e:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import StoreError
+from harness.records import AttemptRecord, MessageDraft, Outcome, TranscriptLine
 
 DEFAULT_PATH = Path(".harness") / "harness.db"
 
@@ -47,7 +48,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     tls_cipher TEXT,
     auth_user TEXT,
     extensions TEXT,          -- JSON: what the server advertised / the client used
-    end_reason TEXT
+    end_reason TEXT,
+    mail_from TEXT,           -- JSON list: each MAIL FROM address the client gave
+    rcpt_tos TEXT             -- JSON list: each RCPT TO address the client gave
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -91,7 +94,21 @@ CREATE TABLE IF NOT EXISTS attempts (
     message_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS attempts_rcpt ON attempts(rcpt, t);
+CREATE TABLE IF NOT EXISTS relays (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id),
+    session_id INTEGER NOT NULL REFERENCES sessions(id),
+    t REAL NOT NULL,
+    handler TEXT NOT NULL,    -- "forward to HOST:PORT", or a handler's class name
+    ok INTEGER NOT NULL,
+    status TEXT NOT NULL      -- the next hop's reply, or what went wrong
+);
+CREATE INDEX IF NOT EXISTS relays_message ON relays(message_id);
 """
+
+#: Columns added since the first release: (table, column, type), added to an
+#: older store when it is opened for writing.
+MIGRATIONS = (("sessions", "mail_from", "TEXT"), ("sessions", "rcpt_tos", "TEXT"))
 
 _Op = tuple[str, Sequence[Any]] | tuple[str, Iterable[Sequence[Any]], bool]
 
@@ -107,19 +124,22 @@ class Attempt:
     code: int | None
     enhanced: str | None
     reply: str | None
-    outcome: str
+    outcome: Outcome
     rule: str | None
     message_id: int | None
     interval: float | None = None  # seconds since the previous attempt of the pair
 
 
 @dataclass
-class Event:
+class Relay:
+    """A stored message passed on by a handler (a forward), and how it went."""
+
+    message_id: int
+    session_id: int
     t: float
-    direction: str
-    phase: str | None
-    text: str
-    rule: str | None
+    handler: str
+    ok: bool
+    status: str
 
 
 @dataclass
@@ -163,12 +183,12 @@ class SessionRecord:
     end_reason: str | None
     mail_from: list[str] = field(default_factory=list)
     rcpt_tos: list[str] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    events: list[TranscriptLine] = field(default_factory=list)
     message_ids: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["events"] = [e.__dict__ for e in self.events]
+        d["events"] = [e.as_dict() for e in self.events]
         return d
 
 
@@ -218,6 +238,10 @@ class Store:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.executescript(SCHEMA)
+            for table, column, kind in MIGRATIONS:
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             for table, attr in (("sessions", "_next_session"), ("messages", "_next_message"),
                                 ("attempts", "_next_attempt")):
                 (top,) = conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()
@@ -292,7 +316,7 @@ class Store:
 
     def clear(self) -> None:
         """Forget everything captured (queued like any write; IDs keep counting)."""
-        for table in ("events", "attempts", "messages", "sessions"):
+        for table in ("events", "attempts", "relays", "messages", "sessions"):
             self._put(f"DELETE FROM {table}", ())
 
     def _commit(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
@@ -344,49 +368,50 @@ class Store:
         return sid
 
     _SESSION_FIELDS = frozenset({"helo", "tls_version", "tls_cipher", "auth_user",
-                                 "ended_at", "end_reason", "extensions"})
+                                 "ended_at", "end_reason", "extensions", "mail_from",
+                                 "rcpt_tos"})
+    _JSON_FIELDS = frozenset({"extensions", "mail_from", "rcpt_tos"})
 
     def session_update(self, sid: int, **fields: Any) -> None:
         bad = set(fields) - self._SESSION_FIELDS
         if bad:
             raise ValueError(f"unknown session fields: {sorted(bad)}")
-        if "extensions" in fields:
-            fields["extensions"] = json.dumps(fields["extensions"])
+        for key in self._JSON_FIELDS & fields.keys():
+            fields[key] = json.dumps(fields[key])
         cols = ", ".join(f"{k} = ?" for k in fields)
         self._put(f"UPDATE sessions SET {cols} WHERE id = ?", (*fields.values(), sid))
 
-    def events(self, sid: int, rows: Iterable[tuple[float, str, str | None, str, str | None]]
-               ) -> None:
-        """Transcript lines: (t, direction, phase, text, rule)."""
+    def transcript(self, lines: Sequence[TranscriptLine]) -> None:
+        """Transcript lines, as the session made them (any sessions')."""
         self._put("INSERT INTO events (session_id, t, direction, phase, text, rule)"
-                  " VALUES (?, ?, ?, ?, ?, ?)",
-                  [(sid, *r) for r in rows], True)
+                  " VALUES (?, ?, ?, ?, ?, ?)", lines, True)
 
-    def attempt(self, sid: int, *, t: float, mail_from: str, rcpt: str, phase: str,
-                code: int | None, enhanced: str | None, reply: str | None, outcome: str,
-                rule: str | None, message_id: int | None = None) -> int:
+    def attempt(self, record: AttemptRecord) -> int:
         aid = self._next_attempt
         self._next_attempt += 1
         self._put("INSERT INTO attempts (id, session_id, t, mail_from, rcpt, phase, code,"
                   " enhanced, reply, outcome, rule, message_id)"
-                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (aid, sid, t, mail_from, rcpt, phase, code, enhanced, reply, outcome, rule,
-                   message_id))
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (aid, *record))
         return aid
 
-    def message(self, sid: int, *, t: float, mail_from: str, rcpt_tos: Sequence[str],
-                mail_options: Sequence[str], rcpt_options: Sequence[str], raw: bytes,
-                subject: str | None, message_id: str | None,
-                dsn: dict[str, Any] | None = None) -> int:
+    def relay(self, *, message_id: int, session_id: int, t: float, handler: str, ok: bool,
+              status: str) -> None:
+        """What a handler (a forward) did with a stored message."""
+        self._put("INSERT INTO relays (message_id, session_id, t, handler, ok, status)"
+                  " VALUES (?, ?, ?, ?, ?, ?)", (message_id, session_id, t, handler, int(ok),
+                                                 status))
+
+    def message(self, draft: MessageDraft) -> int:
         """Queue a message; pair it with `barrier()` before answering 250."""
         mid = self._next_message
         self._next_message += 1
         self._put("INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos,"
                   " mail_options, rcpt_options, dsn, size, subject, message_id, raw)"
                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (mid, sid, t, mail_from, json.dumps(list(rcpt_tos)),
-                   json.dumps(list(mail_options)), json.dumps(list(rcpt_options)),
-                   json.dumps(dsn or {}), len(raw), subject, message_id, raw))
+                  (mid, draft.session_id, draft.t, draft.mail_from,
+                   json.dumps(list(draft.rcpt_tos)), json.dumps(list(draft.mail_options)),
+                   json.dumps(list(draft.rcpt_options)), json.dumps(draft.dsn),
+                   len(draft.raw), draft.subject, draft.message_id, draft.raw))
         return mid
 
 
@@ -416,7 +441,8 @@ class Reader:
 
     def _session(self, row: sqlite3.Row) -> SessionRecord:
         d = dict(row)
-        d["extensions"] = json.loads(d["extensions"]) if d["extensions"] else {}
+        for key, empty in (("extensions", {}), ("mail_from", []), ("rcpt_tos", [])):
+            d[key] = json.loads(d[key]) if d.get(key) else empty
         return SessionRecord(**d)
 
     def sessions(self, *, limit: int | None = None, session_ids: Sequence[int] | None = None,
@@ -438,14 +464,6 @@ class Reader:
         by_id = {s.id: s for s in out}
         marks = ",".join("?" * len(ids))
         for r in self.conn.execute(
-            f"SELECT session_id, phase, text FROM events WHERE session_id IN ({marks})"
-            " AND direction = 'C' AND phase IN ('mail', 'rcpt') ORDER BY id", ids):
-            s = by_id[r["session_id"]]
-            addr = _address(r["text"])
-            target = s.mail_from if r["phase"] == "mail" else s.rcpt_tos
-            if addr is not None and addr not in target:
-                target.append(addr)
-        for r in self.conn.execute(
             f"SELECT id, session_id FROM messages WHERE session_id IN ({marks}) ORDER BY id",
                 ids):
             by_id[r["session_id"]].message_ids.append(r["id"])
@@ -453,8 +471,7 @@ class Reader:
             for r in self.conn.execute(
                 f"SELECT session_id, t, direction, phase, text, rule FROM events"
                 f" WHERE session_id IN ({marks}) ORDER BY id", ids):
-                by_id[r["session_id"]].events.append(
-                    Event(r["t"], r["direction"], r["phase"], r["text"], r["rule"]))
+                by_id[r["session_id"]].events.append(TranscriptLine(*r))
         return out
 
     def session(self, sid: int) -> SessionRecord | None:
@@ -504,6 +521,19 @@ class Reader:
         row = self.conn.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
         return self._message(row) if row else None
 
+    def relays(self, message_id: int | None = None) -> list[Relay]:
+        """What handlers (forwards) did with stored messages, oldest first."""
+        sql = "SELECT message_id, session_id, t, handler, ok, status FROM relays"
+        params: list[Any] = []
+        if message_id is not None:
+            sql += " WHERE message_id = ?"
+            params.append(message_id)
+        try:
+            rows = self.conn.execute(sql + " ORDER BY id", params).fetchall()
+        except sqlite3.OperationalError:  # a store from before relays, never served since
+            return []
+        return [Relay(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
+
     def attempts(self, *, rcpt: str | None = None, mail_from: str | None = None
                  ) -> list[Attempt]:
         sql = "SELECT * FROM attempts"
@@ -548,11 +578,3 @@ def _storable(op: tuple[str, Any, bool]) -> tuple[str, Any, bool]:
     if many:
         return sql, [tuple(_text(v) for v in row) for row in params], many
     return sql, tuple(_text(v) for v in params), many
-
-
-def _address(command: str) -> str | None:
-    start = command.find("<")
-    end = command.find(">", start + 1)
-    if start < 0 or end < 0:
-        return None
-    return command[start + 1:end]

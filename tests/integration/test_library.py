@@ -27,14 +27,17 @@ import ssl
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from harness import cli
-from harness.scenario.engine import Connect, Engine, Helo, Mail
+from harness.scenario.engine import Engine
 from harness.scenario.library import library_dir, library_names, load
 from harness.scenario.loader import load_text
 from harness.scenario.model import Outcome, Scenario, Send
+from harness.smtp.session import Send as SendBytes
+from harness.smtp.session import ServerSession
 from harness.testing import Harness
 
 CLIENT = "client.lab.test"  # our EHLO name: smtplib never calls getfqdn()
@@ -803,15 +806,18 @@ def test_sender_blocked_mail_from_refused_for_the_client_ip() -> None:
 
 def test_sender_blocked_decides_by_client_address_only() -> None:
     """The same MAIL FROM from an address off the list is not refused (sans-IO:
-    the engine is asked directly, no socket is bound to that address)."""
-    engine = Engine(load("sender-blocked"))
+    the SMTP session is fed bytes as if from that address; no socket is bound)."""
+    scenario = load("sender-blocked")
+    engine = Engine(scenario)
     for client, refused in (("127.0.0.1", True), ("192.168.7.7", True),
                             ("192.0.2.10", False), ("2001:db8::1", False)):
-        conn = engine.connect(client)
-        engine.decide(conn, Connect())
-        engine.decide(conn, Helo(name=CLIENT))
-        d = engine.decide(conn, Mail(sender="sender@lab.test"))
-        assert (d.rule == "sending IP on the block list") is refused, client
+        session = ServerSession(session_id=1, server=scenario.server, decider=engine,
+                                clock=time.time, peer=(client, 40000))
+        session.start()
+        actions = session.receive_data(f"EHLO {CLIENT}\r\nMAIL FROM:<sender@lab.test>\r\n"
+                                       .encode())
+        replies = b"".join(a.data for a in actions if isinstance(a, SendBytes)).splitlines()
+        assert replies[-1].startswith(b"550 5.7.1" if refused else b"250 2.1.0"), client
 
 
 # ---------------------------------------------------- focused: no-banner
@@ -1307,3 +1313,237 @@ def test_assert_ndr_reads_a_bounce_the_harness_captured() -> None:
     with pytest.raises(HarnessAssertionError, match=r"full@lab.test: action failed, "
                                                    r"status 5.2.2"):
         assert_ndr(m, status="5.1.1")
+
+
+# ------------------------------------- focused: Exchange Online's replies
+#
+# Each scenario below plays a reply Exchange Online (or a gateway behind it)
+# documents. The helpers send the scenario's own `send:` message with smtplib
+# and return the reply of the step the scenario refuses; each test checks the
+# exact text on the wire and what the store recorded.
+
+
+def _at_rcpt(name: str, rcpt: str | None = None) -> tuple[int, bytes, list[Any], int]:
+    """(code, text) of RCPT, the recipient's recorded verdicts, messages stored."""
+    s = load(name).send
+    assert s is not None
+    rcpt = rcpt or s.rcpt[0]
+    with Harness(name) as h:
+        with closing(smtp(h)) as c:
+            c.ehlo()
+            assert c.mail(s.mail_from)[0] == 250
+            code, text = c.rcpt(rcpt)
+            c.rset()
+        h.wait_idle()
+        return code, text, verdicts(h, rcpt), len(h.messages())
+
+
+def _at_mail(name: str) -> tuple[int, bytes]:
+    s = load(name).send
+    assert s is not None
+    with Harness(name) as h:
+        with closing(smtp(h)) as c:
+            c.ehlo()
+            code, text = c.mail(s.mail_from)
+            assert c.rcpt(s.rcpt[0])[0] == 503  # no transaction was opened
+        h.wait_idle()
+        assert h.attempts() == [] and h.messages() == []
+    return code, text
+
+
+def _after_dot(name: str) -> tuple[int, bytes]:
+    s = load(name).send
+    assert s is not None
+    with Harness(name) as h:
+        with closing(smtp(h)) as c, pytest.raises(smtplib.SMTPDataError) as exc:
+            c.sendmail(s.mail_from, list(s.rcpt), message_for(s))
+        h.wait_idle()
+        code = exc.value.smtp_code
+        assert verdicts(h, s.rcpt[0])[-1][:3] == ("message", "rejected", code)
+        assert len(h.messages()) == 1  # what was refused after the dot is still captured
+    return code, exc.value.smtp_error
+
+
+def _refused_at_rcpt(name: str, code: int, text: bytes) -> None:
+    got_code, got_text, seen, stored = _at_rcpt(name)
+    assert (got_code, got_text) == (code, text)
+    assert seen == [("rcpt", "rejected", code, text.split()[0].decode())]
+    assert stored == 0
+
+
+def test_recipient_not_found_5_1_10_for_unknown_only() -> None:
+    _refused_at_rcpt("recipient-not-found", 550, b"5.1.10 RESOLVER.ADR.RecipientNotFound; "
+                                                  b"Recipient not found by SMTP address lookup")
+    assert _at_rcpt("recipient-not-found", "user@lab.test")[0] == 250
+
+
+def test_recipient_access_denied_5_4_1_for_unknown_only() -> None:
+    _refused_at_rcpt("recipient-access-denied", 550,
+                     b"5.4.1 Recipient address rejected: Access denied")
+    assert _at_rcpt("recipient-access-denied", "user@lab.test")[0] == 250
+
+
+def test_relay_access_denied_5_4_1_for_foreign_domains_only() -> None:
+    _refused_at_rcpt("relay-access-denied", 550, b"5.4.1 Relay Access Denied")
+    assert _at_rcpt("relay-access-denied", "user@lab.test")[0] == 250
+
+
+def test_tenant_attribution_5_7_64_at_rcpt() -> None:
+    _refused_at_rcpt("tenant-attribution", 550, b"5.7.64 TenantAttribution; Relay Access Denied")
+
+
+def test_group_allowed_senders_5_7_124_for_the_group_only() -> None:
+    _refused_at_rcpt("group-allowed-senders", 550, b"5.7.124 Sender not in allowed-senders list")
+    assert _at_rcpt("group-allowed-senders", "user@lab.test")[0] == 250
+
+
+def test_group_external_senders_5_7_133_for_the_group_only() -> None:
+    _refused_at_rcpt("group-external-senders", 550, b"5.7.133 Sender not authenticated for group")
+    assert _at_rcpt("group-external-senders", "user@lab.test")[0] == 250
+
+
+def test_mailbox_external_senders_5_7_134_for_that_mailbox_only() -> None:
+    _refused_at_rcpt("mailbox-external-senders", 550,
+                     b"5.7.134 Sender was not authenticated for mailbox")
+    assert _at_rcpt("mailbox-external-senders", "user@lab.test")[0] == 250
+
+
+def test_recipient_hourly_limit_5_2_122_at_rcpt() -> None:
+    _refused_at_rcpt("recipient-hourly-limit", 550,
+                     b"5.2.122 Recipient's per hour message receive limit exceeded")
+
+
+def test_sender_hourly_limit_5_2_121_at_rcpt() -> None:
+    _refused_at_rcpt("sender-hourly-limit", 550, b"5.2.121 Recipient's per hour message "
+                                                  b"receive limit from specific sender exceeded")
+
+
+def test_relaying_denied_downstream_554_5_7_1_at_rcpt() -> None:
+    _refused_at_rcpt("relaying-denied-downstream", 554, b"5.7.1 Relaying denied")
+
+
+def test_bad_outbound_sender_5_1_8_at_mail() -> None:
+    assert _at_mail("bad-outbound-sender") == (550, b"5.1.8 Access denied, bad outbound "
+                                                         b"sender")
+
+
+def test_spam_abuse_banned_5_7_501_at_mail() -> None:
+    assert _at_mail("spam-abuse-banned") == (550, b"5.7.501 Access denied, spam abuse "
+                                                       b"detected")
+
+
+def test_bad_helo_5_7_506_at_mail() -> None:
+    assert _at_mail("bad-helo") == (550, b"5.7.506 Access Denied, Bad HELO")
+
+
+def test_customer_block_list_5_7_513_names_the_client() -> None:
+    assert _at_mail("customer-block-list") == (
+        550, b"5.7.513 Service unavailable, Client host [127.0.0.1] blocked by lab.test using "
+             b"Customer Block list (AS16012607)")
+
+
+def test_banned_sending_ip_5_7_606_points_to_the_delist_portal() -> None:
+    code, text = _at_mail("banned-sending-ip")
+    assert (code, text.split()[0]) == (550, b"5.7.606")
+    assert b"banned sending IP [127.0.0.1]" in text and b"https://sender.office.com/" in text
+
+
+def test_send_as_denied_5_7_60_at_mail() -> None:
+    assert _at_mail("send-as-denied") == (
+        550, b"5.7.60 SMTP; Client does not have permissions to send as this sender")
+
+
+def test_unregistered_domain_5_7_750_at_mail() -> None:
+    assert _at_mail("unregistered-domain") == (
+        550, b"5.7.750 Service unavailable. Client blocked from sending from unregistered "
+             b"domains")
+
+
+def test_tenant_threshold_5_7_705_at_mail() -> None:
+    assert _at_mail("tenant-threshold") == (
+        550, b"5.7.705 Access denied, tenant has exceeded threshold")
+
+
+def test_dmarc_reject_exo_5_7_509_after_the_dot() -> None:
+    assert _after_dot("dmarc-reject-exo") == (
+        550, b"5.7.509 Access denied, sending domain [sender.lab.test] does not pass DMARC "
+             b"verification and has a DMARC policy of reject.")
+
+
+def test_from_address_invalid_5_7_512_after_the_dot() -> None:
+    assert _after_dot("from-address-invalid") == (
+        550, b"5.7.512 Access denied, message must be RFC 5322 section 3.6.2 compliant")
+
+
+def test_multiple_from_5_1_20_after_the_dot() -> None:
+    assert _after_dot("multiple-from") == (
+        550, b"5.1.20 Multiple From addresses are not allowed without Sender address")
+
+
+def test_external_forwarding_denied_5_7_520_after_the_dot() -> None:
+    assert _after_dot("external-forwarding-denied") == (
+        550, b"5.7.520 Access denied, Your organization does not allow external forwarding. "
+             b"Please contact your administrator for further assistance. AS(7555)")
+
+
+def test_wrong_region_451_4_4_62_every_time() -> None:
+    with Harness("wrong-region") as h:
+        for _ in range(3):
+            with closing(smtp(h)) as c:
+                c.ehlo()
+                c.mail("sender@lab.test")
+                assert c.rcpt("user@lab.test") == (
+                    451, b"4.4.62 Mail sent to the wrong Office 365 region. ATTR35. For more "
+                         b"information please go to https://go.microsoft.com/fwlink/?linkid=865268")
+                c.rset()
+        h.wait_idle()
+        assert [v[1:3] for v in verdicts(h, "user@lab.test")] == [("deferred", 451)] * 3
+
+
+def _once_then_accepted(name: str, phase: str, code: int, text: bytes) -> None:
+    s = load(name).send
+    assert s is not None
+    msg = message_for(s)
+    with Harness(name) as h:
+        with closing(smtp(h)) as c:
+            error = smtplib.SMTPDataError if phase == "message" else smtplib.SMTPRecipientsRefused
+            with pytest.raises(error) as exc:
+                c.sendmail(s.mail_from, list(s.rcpt), msg)
+            got = ((exc.value.smtp_code, exc.value.smtp_error)
+                   if isinstance(exc.value, smtplib.SMTPDataError)
+                   else exc.value.recipients[s.rcpt[0]])
+            assert got == (code, text)
+        with closing(smtp(h)) as c:
+            assert c.sendmail(s.mail_from, list(s.rcpt), msg) == {}
+        h.wait_idle()
+        assert [v[:3] for v in verdicts(h, s.rcpt[0])] == [
+            (phase, "deferred", code), ("message", "accepted", 250)]
+
+
+def test_recipient_thread_limit_432_4_3_2_once_then_accepted() -> None:
+    _once_then_accepted("recipient-thread-limit", "message", 432,
+                        b"4.3.2 STOREDRV.Deliver; recipient thread limit exceeded")
+
+
+def test_ipv6_not_authenticated_451_4_7_26_once_then_accepted() -> None:
+    _once_then_accepted("ipv6-not-authenticated", "message", 451,
+                        b"4.7.26 Access denied, a message sent over IPv6 [2001:db8::25] must "
+                        b"pass either SPF or DKIM validation, this message is not signed")
+
+
+def test_ip_temporarily_restricted_451_4_7_850_once_then_accepted() -> None:
+    _once_then_accepted("ip-temporarily-restricted", "rcpt", 451,
+                        b"4.7.850 Access denied, please try again later")
+
+
+def test_library_covers_exchange_online_ndrs_a_remote_reply_causes() -> None:
+    """Every Exchange Online NDR code that comes from a receiving server's reply
+    has a library scenario replying with it (see docs/scenarios.md)."""
+    codes = {r.reply.enhanced for n in LIBRARY for r in load(n).rules if r.reply is not None}
+    wanted = {"4.3.2", "4.4.62", "4.5.3", "4.7.26", "4.7.500", "4.7.850", "5.1.1", "5.1.8",
+              "5.1.10", "5.1.20", "5.2.2", "5.2.121", "5.2.122", "5.4.1", "5.4.6", "5.7.1",
+              "5.7.23", "5.7.57", "5.7.60", "5.7.64", "5.7.124", "5.7.133", "5.7.134",
+              "5.7.501", "5.7.506", "5.7.509", "5.7.512", "5.7.513", "5.7.520", "5.7.606",
+              "5.7.705", "5.7.750"}
+    assert wanted <= codes, sorted(wanted - codes)
+    assert len(LIBRARY) >= 40

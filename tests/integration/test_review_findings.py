@@ -150,7 +150,7 @@ def test_bdat_declared_size_does_not_buffer_unbounded_memory() -> None:
         for _ in range(16):
             w.send(block)
         time.sleep(0.5)
-        buffered = len(_protocol(h)._reader._buffer)
+        buffered = _protocol(h).session.held
         w.rst()
         # 1000-byte limit: nowhere near 16 MiB should be held.
         assert buffered < 1 << 20, f"{buffered} bytes held for one chunk"
@@ -218,8 +218,8 @@ def test_message_received_then_reset_is_stored_or_recorded() -> None:
         w = Wire(h, timeout=20)
         got = threading.Event()
 
-        def observer(sid, t, direction, phase, text, rule):  # type: ignore[no-untyped-def]
-            if direction == "C" and text.startswith("<message:") and not got.is_set():
+        def observer(line):  # type: ignore[no-untyped-def]
+            if line.direction == "C" and line.text.startswith("<message:") and not got.is_set():
                 got.set()
                 w.rst()  # the client's reset arrives while the check runs
 

@@ -10,15 +10,20 @@ from pathlib import Path
 import pytest
 
 from harness.errors import StoreError
+from harness.records import AttemptRecord, MessageDraft, TranscriptLine
 from harness.store.db import Reader, Store
+
+
+def draft(sid: int, t: float, raw: bytes, subject: str | None = None,
+          message_id: str | None = None) -> MessageDraft:
+    return MessageDraft(sid, t, "a@x", ("b@x",), (), (), raw, subject, message_id, {})
 
 
 def test_store_is_wal_and_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with Store(path) as st:
         sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="x")
-        st.message(sid, t=1.0, mail_from="a@x", rcpt_tos=["b@x"], mail_options=[],
-                   rcpt_options=[], raw=b"raw\r\n", subject="s", message_id="<m>")
+        st.message(draft(sid, 1.0, b"raw\r\n", "s", "<m>"))
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     with Store(path) as st:  # ids continue after a restart
         assert st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
@@ -40,8 +45,7 @@ def test_barrier_resolves_after_commit_and_groups_writes(tmp_path: Path) -> None
         sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="x")
         waits = []
         for i in range(500):
-            st.message(sid, t=float(i), mail_from="a@x", rcpt_tos=["b@x"], mail_options=[],
-                       rcpt_options=[], raw=b"m%d" % i, subject=None, message_id=None)
+            st.message(draft(sid, float(i), b"m%d" % i))
             waits.append(st.barrier())
         await asyncio.gather(*waits)
         # every awaited message is visible to another connection now
@@ -61,11 +65,10 @@ def test_attempt_timeline_has_intervals(tmp_path: Path) -> None:
     with Store(path) as st:
         sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="x")
         for t, code in ((100.0, 451), (160.5, 451), (400.0, 250)):
-            st.attempt(sid, t=t, mail_from="a@x", rcpt="B@x", phase="rcpt", code=code,
-                       enhanced=None, reply=None,
-                       outcome="deferred" if code == 451 else "accepted", rule=None)
-        st.attempt(sid, t=130.0, mail_from="a@x", rcpt="c@x", phase="rcpt", code=250,
-                   enhanced=None, reply=None, outcome="accepted", rule=None)
+            st.attempt(AttemptRecord(sid, t, "a@x", "B@x", "rcpt", code, None, None,
+                                     "deferred" if code == 451 else "accepted", None, None))
+        st.attempt(AttemptRecord(sid, 130.0, "a@x", "c@x", "rcpt", 250, None, None,
+                                 "accepted", None, None))
     with Reader(path) as r:
         timeline = r.attempts(rcpt="b@x")
     assert [(a.t, a.code, a.interval) for a in timeline] == [
@@ -79,3 +82,40 @@ def test_reader_errors_are_clear(tmp_path: Path) -> None:
     bad.write_bytes(b"not a database at all" * 100)
     with pytest.raises(StoreError, match="cannot read"):
         Reader(bad)
+
+
+def test_transcript_and_envelope_read_back_as_written(tmp_path: Path) -> None:
+    """One record type from the session to the reader: a transcript line
+    comes back as the same TranscriptLine, the envelope from its columns."""
+    path = tmp_path / "s.db"
+    lines = [TranscriptLine(1, 10.0, "C", "mail", "MAIL FROM:<a@x> SIZE=5", None),
+             TranscriptLine(1, 10.1, "S", "mail", "250 2.1.0 Ok", "a rule")]
+    with Store(path) as st:
+        sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="x")
+        assert sid == 1
+        st.transcript(lines)
+        st.session_update(sid, mail_from=["a@x"], rcpt_tos=["b@x", "c@x"])
+    with Reader(path) as r:
+        [s] = r.sessions(with_events=True)
+    assert s.events == lines
+    assert (s.mail_from, s.rcpt_tos) == (["a@x"], ["b@x", "c@x"])
+
+
+def test_older_store_gains_the_envelope_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE sessions (id INTEGER PRIMARY KEY, started_at REAL NOT NULL,"
+        " ended_at REAL, listener TEXT NOT NULL, peer_ip TEXT NOT NULL,"
+        " peer_port INTEGER NOT NULL, scenario TEXT NOT NULL, helo TEXT, tls_version TEXT,"
+        " tls_cipher TEXT, auth_user TEXT, extensions TEXT, end_reason TEXT);"
+        "INSERT INTO sessions (id, started_at, listener, peer_ip, peer_port, scenario)"
+        " VALUES (1, 1.0, 'l', '127.0.0.1', 1, 'x');")
+    conn.commit()
+    conn.close()
+    with Store(path):
+        pass
+    with Reader(path) as r:
+        [s] = r.sessions()
+        assert (s.mail_from, s.rcpt_tos) == ([], [])
+        assert r.relays() == []

@@ -228,12 +228,15 @@ def test_452_on_the_first_chunk_is_deferred_and_retried(
 
     # Exim's verdict: a temporary failure of this recipient; the remote reply
     # is quoted, the message stays queued (not frozen, not bounced).
-    assert f"{msg_id} == {RCPT} R=to_relay T=relay_smtp defer (-46) " in deferred
+    assert f"{msg_id} == {RCPT} R=to_relay T=relay_smtp defer (-46) " in ex.log_lines(msg_id)
+    assert deferred.reason is not None
+    assert deferred.reason.startswith("R=to_relay T=relay_smtp defer (-46) ")
     assert ("SMTP error from remote mail server after pipelined sending data block: "
-            "452 4.3.1 Insufficient system storage") in deferred
+            "452 4.3.1 Insufficient system storage") in deferred.reason
     [entry] = ex.queue()
-    assert (entry["id"], entry["sender"], entry["recipients"], entry["frozen"]) == \
-        (msg_id, SENDER, [RCPT], False)
+    assert (entry.queue_id, entry.sender, entry.recipients, entry.status) == \
+        (msg_id, SENDER, (RCPT,), "deferred")
+    assert 0 <= entry.age() < 60 and entry.size > len(body)
     h.wait_idle()
     assert h.messages() == []  # nothing stored, no bounce or delay warning either
     # (a queue run may already be retrying: only sessions that have ended count)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.analysis.queue_series import summary
 from harness.lab.postfix import PostfixLab
-from harness.lab.report import html_report, junit_xml
+from harness.lab.report import html_report, junit_xml, verdicts_json
 from harness.lab.runner import run_postfix
 from harness.scenario.library import library_names, load
 from harness.scenario.model import ExpectedNdr, Outcome
@@ -81,7 +82,8 @@ def test_lab_command_writes_junit_and_html(tmp_path: Path) -> None:
     assert [c.get("name") for c in suites.iter("testcase")] == [
         "mailbox-full", "temp-fail-then-success"]
     page = (tmp_path / "lab.html").read_text()
-    assert page.count("<svg") == 2
+    # each scenario: its attempt timeline, and the sender's queue on the same axis
+    assert page.count("<svg viewBox") == 2 and page.count('<svg class="queue"') == 2
 
 
 #: Scenarios the Exim lab is expected to pass. The others differ for reasons
@@ -106,3 +108,31 @@ def test_lab_exim_verdict_passes(name: str) -> None:
               for c in verdict.checks if not c.ok]
     assert verdict.passed, f"{name}: " + "; ".join(failed) + "\n" + verdict.maillog_tail
     assert verdict.mta == "exim"
+    # Exim delivers (or bounces) a submission at once: a scenario refused at
+    # the first attempt may be gone before the first look at the queue
+    assert verdict.queue_samples
+    if name in ("greylisting", "temp-fail-then-success"):
+        assert summary(verdict.queue_samples)["peak_deferred"] >= 1
+
+
+def test_lab_samples_the_senders_queue_beside_the_timeline() -> None:
+    """Greylisting: the message waits in Postfix's deferred queue for about the
+    scenario's minute, then leaves; the samples say so in scenario time and
+    the HTML report draws them on the attempts' time axis."""
+    verdict = run_postfix(load("greylisting"))
+    assert verdict.passed
+    samples = verdict.queue_samples
+    peaks = summary(samples)
+    assert peaks["peak_depth"] == 1 and peaks["peak_deferred"] == 1
+    # deferred between the 451 and the retry about a scenario minute later
+    assert 20 <= peaks["peak_oldest_age"] <= 120, samples
+    [timeline] = verdict.timelines
+    first, retry = timeline.attempts
+    assert (first.code, retry.code) == (451, 250)
+    assert samples[0].depth == 1 and samples[-1].depth == 0  # queued, then gone
+    assert min(s.t for s in samples) <= retry.t <= max(s.t for s in samples)
+    assert [s.t for s in samples] == sorted(s.t for s in samples)
+    page = html_report([verdict])
+    assert page.count('<svg class="queue"') == 1 and "queue over the same time" in page
+    assert "1 deferred" in page
+    assert '"queue_samples"' in verdicts_json([verdict])

@@ -140,7 +140,8 @@ def test_a_451_is_retried_after_the_backoff(lab_harness, postfix_lab):
     queue_id = pf.submit_smtp(SENDER, ["grey@lab.test"],
                               message("grey@lab.test", "greylist test", b"Try again.\r\n"))
     deferred = pf.wait_deferred(queue_id, WAIT)
-    assert "451 4.7.1 Greylisted" in deferred["recipients"][0]["delay_reason"]
+    assert deferred.status == "deferred" and deferred.reason is not None
+    assert "451 4.7.1 Greylisted" in deferred.reason
     pf.wait_queue_empty(WAIT)
 
     first, retry = h.attempts(rcpt="grey@lab.test")
@@ -211,7 +212,7 @@ rules:
     queue_id = pf.submit_smtp(SENDER, ["slow@lab.test"],
                               message("slow@lab.test", "expire test", b"later\r\n"))
     entry = pf.wait_deferred(queue_id, WAIT)
-    assert entry["recipients"][0]["address"] == "slow@lab.test"
+    assert entry.recipients == ("slow@lab.test",) and entry.sender == SENDER
     pf.expire(queue_id)
     pf.wait_queue_empty(WAIT)
 

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Sequence
 
 import pytest
+from dialogue import Dialogue
 
 from harness.scenario import model as m
 from harness.scenario.engine import (
@@ -48,8 +49,8 @@ def engine(rules: str, **kw: object) -> Engine:
 def play(eng: Engine, events: Sequence[Event], client: str = CLIENT,
          tls: bool = False) -> list[Decision]:
     """One connection: the decisions for `events` in order."""
-    conn = eng.connect(client, tls=tls)
-    return [eng.decide(conn, e) for e in events]
+    conn = Dialogue(eng, client, tls=tls)
+    return [conn.decide(e) for e in events]
 
 
 def transaction(sender: str = "a@lab.test", *rcpts: str, content: bytes = MSG,
@@ -442,8 +443,8 @@ CHANCE = "- {name: coin, on: rcpt, when: {chance: 0.5}, reply: 451 4.3.0 unlucky
 
 def flips(seed: int | None, n: int = 64, rules: str = CHANCE) -> list[str | None]:
     eng = engine(rules, seed=seed)
-    conn = eng.connect(CLIENT)
-    return [eng.decide(conn, Rcpt(recipient=f"r{i}@x")).rule for i in range(n)]
+    conn = Dialogue(eng, CLIENT)
+    return [conn.decide(Rcpt(recipient=f"r{i}@x")).rule for i in range(n)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 2**31])
@@ -460,11 +461,11 @@ def test_engine_chance_differs_across_seeds(a: int, b: int) -> None:
 
 def test_engine_reset_reseeds_the_rng() -> None:
     eng = engine(CHANCE, seed=5)
-    conn = eng.connect(CLIENT)
-    first = [eng.decide(conn, Rcpt(recipient="r@x")).rule for _ in range(32)]
+    conn = Dialogue(eng, CLIENT)
+    first = [conn.decide(Rcpt(recipient="r@x")).rule for _ in range(32)]
     eng.reset()
-    conn = eng.connect(CLIENT)
-    assert [eng.decide(conn, Rcpt(recipient="r@x")).rule for _ in range(32)] == first
+    conn = Dialogue(eng, CLIENT)
+    assert [conn.decide(Rcpt(recipient="r@x")).rule for _ in range(32)] == first
 
 
 @pytest.mark.parametrize(("p", "hits"), [("0", 0), ("0%", 0), ("1", 64), ("100%", 64)])
@@ -480,12 +481,12 @@ def test_engine_chance_is_drawn_only_when_the_rest_holds() -> None:
              "reply: 451 4.3.0 x}\n")
     quiet = engine(rules, seed=9)
     noisy = engine(rules, seed=9)
-    qc, nc = quiet.connect(CLIENT), noisy.connect(CLIENT)
+    qc, nc = Dialogue(quiet, CLIENT), Dialogue(noisy, CLIENT)
     got_q, got_n = [], []
     for _ in range(32):
-        got_q.append(quiet.decide(qc, Rcpt(recipient="c@x")).rule)
-        noisy.decide(nc, Rcpt(recipient="other@x"))
-        got_n.append(noisy.decide(nc, Rcpt(recipient="c@x")).rule)
+        got_q.append(qc.decide(Rcpt(recipient="c@x")).rule)
+        nc.decide(Rcpt(recipient="other@x"))
+        got_n.append(nc.decide(Rcpt(recipient="c@x")).rule)
     assert got_q == got_n
 
 
@@ -799,9 +800,9 @@ def test_engine_misses_name_rules_that_did_not_match_with_reasons() -> None:
         - {name: other phase, on: helo, reply: 550 5.1.1 j}
         """), clock=lambda: t[0])
     play(eng, [Rcpt(recipient="zz@lab.test")], client="192.0.2.200")  # uses "retired"
-    conn = eng.connect(CLIENT)
-    eng.decide(conn, Mail(sender="a@lab.test"))
-    d = eng.decide(conn, Rcpt(recipient="b@lab.test"))
+    conn = Dialogue(eng, CLIENT)
+    conn.decide(Mail(sender="a@lab.test"))
+    d = conn.decide(Rcpt(recipient="b@lab.test"))
     assert d.rule == "hit"
     reasons = dict(d.misses)
     assert list(reasons) == ["wrong domain", "wrong sender", "later state", "second conn",
@@ -882,18 +883,18 @@ def test_engine_rcpt_index_counts_per_transaction_on_each_connection() -> None:
           when: {rcpt_index: "> 2"}
           reply: 452 4.5.3 Too many recipients
         """)
-    a = eng.connect(CLIENT)
-    b = eng.connect(CLIENT)
+    a = Dialogue(eng, CLIENT)
+    b = Dialogue(eng, CLIENT)
     for conn in (a, b):
-        eng.decide(conn, Helo(name="c.lab.test"))
-        eng.decide(conn, Mail(sender="s@lab.test"))
+        conn.decide(Helo(name="c.lab.test"))
+        conn.decide(Mail(sender="s@lab.test"))
     # interleaved transactions keep their own counts
-    got = [code(eng.decide(conn, Rcpt(recipient=f"r{i}@lab.test")))
+    got = [code(conn.decide(Rcpt(recipient=f"r{i}@lab.test")))
            for i in range(3) for conn in (a, b)]
     assert got == [None, None, None, None, 452, 452]
-    eng.decide(a, Rset())
-    eng.decide(a, Mail(sender="s@lab.test"))
-    assert code(eng.decide(a, Rcpt(recipient="x@lab.test"))) is None
+    a.decide(Rset())
+    a.decide(Mail(sender="s@lab.test"))
+    assert code(a.decide(Rcpt(recipient="x@lab.test"))) is None
 
 
 def test_engine_auth_user_none_names_an_anonymous_session() -> None:
@@ -907,9 +908,9 @@ def test_engine_auth_user_none_names_an_anonymous_session() -> None:
           when: {auth_user: "*"}
           reply: 250 2.1.5 Hello user
         """)
-    conn = eng.connect(CLIENT)
-    eng.decide(conn, Helo(name="c.lab.test"))
-    assert code(eng.decide(conn, Mail(sender="a@lab.test"))) == 530
+    conn = Dialogue(eng, CLIENT)
+    conn.decide(Helo(name="c.lab.test"))
+    assert code(conn.decide(Mail(sender="a@lab.test"))) == 530
     conn.auth_user = "alice"  # as after AUTH
-    assert eng.decide(conn, Mail(sender="a@lab.test")).rule is None
-    assert eng.decide(conn, Rcpt(recipient="b@lab.test")).rule == "any user"
+    assert conn.decide(Mail(sender="a@lab.test")).rule is None
+    assert conn.decide(Rcpt(recipient="b@lab.test")).rule == "any user"

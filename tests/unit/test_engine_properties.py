@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dialogue import Dialogue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -252,10 +253,10 @@ def run(scenario: m.Scenario, seed: int,
     eng = Engine(scenario, clock=lambda: t[0], seed=seed)
     out = []
     for client, tls, events in connections:
-        conn = eng.connect(client, tls=tls)
+        conn = Dialogue(eng, client, tls=tls)
         for step, event in events:
             t[0] += step
-            d = eng.decide(conn, event)
+            d = conn.decide(event)
             assert_valid(d, event, scenario)
             out.append(d)
     return out

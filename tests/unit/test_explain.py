@@ -361,7 +361,7 @@ def test_errors_go_to_the_main_console_without_an_error_console() -> None:
 
 CODE_KEYS = {"code", "entry", "match", "known", "kind", "class", "class_name", "subject",
              "subject_name", "title", "meaning", "outcome", "transient", "causes", "checks",
-             "exchange", "vendor", "typical_replies"}
+             "exchange", "vendor", "typical_replies", "source"}
 REPLY_KEYS = {"text", "basic_code", "enhanced_code", "message", "outcome", "transient",
               "enhanced", "basic", "component", "socket_error", "quoted", "notes", "checks"}
 NDR_KEYS = {"path", "kind", "format", "is_delay", "reporting_mta", "original", "recipients"}
@@ -400,3 +400,15 @@ def test_json_shape_is_the_documented_one(tmp_path: Path) -> None:
 
     _, data = run_json(str(tmp_path / "missing.eml"))
     assert set(data) == {"schema", "kind", "input", "error", "reason"}
+
+
+def test_explain_names_microsofts_page_for_5_7_520_and_4_4_317() -> None:
+    for code, page in (("5.7.520", "non-delivery-reports-in-exchange-online"),
+                       ("4.4.317", "fix-error-code-450-4-4-317-in-exchange-online")):
+        _, data = run_json(code)
+        assert any(page in url for url in data["code"]["source"]), data["code"]["source"]
+        rc, out, _ = run(code, width=300)
+        assert rc == 0
+        assert "source" in out and page in out
+    _, data = run_json("4.4.317")
+    assert "UntrustedRoot" in data["code"]["meaning"]

@@ -202,12 +202,19 @@ def test_exchange_overrides(values: dict[str, str], failure: str, attempts: list
     assert s.expires_at == expires
 
 
-def test_exchange_online_is_the_on_premises_estimate() -> None:
+def test_exchange_online_is_the_on_premises_estimate_expiring_at_24_hours() -> None:
+    # Microsoft's current 4.4.7 page and queued messages report: 24 hours
+    # (the two days this test used to expect is the older documentation).
     online = predict("exchange-online")
     onprem = predict("exchange")
-    assert (online.attempts, online.delay_notice_at, online.expires_at) == (
-        onprem.attempts, onprem.delay_notice_at, onprem.expires_at)
+    assert online.expires_at == 24 * 3600
+    assert onprem.expires_at == 2 * 24 * 3600
+    assert online.attempts == [t for t in onprem.attempts if t < 24 * 3600]
+    assert online.delay_notice_at == onprem.delay_notice_at
     assert "not configurable" in online.notes[0]
+    assert any("24 hours" in n and "two days" in n for n in online.notes)
+    longer = predict("exchange-online", {"MessageExpirationTimeout": "2.00:00:00"})
+    assert longer.expires_at == 2 * 24 * 3600
 
 
 def test_exchange_warns_when_delay_notice_precedes_transient_retries() -> None:

@@ -6,7 +6,7 @@ Read by property name (Identity, Status, LastError, NextHopDomain,
 DeliveryType, MessageCount, RetryCount, LastRetryTime, NextRetryTime,
 InternetMessageId, FromAddress, Subject, DateReceived, Recipients, ...),
 whatever the order; properties this reader does not use are kept in
-`extra`. LastError quotes the remote reply in one of two shapes, both read:
+`extra`, by their name without case, '-' or '_' ("firstretrytime"). LastError quotes the remote reply in one of two shapes, both read:
 '451 4.4.0 Primary target IP address responded with: "451 4.7.1 ...".
 Attempted failover ...' and '[{LRT=...};{LED=451 4.7.1 ...};{FQDN=...};
 {IP=...}]'. Times: ISO 8601 (PowerShell 7, or .ToString('o')), Windows
@@ -168,7 +168,7 @@ def _record(path: str, line: int, raw: dict[str, Any], options: ReadOptions,
                              problems),
             next_retry=_time(path, line, "NextRetryTime", row.get("nextretrytime"), options,
                              problems),
-            extra={k: _text(v) for k, v in raw.items() if norm(k) not in used})
+            extra={norm(k): _text(v) for k, v in raw.items() if norm(k) not in used})
     if _MESSAGE_KEYS & set(row):
         used |= {"internetmessageid", "fromaddress", "subject", "datereceived",
                  "expirationtime", "queue", "recipients"}
@@ -184,7 +184,7 @@ def _record(path: str, line: int, raw: dict[str, Any], options: ReadOptions,
             expiration=_time(path, line, "ExpirationTime", row.get("expirationtime"),
                              options, problems),
             queue=_text(row.get("queue")) or None, recipients=_recipients(row.get("recipients")),
-            extra={k: _text(v) for k, v in raw.items() if norm(k) not in used})
+            extra={norm(k): _text(v) for k, v in raw.items() if norm(k) not in used})
     problems.append(Problem(path, line, "neither a queue (NextHopDomain, DeliveryType) nor a "
                             "queued message (InternetMessageId, FromAddress)"))
     return None

@@ -1,0 +1,69 @@
+"""The typed records the SMTP session produces and everything downstream
+reads: the store writes them, the CLI and the page show them, tests assert
+on them. One type per kind of record, from the session to the screen.
+
+May know: the standard library's typing. Must not know: I/O of any kind."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+#: Who a transcript line is from: the client, the server, or the harness's
+#: own note (a delay, a fault, a TLS handshake, the message being stored).
+Direction = Literal["C", "S", "I"]
+
+#: What one sender/recipient pair's attempt came to on one connection.
+Outcome = Literal["accepted", "deferred", "rejected", "dropped", "reset", "hang", "lost"]
+
+OUTCOMES: tuple[Outcome, ...] = ("accepted", "deferred", "rejected", "dropped", "reset",
+                                 "hang", "lost")
+
+
+class TranscriptLine(NamedTuple):
+    """One line of a session's transcript, with the time it happened, the
+    SMTP step it belongs to and the rule that decided it (None: the
+    harness's normal behaviour). A NamedTuple: it is written to the store as
+    it is, and there are many of them."""
+
+    session_id: int
+    t: float
+    direction: Direction
+    phase: str | None
+    text: str
+    rule: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class AttemptRecord(NamedTuple):
+    """One sender/recipient pair reaching a verdict on one connection (the
+    unit a retry timeline is made of), as the session writes it."""
+
+    session_id: int
+    t: float
+    mail_from: str
+    rcpt: str
+    phase: str
+    code: int | None  # None when the verdict was a fault or the client vanished
+    enhanced: str | None
+    reply: str | None
+    outcome: Outcome
+    rule: str | None
+    message_id: int | None
+
+
+class MessageDraft(NamedTuple):
+    """A received message and its envelope, for the store to keep (it gives
+    the message its id)."""
+
+    session_id: int
+    t: float
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    mail_options: tuple[str, ...]
+    rcpt_options: tuple[str, ...]
+    raw: bytes
+    subject: str | None
+    message_id: str | None
+    dsn: dict[str, Any]

@@ -1,0 +1,313 @@
+"""What all connections of one SMTP listener share: the scenario engine, the
+store, the watchers, the journal of decisions, the background analyst, the
+TLS context; and the one control surface (switch scenario, add or remove a
+rule, reset) that the API, the `Harness` and the CLI go through, each change
+announced once."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from harness.errors import HarnessError
+from harness.records import TranscriptLine
+from harness.scenario import engine as ev
+from harness.scenario.engine import Connection, Decision, Engine
+from harness.scenario.model import Rule, Scenario, TlsMode
+from harness.smtp.tls import server_context
+from harness.store.db import Store
+
+if TYPE_CHECKING:
+    from harness.smtp.session import ServerSession
+    from harness.smtp.transport import SmtpTransport
+
+#: Sees every transcript line as it happens (the console, the page).
+Observer = Callable[[TranscriptLine], None]
+
+JOURNAL_LIMIT = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One decision: the step, the client's command, the deciding rule (None:
+    the normal behaviour), and the rules that did not match, with why."""
+
+    session_id: int
+    t: float
+    phase: str
+    command: str
+    rule: str | None
+    reply: str | None
+    fault: str | None
+    misses: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class AnalysisJob:
+    mid: int
+    raw: bytes
+    client_ip: str
+    helo: str
+    mail_from: str
+    hostname: str
+    zone: dict[str, Any] | None
+    auth: Any  # results already computed for a rule, or None
+
+
+class Analyst:
+    """Analyses stored messages in the background, in a thread and in
+    batches, when deliveries pause (no new message for `analysis_quiet`
+    seconds) or when a message has waited `analysis_max_lag`: the parsing is
+    CPU work that shares the interpreter with the event loop, and during a
+    burst the CPU belongs to the SMTP conversations."""
+
+    BATCH = 64
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.jobs: collections.deque[tuple[float, AnalysisJob, asyncio.Future[None]]] = (
+            collections.deque())
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, job: AnalysisJob) -> None:
+        loop = asyncio.get_running_loop()
+        self.ctx.last_activity = loop.time()
+        done: asyncio.Future[None] = loop.create_future()
+        self.ctx.pending.add(done)
+        done.add_done_callback(self.ctx.pending.discard)
+        self.jobs.append((loop.time(), job, done))
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        from harness.analysis.summary import analyze_batch
+
+        loop = asyncio.get_running_loop()
+        while self.jobs:
+            now = loop.time()
+            quiet = now - self.ctx.last_activity
+            waited = now - self.jobs[0][0]
+            if quiet < self.ctx.analysis_quiet and waited < self.ctx.analysis_max_lag:
+                # a timer, not a poll: the pause in deliveries it waits for
+                # has no event of its own
+                await asyncio.sleep(min(self.ctx.analysis_quiet - quiet,
+                                        self.ctx.analysis_max_lag - waited))
+                continue
+            batch = [self.jobs.popleft() for _ in range(min(self.BATCH, len(self.jobs)))]
+            work = [(j.raw, j.client_ip, j.helo, j.mail_from, j.zone, j.hostname)
+                    for _, j, _ in batch]
+            try:
+                results = await asyncio.to_thread(analyze_batch, work)
+            except Exception as e:  # an analysis bug must not touch the sessions
+                self.ctx.errors.append(e)
+                results = [None] * len(batch)
+            for (_, job, done), analysis in zip(batch, results, strict=True):
+                if analysis is not None:
+                    if job.auth is not None:  # checked before a rule's decision: keep it
+                        analysis["auth"] = job.auth.as_dict()
+                        analysis["authentication_results"] = job.auth.authentication_results
+                    self.ctx.store.message_analysis(job.mid, analysis,
+                                                    analysis.get("ndr") is not None)
+                if not done.done():
+                    done.set_result(None)
+            self.ctx.changed()
+
+
+@dataclass(eq=False)
+class ListenerContext:
+    """What all connections of one listener share."""
+
+    engine: Engine
+    store: Store
+    name: str = "127.0.0.1:2525"
+    observers: list[Observer] = field(default_factory=list)
+    #: exceptions raised while serving (re-raised by test fixtures, never lost)
+    errors: list[BaseException] = field(default_factory=list)
+    #: called with (session id) when a session ends; (message id) when stored
+    on_session_end: list[Callable[[int], None]] = field(default_factory=list)
+    on_message: list[Callable[[int], None]] = field(default_factory=list)
+    #: connections being served now
+    active: set[SmtpTransport] = field(default_factory=set)
+    #: every decision, newest last (bounded): for verification and near misses
+    journal: collections.deque[JournalEntry] = field(
+        default_factory=lambda: collections.deque(maxlen=JOURNAL_LIMIT))
+    #: called (on the loop) whenever something was recorded: waiters wake up
+    on_change: list[Callable[[], None]] = field(default_factory=list)
+    #: called (on the loop), once per change, when the scenario was switched
+    #: or changed, or the listener reset (see `use`, `add_rule`, `reset`)
+    on_scenario: list[Callable[[], None]] = field(default_factory=list)
+    #: the port-465 style: TLS from the first byte
+    implicit_tls: bool = False
+    #: a PROXY protocol v1/v2 header precedes SMTP (behind a load balancer)
+    proxy_protocol: bool = False
+    #: where a made lab CA certificate is written (beside the store)
+    ca_dir: Path | None = None
+    #: where SPF/DKIM/DMARC look things up: the scenario's dns: zone, or
+    #: "system" (the machine's resolver, only when a user asks for it)
+    dns: str = "scenario"
+    #: analyses of stored messages still to finish
+    pending: set[asyncio.Future[None]] = field(default_factory=set)
+    #: analysis waits for this long without a new message (0: at once)...
+    analysis_quiet: float = 0.25
+    #: ...but a message waits no longer than this for its analysis
+    analysis_max_lag: float = 30.0
+    #: when the last connection or message arrived (loop time)
+    last_activity: float = 0.0
+    #: aiosmtpd-style handlers (`handle_DATA(server, session, envelope)`)
+    #: each accepted message is passed to once stored (see handlers.py)
+    handlers: list[Any] = field(default_factory=list)
+    #: handlers still running, and the thread they run in
+    pending_handlers: set[asyncio.Future[Any]] = field(default_factory=set)
+    handler_runner: Any = None
+    #: the loop serving this listener (set when it starts listening)
+    loop: asyncio.AbstractEventLoop | None = None
+    _base: Scenario | None = None
+    _analyst: Analyst | None = None
+    _tls: tuple[object, ssl.SSLContext] | None = None
+    _resolver: tuple[object, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self._base = self.engine.scenario
+        self._control = threading.Lock()
+
+    @property
+    def scenario(self) -> Scenario:
+        return self.engine.scenario
+
+    @property
+    def base(self) -> Scenario:
+        """The scenario last switched to (what `reset(to_base=True)` restores)."""
+        assert self._base is not None
+        return self._base
+
+    # ------------------------------------------------- the Decider protocol
+
+    @property
+    def uses(self) -> frozenset[str]:
+        return self.engine.uses
+
+    def connect(self, client: str) -> Connection:
+        return self.engine.connect(client)
+
+    def disconnect(self, conn: Connection) -> None:
+        self.engine.disconnect(conn)
+
+    def decide(self, session: ServerSession, event: ev.Event) -> Decision:
+        """The engine's decision, noted in the journal (what each step was,
+        which rule decided it, and which rules nearly did)."""
+        engine = self.engine
+        d = engine.decide(session, event)
+        self.journal.append(JournalEntry(
+            session.id, engine.clock(), d.phase.value, session.last_command, d.rule,
+            str(d.reply) if d.reply else None, d.fault.value if d.fault else None, d.misses))
+        if engine.errors:
+            self.errors.extend(engine.errors)
+            engine.errors.clear()
+        return d
+
+    # ------------------------------------------------ the control surface
+
+    def use(self, scenario: Scenario) -> None:
+        """Serve `scenario` from the next decision on (counters and state
+        carry on; connections already open keep their server settings).
+        Makes its TLS certificate if it needs a new one: call it off the
+        event loop."""
+        with self._control:
+            self.engine.use(scenario)
+            self._base = scenario
+            self.prepare_tls()
+        self._announce()
+
+    def add_rule(self, rule: Rule, *, position: Literal["first", "last"] = "first") -> None:
+        """Add a rule before (or after) the scenario's own (first match wins)."""
+        with self._control:
+            current = self.scenario
+            if any(r.name == rule.name for r in current.rules):
+                raise HarnessError(f"a rule named {rule.name!r} exists already")
+            rules = (rule, *current.rules) if position == "first" else (*current.rules, rule)
+            self.engine.use(replace(current, rules=rules))
+        self._announce()
+
+    def remove_rule(self, name: str) -> None:
+        with self._control:
+            current = self.scenario
+            rules = tuple(r for r in current.rules if r.name != name)
+            if len(rules) == len(current.rules):
+                raise HarnessError(f"no rule named {name!r}")
+            self.engine.use(replace(current, rules=rules))
+        self._announce()
+
+    def reset(self, *, to_base: bool = False, scenario: Scenario | None = None) -> None:
+        """Forget attempt counters, first-seen times, rule uses, state and the
+        journal; with `to_base`, also drop the rules added since the last
+        switch; with `scenario`, switch to it as well (and make it the base).
+        May make a TLS certificate: call it off the event loop."""
+        with self._control:
+            if scenario is not None:
+                self._base = scenario
+                to_base = True
+            if to_base:
+                self.engine.use(self.base)
+                self.prepare_tls()
+            self.engine.reset()
+            self.journal.clear()
+        self._announce()
+
+    def _announce(self) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for cb in self.on_scenario:
+            if running is loop:
+                cb()
+            else:
+                loop.call_soon_threadsafe(cb)
+
+    # ------------------------------------------------------------- others
+
+    def changed(self) -> None:
+        """Something was recorded: wake whoever waits for it."""
+        for cb in self.on_change:
+            try:
+                cb()
+            except Exception as e:  # a waiter must not break the serving
+                self.errors.append(e)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the current scenario, made once per scenario
+        (`prepare_tls` makes it: before serving and after switching)."""
+        return self._tls[1] if self._tls is not None else None
+
+    def prepare_tls(self) -> None:
+        server = self.scenario.server
+        if server.starttls is TlsMode.OFF and not self.implicit_tls:
+            self._tls = None
+            return
+        key = (server.tls, server.hostname)
+        if self._tls is None or self._tls[0] != key:
+            self._tls = (key, server_context(server.tls, server.hostname, self.ca_dir))
+
+    def analyst(self) -> Analyst:
+        if self._analyst is None:
+            self._analyst = Analyst(self)
+        return self._analyst
+
+    def resolver(self) -> Any:
+        """The DNS the authentication checks use, made once per scenario."""
+        from harness.analysis.dns import ScenarioDns, SystemDns
+
+        key = self.scenario.dns if self.dns == "scenario" else "system"
+        if self._resolver is None or self._resolver[0] is not key:
+            self._resolver = (key, SystemDns() if self.dns == "system"
+                              else ScenarioDns(self.scenario.dns))
+        return self._resolver[1]
