@@ -6,7 +6,8 @@ Read by property name (Identity, Status, LastError, NextHopDomain,
 DeliveryType, MessageCount, RetryCount, LastRetryTime, NextRetryTime,
 InternetMessageId, FromAddress, Subject, DateReceived, Recipients, ...),
 whatever the order; properties this reader does not use are kept in
-`extra`, by their name without case, '-' or '_' ("firstretrytime"). LastError quotes the remote reply in one of two shapes, both read:
+`extra`, by their name without case, '-' or '_' ("firstretrytime").
+LastError quotes the remote reply in one of two shapes, both read:
 '451 4.4.0 Primary target IP address responded with: "451 4.7.1 ...".
 Attempted failover ...' and '[{LRT=...};{LED=451 4.7.1 ...};{FQDN=...};
 {IP=...}]'. Times: ISO 8601 (PowerShell 7, or .ToString('o')), Windows
