@@ -220,9 +220,11 @@ def lineup_for(files: Sequence[EvidenceFile], stores: Sequence[Path], *,
     """Read the stores and line the files up with them."""
     captures = []
     infos: list[dict[str, Any]] = []
+    used: set[str] = set()
     for i, store in enumerate(stores):
-        label = "" if len(stores) == 1 else (store.stem if store.stem != "harness"
-                                             else f"store{i + 1}")
+        # the first store needs no name; others are named after their file
+        label = "" if i == 0 else (store.stem if store.stem not in used else f"store{i + 1}")
+        used.add(label)
         cap, info = load_capture(store, label)
         captures.append(cap)
         clock = _clock(info)

@@ -61,7 +61,7 @@ def lab_evidence(maillog: str, mta: str, target: Harness, collector: Harness | N
     # the MTA's log: wall clock, this machine's zone
     opts = ReadOptions(tz=_local_tz(), now=t0)
     file = read_evidence(name, maillog, opts)
-    captures = [capture_from_records("" if collector is None else "harness", target.sessions(),
+    captures = [capture_from_records("", target.sessions(),
                                      target.attempts(), target.messages(raw=True), clock)]
     if collector is not None:
         captures.append(capture_from_records("collector", collector.sessions(),

@@ -293,6 +293,15 @@ def test_evidence_flags_an_edited_reply_in_each_exchange_log(exchange_run: Any,
     assert ("reply-never-sent", f"{edited_send}:{n_send + 1}") in flagged, flagged
     assert ("reply-never-sent", f"{edited_track}:{n_track + 1}") in flagged, flagged
     assert {k for k, _ in flagged} == {"reply-never-sent"}
+    # the command says so, and exits 3
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "evidence", str(edited_send),
+                        str(edited_track), "--store", str(h.store_path)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"! reply-never-sent: {edited_send}:{n_send + 1}: the sender logged '450 4.2.1 " \
+        "Mailbox busy" in r.stdout
+    assert "2 disagreement(s)" in r.stdout
 
 
 def test_evidence_flags_a_dsn_never_captured_and_an_attempt_not_logged(
