@@ -421,6 +421,12 @@ def _explain(args: argparse.Namespace) -> int:
                            err_console=err)
 
 
+def _evidence(args: argparse.Namespace) -> int:
+    from harness.evidence import evidence_command
+
+    return evidence_command(args, out, err)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from harness.predict import predict_command
 
@@ -466,6 +472,7 @@ def _lab(args: argparse.Namespace) -> int:
             continue
         verdicts.append(run_lab(s, mta=args.mta, speed=args.speed, window=args.window,
                                 settings=settings, seed=args.seed,
+                                keep=args.keep / s.name if args.keep else None,
                                     progress=None if args.quiet else
                                     (lambda m: err.print(f"[dim]{escape(m)}[/]"))))
     if args.json:
@@ -478,6 +485,11 @@ def _lab(args: argparse.Namespace) -> int:
     if args.html:
         args.html.write_text(html_report(verdicts), encoding="utf-8")
         err.print(f"HTML report: {args.html}")
+    if args.keep:  # what a run kept, and the command that lines it up
+        for v in verdicts:
+            if v.kept:
+                err.print(f"kept {v.kept}: harness evidence {v.kept}/{v.mta_log} "
+                          f"--store {v.kept}/harness.db")
     return 0 if verdicts and all(v.passed for v in verdicts) else 1
 
 
@@ -544,6 +556,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--html", type=Path, default=None, help="write the HTML report here")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                    help="keep each run in DIR/SCENARIO: the MTA's log, the harness's store "
+                         "(and the collector's) and lab.json, for harness evidence")
+
+    sp = sub.add_parser("evidence", help="the sending MTA's logs (Exchange protocol and "
+                        "tracking logs, queues, message traces, Postfix, Exim) lined up with "
+                        "what the harness recorded")
+    sp.add_argument("files", nargs="+", metavar="FILE",
+                    help="logs and exports; each file's kind is recognised from its content")
+    sp.add_argument("--store", action="append", type=Path, default=None,
+                    help=f"a capture store (default {DEFAULT_PATH}); give it twice for a "
+                         "lab's harness.db and collector.db")
+    sp.add_argument("--tz", default=None, metavar="ZONE",
+                    help="the zone of times written without one (syslog, Exim, PowerShell "
+                         "exports): UTC, +01:00, Europe/Berlin (default: this machine's)")
+    sp.add_argument("--retry-interval", default=None, metavar="DURATION",
+                    help="the sender's shortest configured retry interval (5m, 00:05:00): "
+                         "sooner retries are flagged")
+    sp.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                    help="the largest clock skew to look for (default 900)")
+    sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("explain", help="what a status code, a reply line or an NDR file "
                         "means, and what to check")
@@ -599,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,
-                   "explain": _explain, "predict": _predict, "queues": _queues}[args.command]
+                   "explain": _explain, "predict": _predict, "queues": _queues,
+                   "evidence": _evidence}[args.command]
         return handler(args)
     except ScenarioError as e:
         for p in e.problems:

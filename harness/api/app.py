@@ -472,6 +472,48 @@ async def ndrs(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
+@routes.post("/api/v1/evidence")
+async def evidence(request: web.Request) -> web.Response:
+    """The sending side's logs, their text as JSON, lined up with the store
+    (what `harness evidence --json` prints). Parsing and lining up run in a
+    thread: the loop never waits on them."""
+    from harness.evidence import MAX_FILES, MAX_NAME, evidence_from_texts, parse_tz
+
+    try:
+        data = await body_json(request)
+    except web.HTTPRequestEntityTooLarge:
+        return problem(413, "the request is larger than the API takes (1 MiB)",
+                       detail="send fewer or smaller files (a lab run's window is enough)")
+    files = data.get("files")
+    if not isinstance(files, list) or not files:
+        return problem(400, "give files: [{\"name\": \"maillog\", \"text\": \"...\"}, ...]")
+    if len(files) > MAX_FILES:
+        return problem(413, f"at most {MAX_FILES} files per request")
+    texts: list[tuple[str, str]] = []
+    for i, f in enumerate(files):
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str)
+                and isinstance(f.get("text"), str) and 0 < len(f["name"]) <= MAX_NAME):
+            return problem(400, f"files[{i}] needs a name (1 to {MAX_NAME} characters) and a "
+                           "text")
+        texts.append((f["name"], f["text"]))
+    tz = data.get("tz")
+    retry = data.get("retry_interval")
+    window = data.get("window")
+    if tz is not None and not isinstance(tz, str):
+        return problem(400, "tz is a string: UTC, +01:00 or a zone name")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int | float)
+                              or not 0 <= retry <= 86400 * 365):
+        return problem(400, "retry_interval is a number of seconds")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int | float)
+                               or not 0 < window <= 86400 * 30):
+        return problem(400, "window is a number of seconds, above 0")
+    zone = parse_tz(tz or "UTC")
+    result = await read(request, lambda r: evidence_from_texts(
+        r, texts, tz=zone, retry_interval=float(retry) if retry is not None else None,
+        window=float(window) if window is not None else None))
+    return web.json_response(result)
+
+
 def _explain_recipients(ndr: dict[str, Any] | None) -> list[dict[str, Any]]:
     from harness.analysis.codes import explain_reply, lookup
 

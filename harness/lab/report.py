@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
 from typing import Any
@@ -200,6 +201,7 @@ def html_report(verdicts: list[Verdict], title: str = "SMTP Harness lab report")
 {timelines}
 {f'<h3>NDRs</h3><ul>{ndrs}</ul>' if ndrs else ''}
 {f'<ul>{notes}</ul>' if notes else ''}
+{_evidence_html(v.evidence)}
 </section>""")
     passed = sum(v.passed for v in verdicts)
     return f"""<!doctype html>
@@ -218,6 +220,8 @@ table {{ border-collapse: collapse; margin: .5rem 0; }}
 td, th {{ border: 1px solid #d0d7de; padding: .25rem .5rem; text-align: left;
   vertical-align: top; }}
 tr.bad td {{ background: #fde8e8; }}
+table.evidence td {{ font-size: .85rem; }}
+table.evidence td.where {{ color: #5b6774; white-space: nowrap; }}
 .muted {{ color: #5b6774; }}
 svg {{ width: 100%; max-width: 760px; height: 90px; display: block; }}
 svg.queue {{ height: 110px; }}
@@ -227,6 +231,35 @@ svg.queue {{ height: 110px; }}
 {''.join(rows)}
 </body></html>
 """
+
+
+def _evidence_html(evidence: dict[str, Any]) -> str:
+    """The MTA's own log beside the harness's records (harness.evidence/1)."""
+    if not evidence or not evidence.get("messages"):
+        return ""
+    parts = ["<h3>The sender's log beside the harness</h3>"]
+    for sk in evidence.get("skews", []):
+        parts.append(f'<p class="muted">{html.escape(sk["text"])}</p>')
+    for m in evidence["messages"]:
+        rows = []
+        for st in m["steps"]:
+            sender = "<br>".join(f'<span class="muted">{html.escape(x["where"])}</span> '
+                                 f'{html.escape(x["text"])}' for x in st["sender"]) or "-"
+            did = html.escape(st["harness"]["text"]) if st["harness"] else html.escape(
+                st["note"] or "-")
+            flag = ", ".join(st["flags"])
+            when = time.strftime("%H:%M:%S", time.localtime(st["t"])) + \
+                f".{int(st['t'] % 1 * 1000):03d}"
+            rows.append(f'<tr class="{"bad" if flag else ""}"><td class="where">{when}</td>'
+                        f"<td>{sender}</td><td>{did}</td><td>{html.escape(flag)}</td></tr>")
+        dis = "".join(f'<li class="bad">{html.escape(d["kind"])}: {html.escape(d["message"])}'
+                      "</li>" for d in m["disagreements"])
+        parts.append(f"<h4>message {html.escape(m['message_id'] or m['key'])}</h4>"
+                     '<table class="evidence"><tr><th>time</th><th>sender logged</th>'
+                     f"<th>harness did</th><th></th></tr>{''.join(rows)}</table>"
+                     + (f"<ul>{dis}</ul>" if dis else
+                        '<p class="muted">the sender\'s log and the harness agree</p>'))
+    return "".join(parts)
 
 
 def verdicts_json(verdicts: list[Verdict]) -> str:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from harness.analysis.dsn import Ndr, parse_ndr
@@ -80,6 +81,10 @@ class Verdict:
     #: the sending MTA's whole queue (bounces included) sampled during the
     #: run, in scenario time: depth, oldest message's age, deferred count
     queue_samples: list[QueueSample] = field(default_factory=list)
+    #: The MTA's log lined up with the harness (harness.evidence/1 JSON).
+    evidence: dict[str, Any] = field(default_factory=dict)
+    kept: str = ""  # the folder of a kept run (harness lab --keep), else ""
+    mta_log: str = ""  # the MTA log's file name in it
 
 
 def _message(send: Send, mail_from: str, token: str) -> bytes:
@@ -112,9 +117,14 @@ def run_postfix(scenario: Scenario, **kw: Any) -> Verdict:
 
 def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             window: float = 20.0, settings: dict[str, str] | None = None,
-            seed: int | None = 1, progress: Callable[[str], None] | None = None) -> Verdict:
+            seed: int | None = 1, progress: Callable[[str], None] | None = None,
+            keep: Path | None = None) -> Verdict:
     """Send the scenario's test message through a private MTA (postfix or
-    exim) relaying to a harness with the scenario, and judge what it did."""
+    exim) relaying to a harness with the scenario, and judge what it did.
+    `keep`: a folder for the run's MTA log, stores and lab.json (evidence)."""
+    from harness.lab.evidence import LOG_NAME, keep_dir, lab_evidence  # (evidence)
+
+    kept = keep_dir(keep) if keep else None
     send = scenario.send or Send()
     # The scenario's own sender (its SPF, DMARC and mail_from rules see it).
     # Postfix routes bounces to that one address to the collector; the Exim
@@ -125,8 +135,10 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
     say = progress or (lambda _msg: None)
     clock = _Clock(speed)
     started = time.monotonic()
-    with Harness(scenario, seed=seed, clock=clock) as target, \
-            Harness("accept", clock=clock) as collector:
+    with Harness(scenario, seed=seed, clock=clock,
+                 store=kept / "harness.db" if kept else None) as target, \
+            Harness("accept", clock=clock,
+                    store=kept / "collector.db" if kept else None) as collector:
         lab_settings = {**(POSTFIX_LAB if mta == "postfix" else {}), **(settings or {})}
         lab = _start_mta(mta, target, collector, mail_from, lab_settings)
         try:
@@ -170,6 +182,11 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
         verdict.duration = time.monotonic() - started
         verdict.queue_samples = samples.samples
         verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
+        # (evidence) the MTA's own log beside the harness's records
+        verdict.evidence = lab_evidence(maillog, mta, target,
+                                        collector if mta == "postfix" else None, clock.t0,
+                                        speed, lab_settings, keep, scenario.name)
+        verdict.kept, verdict.mta_log = (str(keep), LOG_NAME[mta]) if keep else ("", "")
     say(f"{scenario.name}: {'PASS' if verdict.passed else 'FAIL'}")
     return verdict
 

@@ -301,6 +301,64 @@ async function loadNdrs() {
     ...(list.length ? list.map((x) => ndrNode(x)) : [el("p", { class: "muted", text: "No NDRs captured." })]));
 }
 
+// ------------------------------------------------------- sender's logs
+
+// The files never leave the page as files: their text goes to
+// POST /api/v1/evidence, and the lined-up timelines come back as JSON.
+function evidenceNode(result) {
+  const parts = [];
+  for (const f of result.files) {
+    parts.push(el("p", { class: "muted", text: `${f.path}: ${f.title}, ${f.records} record(s)` }));
+    for (const p of f.problems) parts.push(el("p", { class: "warn", text: p }));
+  }
+  for (const s of result.skews) parts.push(el("p", { class: "skew", text: s.text }));
+  for (const m of result.messages) {
+    const rows = m.steps.map((st) => el("tr", { class: st.flags.length ? "flagged" : "" },
+      el("td", { class: "muted", text: clock(st.t) }),
+      el("td", {}, ...st.sender.map((x) => el("div", {},
+        el("span", { class: "muted", text: `${x.where} ` }),
+        el("span", { class: `reply ${codeClass(x.reply || "")}`, text: x.text })))),
+      el("td", {}, el("span", { class: st.harness ? `reply ${codeClass(st.harness.reply || "")}` : "muted",
+        text: st.harness ? st.harness.text : (st.note || "-") })),
+      el("td", { class: st.flags.length ? "bad" : "ok", text: st.flags.join(", ") || (st.harness && st.sender.length ? "ok" : "") })));
+    const box = el("div", { class: "evidence-message" },
+      el("h3", { text: `Message ${m.message_id || m.key}` }),
+      el("table", { class: "evidence" },
+        el("tr", {}, el("th", { text: "time" }), el("th", { text: "sender logged" }),
+          el("th", { text: "harness did" }), el("th", { text: "" })), ...rows));
+    if (m.disagreements.length) {
+      box.append(el("ul", { class: "disagreements" },
+        ...m.disagreements.map((d) => el("li", { class: "bad", text: `${d.kind}: ${d.message}` }))));
+    } else {
+      box.append(el("p", { class: "ok", text: "the sender's log and the harness agree" }));
+    }
+    parts.push(box);
+  }
+  const n = result.disagreements;
+  parts.push(el("p", { class: n ? "bad" : "ok", id: "evidence-summary",
+    text: `${result.messages.length} message(s), ${n ? `${n} disagreement(s)` : "no disagreement"}` }));
+  return parts;
+}
+
+document.getElementById("evidence-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const box = document.getElementById("evidence");
+  const chosen = [...document.getElementById("evidence-files").files];
+  if (!chosen.length) {
+    box.replaceChildren(el("p", { class: "muted", text: "Choose the sending MTA's log files first." }));
+    return;
+  }
+  box.replaceChildren(el("p", { class: "muted", text: "lining up…" }));
+  try {
+    const files = await Promise.all(chosen.map(async (f) => ({ name: f.name, text: await f.text() })));
+    const result = await api("/api/v1/evidence", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ files }) });
+    box.replaceChildren(...evidenceNode(result));
+  } catch (e) {
+    box.replaceChildren(el("p", { class: "bad", text: `could not line up: ${e.message}` }));
+  }
+});
+
 // ------------------------------------------------------------- scenarios
 
 function showSummary() {
