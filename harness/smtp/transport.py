@@ -99,7 +99,9 @@ class SmtpTransport(asyncio.Protocol):
             return True
         if self.session is not None:
             self._run(self.session.receive_eof())
-        return True  # keep the transport open for the replies still due
+        # keep the transport open for the replies still due (TLS cannot
+        # half-close: asyncio closes it, and warns if asked otherwise)
+        return self.transport is not None and self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         for handle in (self._timer, self._tls_fail, self._later):
