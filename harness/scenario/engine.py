@@ -18,7 +18,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from threading import Lock
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -150,13 +150,16 @@ class Decision:
     after_bytes: int | None = None
     #: rules of this phase that did not match, each with the first reason
     misses: tuple[tuple[str, str], ...] = ()
+    #: True when the client will see a positive (or the normal) reply
+    accepts: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def accepts(self) -> bool:
-        """True when the client will see a positive (or the normal) reply."""
-        if self.fault in (Fault.DROP, Fault.RESET, Fault.HANG, Fault.TLS_FAIL):
-            return False
-        return self.reply is None or self.reply.is_positive
+    def __post_init__(self) -> None:
+        # asked several times per step: worked out once
+        object.__setattr__(self, "accepts", self.fault not in _REFUSING_FAULTS and (
+            self.reply is None or self.reply.is_positive))
+
+
+_REFUSING_FAULTS = frozenset({Fault.DROP, Fault.RESET, Fault.HANG, Fault.TLS_FAIL})
 
 
 @dataclass

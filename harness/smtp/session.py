@@ -293,6 +293,7 @@ class Transaction:
 
 
 _ENDING_FAULTS = (Fault.DROP, Fault.RESET, Fault.HANG)
+_COMMIT = Commit()
 _FAULT_OUTCOME: dict[Fault, Outcome] = {Fault.DROP: "dropped", Fault.RESET: "reset",
                                         Fault.HANG: "hang"}
 _SIZE_REFUSAL = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -1295,7 +1296,7 @@ class ServerSession:
         mail_from = tx.mail_from
         self.transaction = None
         # Durable before any 2xx: wait for the commit that carries the message.
-        yield Commit()  # a store that cannot write raises here: 451, recorded
+        yield _COMMIT  # a store that cannot write raises here: 451, recorded
         self._out.append(MessageStored(mid, mail_from, rcpts, content, auth, d.accepts))
         yield from self._play(d)
         yield from self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
@@ -1395,29 +1396,31 @@ def headline(content: bytes) -> tuple[str | None, str | None]:
     """Subject (RFC 2047 decoded where it can be) and Message-ID of a
     message; None when absent.
 
-    A scan of the header block rather than the email package's parser, which
-    costs more than the rest of a small message's handling."""
+    A search of the header block for the two fields rather than the email
+    package's parser, which costs more than the rest of a small message's
+    handling."""
     # the header section ends at the first empty line (CRLF, or a bare LF
     # from a careless client)
     m = _HEADER_END.search(content)
     head = content[: m.start()] if m else content
-    head = _FOLD.sub(b" ", head)
     subject: str | None = None
     message_id: str | None = None
-    for line in re.split(rb"\r?\n", head):
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        key = name.strip().lower()
-        if key == b"subject" and subject is None:
-            subject = _decode_header(value.strip())
-        elif key == b"message-id" and message_id is None:
-            message_id = value.strip().decode("utf-8", "replace")
+    for found in _HEADLINE.finditer(head):
+        value = _FOLD.sub(b" ", found.group(2)).strip()
+        if found.group(1).lower() == b"subject":
+            if subject is None:
+                subject = _decode_header(value)
+        elif message_id is None:
+            message_id = value.decode("utf-8", "replace")
+        if subject is not None and message_id is not None:
+            break
     return subject, message_id
 
 
 _FOLD = re.compile(rb"\r?\n[ \t]+")
 _HEADER_END = re.compile(rb"(?:^|\n)\r?\n")
+#: a Subject or Message-ID field with its continuation lines
+_HEADLINE = re.compile(rb"^(subject|message-id)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 
 
 def _decode_header(raw: bytes) -> str:
