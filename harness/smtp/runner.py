@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
+from harness.smtp import outbound
 from harness.smtp.server import HarnessSMTP, ListenerContext
 
 # aiosmtpd logs every connection at INFO on "mail.log"; the harness has its
@@ -70,6 +71,7 @@ class Listener:
             t.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        await outbound.close(self.ctx)  # issue 14: bounces still waiting are cancelled
         # analyses still queued run now rather than at the next quiet moment
         self.ctx.analysis_quiet = 0.0
         if self.ctx.pending:

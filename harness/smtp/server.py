@@ -33,6 +33,7 @@ from aiosmtpd.smtp import SMTP
 from harness.scenario import engine as ev
 from harness.scenario.engine import Decision, Engine
 from harness.scenario.model import Fault, Phase, Scenario, TlsMode
+from harness.smtp import outbound
 from harness.smtp import params as px
 from harness.smtp.tls import HANDSHAKE_FAILURE_ALERT, server_context
 from harness.store.db import Store
@@ -193,6 +194,8 @@ class ListenerContext:
     analysis_max_lag: float = 30.0
     #: when the last connection or message arrived (loop time)
     last_activity: float = 0.0
+    #: issue 14: where a rule's bounce: is sent (HOST, PORT); see smtp/outbound.py
+    bounce_via: tuple[str, int] | None = None
     _analyst: Analyst | None = None
     _tls: tuple[object, ssl.SSLContext] | None = None
     _resolver: tuple[object, Any] | None = None
@@ -1323,6 +1326,12 @@ class HarnessSMTP(SMTP):
                                default=f"250 2.0.0 Ok: queued as {mid}")
         self._record("I", f"stored as message {mid}", d.rule)
         self._flush()
+        # issue 14 hook: a rule's bounce: is scheduled here, sent later in the
+        # background (all of it in harness/smtp/outbound.py; never raises)
+        outbound.after_message(
+            self.ctx, session_id=self._sid, rule=d.rule, accepted=d.accepts,
+            mail_from=mail_from, rcpts=rcpts, content=content, message_id=mid,
+            dsn=self._dsn_record(rcpts), client_ip=str(self._conn.client), helo=self._helo_seen)
         self._reset_transaction()
         # Durable before any 2xx: wait for the commit that carries the message.
         # shield(): a client that half-closes cancels this task, but the

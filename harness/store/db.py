@@ -556,3 +556,11 @@ def _address(command: str) -> str | None:
     if start < 0 or end < 0:
         return None
     return command[start + 1:end]
+
+
+# ------------------------------------------------ sent bounces (issue 14) --
+# Additive: the `bounces` table lives in harness/store/bounces.py (schema,
+# writes, reads); only its schema is appended here, so Store.open() creates it.
+from harness.store.bounces import SCHEMA as _BOUNCES_SCHEMA  # noqa: E402
+
+SCHEMA += _BOUNCES_SCHEMA
