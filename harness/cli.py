@@ -417,6 +417,12 @@ def _predict(args: argparse.Namespace) -> int:
     return predict_command(args, out)
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from harness.probe.command import probe_command
+
+    return probe_command(args, out, err)
+
+
 def _lab(args: argparse.Namespace) -> int:
     from harness.lab.report import html_report, junit_xml, print_verdicts, verdicts_json
     from harness.lab.runner import run_lab
@@ -542,6 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "will it bounce? (Exchange, Postfix, Exim retry models)")
     add_predict_arguments(sp)
 
+    from harness.probe.command import DESCRIPTION as PROBE_DESCRIPTION
+    from harness.probe.command import EPILOG as PROBE_EPILOG
+    from harness.probe.command import add_arguments as add_probe_arguments
+
+    sp = sub.add_parser("probe", help="talk to a recipient's mail servers as a sender would "
+                        "(SMTPDiag): deliver, defer or bounce, and why; sends no message",
+                        description=PROBE_DESCRIPTION, epilog=PROBE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_probe_arguments(sp)
+
     sp = sub.add_parser("check", help="validate scenario files")
     sp.add_argument("scenarios", nargs="+", metavar="SCENARIO")
     store_opt(sp)
@@ -579,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,
-                   "explain": _explain, "predict": _predict}[args.command]
+                   "explain": _explain, "predict": _predict,
+                   "probe": _probe}[args.command]
         return handler(args)
     except ScenarioError as e:
         for p in e.problems:

@@ -873,6 +873,59 @@ def load_file(path: str | Path) -> m.Scenario:
     return load_text(text, str(p), default_name=p.stem)
 
 
+def load_zone_text(text: str, path: str = "<string>") -> dict[str, dict[str, tuple[str, ...]]]:
+    """A DNS zone in the scenario `dns:` format, for `harness probe --dns
+    ZONE.yaml`: either a scenario file (its dns: section; the rest is
+    checked too) or the mapping alone (`lab.test: {MX: [10 mx1.lab.test]}`).
+    Every value is checked (addresses, MX and SOA shapes); problems are
+    raised together, positioned, as for a scenario."""
+    from harness.analysis.dns import zone_problems
+
+    c = _Collector(path)
+    root = _compose(c, text)
+    zone: dict[str, dict[str, tuple[str, ...]]] = {}
+    if root is not None and isinstance(root, MappingNode) and any(
+            isinstance(k, ScalarNode) and k.value == "dns" for k, _ in root.value):
+        zone = {k: dict(v) for k, v in load_text(text, path).dns.items()}
+        node = next(v for k, v in root.value if k.value == "dns")
+    elif root is not None:
+        zone = _dns(c, root)
+        node = root
+    if root is not None and isinstance(node, MappingNode):
+        for knode, vnode in node.value:
+            if not isinstance(vnode, MappingNode):
+                continue
+            for tnode, values in vnode.value:
+                if str(tnode.value) not in DNS_TYPES:
+                    continue  # reported as an unknown key
+                items = values.value if isinstance(values, SequenceNode) else [values]
+                for item in items:
+                    if isinstance(item, ScalarNode):
+                        found = zone_problems({str(knode.value): {
+                            str(tnode.value).upper(): [str(item.value)]}})
+                        for problem in found:
+                            c.error(item, problem.split(": ", 1)[-1] if ": " in problem
+                                    else problem)
+    if root is not None and not any(zone.values()) and not c.problems:
+        c.error(root, "the zone names no records",
+                "e.g. lab.test: {MX: ['10 mx1.lab.test']}")
+    if c.problems:
+        c.problems.sort(key=lambda p: (p.line, p.column))
+        raise ScenarioError(c.problems)
+    return zone
+
+
+def load_zone_file(path: str | Path) -> dict[str, dict[str, tuple[str, ...]]]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError([Problem(str(p), 1, 1, f"not UTF-8 text: {e.reason}")]) from e
+    except OSError as e:
+        raise ScenarioError([Problem(str(p), 1, 1, f"cannot read: {e.strerror}")]) from e
+    return load_zone_text(text, str(p))
+
+
 def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") -> m.Rule:
     """A rule from Python values, with exactly the checks a file gets.
 
