@@ -330,3 +330,27 @@ def test_unknown_kind_and_missing_status_are_errors_of_the_caller() -> None:
 def test_classify_names_automatic_messages(headers: bytes, kind: str) -> None:
     raw = headers if b"\r\n\r\n" in headers else headers + b"\r\nbody\r\n"
     assert classify(raw).kind == kind
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("autoreply", "it is an automatic reply (Auto-Submitted: auto-replied (RFC 3834))"),
+    ("arf", "it is an abuse complaint (ARF) (an RFC 5965 feedback report (Feedback-Type: "
+            "abuse))"),
+])
+def test_explain_says_what_a_report_that_is_not_an_ndr_is(tmp_path, kind: str,  # type: ignore[no-untyped-def]
+                                                           says: str) -> None:
+    import io
+
+    from rich.console import Console
+
+    from harness.explain import explain_command
+
+    (report,), _ = build(kind)
+    path = tmp_path / f"{kind}.eml"
+    path.write_bytes(report.raw)
+    err = io.StringIO()
+    rc = explain_command(str(path), as_json=False, console=Console(file=io.StringIO()),
+                         err_console=Console(file=err, width=300))
+    assert rc == 1
+    assert err.getvalue().strip() == (f"harness: error: {path}: not an NDR - no delivery "
+                                      f"status report found in it; {says}")

@@ -332,3 +332,16 @@ def test_step_explanation_prefers_the_precise_code() -> None:
     assert ok("rcpt", 550, "5.7.1 Unable to relay").explanation()["code"] == "5.7.1"  # type: ignore[index]
     assert ok("starttls", 220, "2.0.0 Ready").explanation()["code"] == "220"  # type: ignore[index]
     assert Step(name="connect", error="x").explanation() is None
+
+
+def test_system_dns_answers_read_like_the_zone_format() -> None:
+    # dnspython's record objects, made from text: no lookup happens
+    import dns.rdata
+
+    from harness.analysis.dns import _rdata_text
+
+    soa = dns.rdata.from_text("IN", "SOA",
+                              "NS1.lab.test. hostmaster.lab.test. 7 3600 600 86400 300")
+    assert _rdata_text("SOA", soa) == "ns1.lab.test hostmaster.lab.test 7 3600 600 86400 300"
+    assert _rdata_text("MX", dns.rdata.from_text("IN", "MX", "0 .")) == "0 ."
+    assert ScenarioDns({"n.test": {"MX": ["0 ."]}}).query("n.test", "MX") == ["0 ."]
