@@ -92,17 +92,29 @@ def record(store: Store, *, session_id: int, message_id: int | None, rule: str |
          scheduled_at, done_at, outcome, reply, error, subject, raw))
 
 
+def bounce(reader: Reader, bid: int) -> BounceRecord | None:
+    """One recorded bounce, with its report's bytes."""
+    found = bounces(reader, bounce_id=bid, raw=True)
+    return found[0] if found else None
+
+
 def bounces(reader: Reader, *, session_id: int | None = None, raw: bool = False,
-            limit: int | None = None) -> list[BounceRecord]:
+            limit: int | None = None, bounce_id: int | None = None) -> list[BounceRecord]:
     """Recorded bounces, oldest first (all, or one session's). A store made
     before this table existed has none."""
     cols = "*" if raw else ("id, session_id, message_id, rule, kind, status, recipients, mail_to,"
                             " via, scheduled_at, done_at, outcome, reply, error, subject")
     sql = f"SELECT {cols} FROM bounces"
     params: list[Any] = []
+    where = []
     if session_id is not None:
-        sql += " WHERE session_id = ?"
+        where.append("session_id = ?")
         params.append(session_id)
+    if bounce_id is not None:
+        where.append("id = ?")
+        params.append(bounce_id)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY id DESC"
     if limit:
         sql += " LIMIT ?"
