@@ -45,8 +45,8 @@ def test_probe_relay_denied_through_the_api(api: Harness) -> None:
             "sender": "a@lab.test", "recipient": "someone@elsewhere.example",
             "mx": [f"127.0.0.1:{target.port}"], "helo": "probe.lab.test"})
         target.wait_idle()
-        assert [e.text for s in target.sessions() for e in s.events
-                if e.direction == "C"][0] == "EHLO probe.lab.test"
+        assert next(e.text for s in target.sessions() for e in s.events
+                    if e.direction == "C") == "EHLO probe.lab.test"
     assert status == 200, report
     assert report["schema"] == "harness.probe/1"
     assert (report["verdict"], report["exit_code"]) == ("bounce", 4)
