@@ -122,14 +122,20 @@ def action_for(status: str, diagnostic: str | None = None) -> str:
     return "delayed"
 
 
+#: A typical reply longer than this tells a story of its own (a Winsock
+#: error, an address): the code's title is the plainer default then.
+_DEFAULT_REPLY_MAX = 72
+
+
 def default_diagnostic(status: str) -> str:
     """A reply line for a status when the rule gives none: the catalogue's
-    typical reply for that exact code, else the code's title."""
+    shortest typical reply for that exact code, else the code's title."""
     info = lookup(status)
-    if info is not None and info.match == "exact":
-        for reply in info.typical_replies:
+    if info is not None and info.match == "exact" and not status.endswith(".0.0"):
+        for reply in sorted(info.typical_replies, key=len):
             found = _ENHANCED.search(reply)
-            if found and found.group(1) == status and _BASIC.match(reply):
+            if (found and found.group(1) == status and _BASIC.match(reply)
+                    and len(reply) <= _DEFAULT_REPLY_MAX):
                 return reply
     title = info.title if info is not None else "Delivery status"
     return f"{_BASIC_FOR_CLASS[status[0]]} {status} {title}"
@@ -376,6 +382,9 @@ def _build_exchange(accepted: Accepted, rcpts: Sequence[str], status: str | None
                     diagnostic: str | None, hostname: str, now: float, headers: Message
                     ) -> Report:
     assert status is not None
+    if diagnostic is None and status in _EXCHANGE_COMPONENT:
+        # what Exchange itself writes for the code: its component string
+        diagnostic = f"{_BASIC_FOR_CLASS[status[0]]} {status} {_EXCHANGE_COMPONENT[status]}"
     smtp = _smtp_diagnostic(status, diagnostic)
     action = action_for(status, smtp)
     failed = action == "failed"

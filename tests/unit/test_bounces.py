@@ -155,7 +155,10 @@ def test_status_reports_read_back_to_the_rules_status(
     assert ndr.kind == ndr_kind
     (rcpt,) = ndr.recipients
     assert (rcpt.final_recipient, rcpt.status, rcpt.action) == ("bounce@lab.test", status, action)
-    assert rcpt.diagnostic_text == (diagnostic or default_diagnostic(status))
+    expected = diagnostic or default_diagnostic(status)
+    if kind == "exchange" and diagnostic is None:  # Exchange's own words for the code
+        expected = "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found"
+    assert rcpt.diagnostic_text == expected
     assert ndr.reporting_mta == "mx.harness.test"
     assert ndr.original.message_id == "<order-42@sender.test>"
     assert classify(report.raw).kind == {"failure": "ndr", "delay": "delay",
@@ -203,6 +206,15 @@ def test_dsn_carries_envid_orcpt_and_returns_headers_or_the_whole_message() -> N
     msg = message_from_bytes(full.raw, policy=compat32)
     assert msg.get_payload()[2].get_content_type() == "message/rfc822"
     assert b"Your order is on its way" in full.raw
+
+
+def test_default_diagnostics_are_short_catalogue_replies() -> None:
+    assert default_diagnostic("5.1.1") == "550 5.1.1 User unknown"
+    assert default_diagnostic("4.2.2") == "451 4.2.2 Mailbox full"
+    # a generic code, or one whose catalogue replies are long stories, gets its title
+    assert default_diagnostic("5.0.0") == "550 5.0.0 Other undefined Status"
+    assert default_diagnostic("4.4.1") == "421 4.4.1 Connection timed out"
+    assert default_diagnostic("5.9.9").startswith("550 5.9.9 ")
 
 
 def test_reports_are_crlf_and_auto_submitted() -> None:
