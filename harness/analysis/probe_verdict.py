@@ -175,6 +175,10 @@ def judge_mx(steps: Sequence[Step], *, send: bool = False, tls: TlsInfo | None =
     for i, s in enumerate(steps):
         if not s.failed or s.name in ("rset", "quit"):
             continue
+        if s.name == "connect" and "connect" in names[i + 1:]:
+            notes.append(f"{s.sent or 'an address'} did not answer ({s.error}); a sender "
+                         "tries the host's next address, as here")
+            continue
         if s.name == "ehlo" and "helo" in names[i + 1:]:
             notes.append(f"EHLO refused ({_reply_line(s)}): a sender falls back to HELO, "
                          "without extensions (no SIZE, no STARTTLS, no 8BITMIME)")

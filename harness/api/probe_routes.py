@@ -19,6 +19,7 @@ import asyncio
 import collections
 import socket
 import time
+import weakref
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,9 @@ routes = web.RouteTableDef()
 MAX_CONCURRENT = 4
 #: results kept for GET /api/v1/probes
 KEEP = 20
-_RECENT: collections.deque[dict[str, Any]] = collections.deque(maxlen=KEEP)
+#: per application (two harnesses in one process keep their own)
+_RECENT: weakref.WeakKeyDictionary[web.Application, collections.deque[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary())
 _SLOTS: dict[int, asyncio.Semaphore] = {}  # per event loop
 _MAX_ID = 2**63 - 1  # SQLite's largest integer
 
@@ -104,13 +107,13 @@ async def run(request: web.Request) -> web.Response:
     async with _slots():
         report = await run_probe(opts, mx=data.get("mx") or [], dns=dns, zone=zone, port=port)
     result = report.as_dict()
-    _RECENT.append(result)
+    _RECENT.setdefault(request.app, collections.deque(maxlen=KEEP)).append(result)
     return web.json_response(result)
 
 
 @routes.get("/api/v1/probes")
 async def recent(request: web.Request) -> web.Response:
-    return web.json_response(list(_RECENT))
+    return web.json_response(list(_RECENT.get(request.app, ())))
 
 
 def _bounce_json(b: Any) -> dict[str, Any]:

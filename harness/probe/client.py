@@ -149,7 +149,9 @@ def _peer_chain(ssl_object: Any) -> list[bytes]:
 def _tls_context() -> ssl.SSLContext:
     """Opportunistic, as MTAs do it: any certificate is taken for the
     session; the chain is checked afterwards, to report on."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # a bare client context: create_default_context() would read the system
+    # CA bundle from disk, on the event loop, for roots this context never uses
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -379,9 +381,8 @@ async def probe_mx(host: MxHost, opts: ProbeOptions, anchors: Sequence[Any]) -> 
         await conv.run(sock)
         break
     assert conv is not None
-    steps = (*tried[:-1], *conv.steps) if conv.steps[0].error is None else tuple(tried)
-    extra = tuple(f"{s.sent}: {s.error}" for s in tried[:-1]) if conv.steps[0].error is None \
-        else ()
+    # the addresses that did not answer, then the conversation with the one that did
+    steps = tuple(tried) if conv.steps[0].error is not None else (*tried, *conv.steps)
     verdict, reason, decisive, notes = judge_mx(steps, send=opts.message is not None,
                                                 tls=conv.tls)
     size = conv.extensions.get("size")
@@ -391,7 +392,7 @@ async def probe_mx(host: MxHost, opts: ProbeOptions, anchors: Sequence[Any]) -> 
         size_limit=int(size) if size and size.isdigit() else None,
         banner_name=conv.banner_name, tls=conv.tls, verdict=verdict, reason=reason,
         decisive=decisive,
-        notes=host.notes + tuple(f"unreachable first: {x}" for x in extra) + notes)
+        notes=host.notes + notes)
 
 
 # ----------------------------------------------------------------- a probe

@@ -311,3 +311,17 @@ def test_help_says_it_sends_nothing_beyond_the_steps() -> None:
         in text
     assert "exit status: 0 would deliver, 3 would defer, 4 would bounce" in text
     assert "banner 30" in text and "RFC 5321" in text
+
+
+def test_an_mx_with_two_addresses_the_first_down(tmp_path: Path) -> None:
+    with Harness("accept") as h:
+        zone = tmp_path / "zone.yaml"
+        zone.write_text("lab.test: {MX: ['10 mx.lab.test']}\n"
+                        "mx.lab.test: {A: [127.0.0.2, 127.0.0.1]}\n")
+        report, code = probe_json("a@lab.test", "b@lab.test", "--dns", str(zone),
+                                  "--port", str(h.port))
+    (mx,) = report["mx"]
+    assert code == 0 and mx["address"] == "127.0.0.1"
+    assert steps(report)[:3] == [("connect", None), ("connect", None), ("banner", 220)]
+    assert mx["steps"][0]["error"] == f"Connection refused (127.0.0.2:{h.port})"
+    assert mx["notes"][0].startswith(f"127.0.0.2:{h.port} did not answer")

@@ -345,3 +345,11 @@ def test_system_dns_answers_read_like_the_zone_format() -> None:
     assert _rdata_text("SOA", soa) == "ns1.lab.test hostmaster.lab.test 7 3600 600 86400 300"
     assert _rdata_text("MX", dns.rdata.from_text("IN", "MX", "0 .")) == "0 ."
     assert ScenarioDns({"n.test": {"MX": ["0 ."]}}).query("n.test", "MX") == ["0 ."]
+
+
+def test_an_address_that_does_not_answer_sends_a_sender_to_the_next_one() -> None:
+    steps = [Step(name="connect", sent="[::1]:25", error="Connection refused ([::1]:25)"),
+             Step(name="connect", sent="127.0.0.1:25"), *SESSION[1:], ok("rcpt", 250)]
+    verdict, _, decisive, notes = judge_mx(steps)
+    assert (verdict, decisive) == ("deliver", True)
+    assert notes[0].startswith("[::1]:25 did not answer (Connection refused ([::1]:25))")
