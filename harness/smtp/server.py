@@ -1328,10 +1328,12 @@ class HarnessSMTP(SMTP):
         self._flush()
         # issue 14 hook: a rule's bounce: is scheduled here, sent later in the
         # background (all of it in harness/smtp/outbound.py; never raises)
-        outbound.after_message(
-            self.ctx, session_id=self._sid, rule=d.rule, accepted=d.accepts,
-            mail_from=mail_from, rcpts=rcpts, content=content, message_id=mid,
-            dsn=self._dsn_record(rcpts), client_ip=str(self._conn.client), helo=self._helo_seen)
+        if d.rule is not None:
+            outbound.after_message(
+                self.ctx, session_id=self._sid, rule=d.rule, accepted=d.accepts,
+                mail_from=mail_from, rcpts=rcpts, content=content, message_id=mid,
+                dsn=self._dsn_record(rcpts), client_ip=str(self._conn.client),
+                helo=self._helo_seen)
         self._reset_transaction()
         # Durable before any 2xx: wait for the commit that carries the message.
         # shield(): a client that half-closes cancels this task, but the
