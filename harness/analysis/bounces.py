@@ -27,6 +27,12 @@ is itself automatic or from a list (RFC 3834 section 2).
 Every report goes out with a null reverse-path (MAIL FROM:<>), as RFC 3464
 and RFC 3834 (section 3.3) ask, so a report can never cause another one.
 
+Where the formats come from: RFC 3464 and RFC 6522 (the DSN fields and the
+report container), RFC 3834 (auto-replies), RFC 5965 (the feedback report
+fields), and for the Exchange layout Microsoft's description of its NDRs
+("Email non-delivery reports and SMTP errors in Exchange Online") with the
+section headings our own parser (dsn.py) recognises. The sentences are ours.
+
 May know: bytes, the standard library's `email` package, the status-code
 catalogue. Builds messages only: sending them is harness/smtp/outbound.py.
 """
