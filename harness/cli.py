@@ -73,7 +73,7 @@ class LivePrinter:
             self.last_command[sid] = text
             return
         if direction == "I":
-            if text.startswith(("fault:", "delay", "tarpit")):
+            if text.startswith(("fault:", "delay", "tarpit", "bounce")):
                 self.console.print(f"[dim]{_when(t)} #{sid}[/] [magenta]{escape(text)}[/]"
                                    + (f" [dim]\\[{escape(rule)}][/]" if rule else ""))
             elif text.startswith("session ended"):
@@ -132,7 +132,7 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
     if not isinstance(data, dict) or not isinstance(data.get("listeners"), list):
         raise HarnessError(f"{path}: a config needs a list of listeners "
                            "(listen: HOST:PORT, scenario: NAME, tls: implicit)")
-    unknown = set(data) - {"listeners", "store", "seed"}
+    unknown = set(data) - {"listeners", "store", "seed", "bounce_via"}
     if unknown:
         raise HarnessError(f"{path}: unknown keys {', '.join(sorted(map(str, unknown)))}")
     if "store" in data:
@@ -142,6 +142,8 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
         if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
             raise HarnessError(f"{path}: seed must be a whole number, not {data['seed']!r}")
         args.seed = data["seed"]
+    if "bounce_via" in data and args.bounce_via is None:  # issue 14: the command line wins
+        args.bounce_via = str(data["bounce_via"])
     if not data["listeners"]:
         raise HarnessError(f"{path}: the listeners list is empty")
     specs = []
@@ -184,6 +186,7 @@ async def _serve(args: argparse.Namespace) -> int:
                   for x in args.listen_tls]
     # Load every scenario before anything listens: a bad file starts nothing.
     scenarios = [load(spec.scenario or args.scenario) for spec in specs]
+    bounce_via = _bounce_via(args.bounce_via)
     store = Store(args.store).open()
     printer = LivePrinter(out)
     listeners: list[Listener] = []
@@ -197,6 +200,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 from harness.smtp.handlers import Forward
 
                 ctx.handlers.append(Forward(*spec.forward, local_hostname=scenario.server.hostname))
+            ctx.bounce_via = bounce_via
             if not args.quiet:
                 ctx.observers.append(printer)
             listeners.append(await start_listener(ctx, spec.host, spec.port))
@@ -233,6 +237,8 @@ async def _serve(args: argparse.Namespace) -> int:
     if api is not None:
         out.print(f"web page and API on http://{api.host}:{api.port}/"
                   + (f" (token {api.token})" if api.token else ""))
+    if bounce_via is not None:
+        out.print(f"rules' bounces are sent via {bounce_via[0]}:{bounce_via[1]}")
     out.print(f"store {args.store}" + (f", seed {args.seed}" if args.seed is not None else "")
               + ("" if args.quiet else "; Ctrl-C stops"))
     sys.stdout.flush()
@@ -255,6 +261,18 @@ async def _serve(args: argparse.Namespace) -> int:
         for e in listener.ctx.errors:
             err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
     return 0
+
+
+def _bounce_via(text: str | None) -> tuple[str, int] | None:
+    """--bounce-via HOST:PORT: the next hop for rules' bounce: reports."""
+    from harness.smtp.runner import parse_hostport
+
+    if text is None:
+        return None
+    try:
+        return parse_hostport(text, 25)
+    except HarnessError as e:
+        raise HarnessError(f"--bounce-via: {e}") from None
 
 
 # ------------------------------------------------------------------ others
@@ -439,6 +457,12 @@ def _queues(args: argparse.Namespace) -> int:
     return queues_command(args.files, as_json=args.json, out=out, err=err)
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from harness.probe.command import probe_command
+
+    return probe_command(args, out, err)
+
+
 def _lab(args: argparse.Namespace) -> int:
     from harness.lab.report import html_report, junit_xml, print_verdicts, verdicts_json
     from harness.lab.runner import run_lab
@@ -536,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dns", choices=("scenario", "system"), default="scenario",
                     help="where SPF/DKIM/DMARC look up records: the scenario's dns: zone "
                          "(default, offline) or the system resolver")
+    sp.add_argument("--bounce-via", default=None, metavar="HOST:PORT",
+                    help="the next hop that rules' bounce: reports (DSN, Exchange NDR, "
+                         "auto-reply, ARF complaint) are sent through, to the original "
+                         "sender; without it they are recorded as not sent")
     store_opt(sp)
 
     sp = sub.add_parser("lab", help="send scenarios' test messages through a private Postfix "
@@ -594,6 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "exports (Export-Csv or ConvertTo-Json)")
     sp.add_argument("files", nargs="+", type=Path, metavar="FILE")
     sp.add_argument("--json", action="store_true")
+    from harness.probe.command import DESCRIPTION as PROBE_DESCRIPTION
+    from harness.probe.command import EPILOG as PROBE_EPILOG
+    from harness.probe.command import add_arguments as add_probe_arguments
+
+    sp = sub.add_parser("probe", help="talk to a recipient's mail servers as a sender would "
+                        "(SMTPDiag): deliver, defer or bounce, and why; sends no message",
+                        description=PROBE_DESCRIPTION, epilog=PROBE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_probe_arguments(sp)
 
     sp = sub.add_parser("check", help="validate scenario files")
     sp.add_argument("scenarios", nargs="+", metavar="SCENARIO")
@@ -633,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,
                    "explain": _explain, "predict": _predict, "queues": _queues,
-                   "evidence": _evidence}[args.command]
+                   "evidence": _evidence, "probe": _probe}[args.command]
         return handler(args)
     except ScenarioError as e:
         for p in e.problems:

@@ -330,7 +330,7 @@ def _explain_file(path: Path) -> tuple[str, Any, RenderableType]:
         hint = (" (an Outlook .msg file is not MIME; save the NDR as .eml)"
                 if path.suffix.lower() == ".msg" else "")
         raise _Failure("not_ndr", f"{path}: not an NDR - no delivery status report found "
-                                  f"in it{hint}")
+                                  f"in it{hint}{_what_it_is(raw)}")
     is_delay = bool(ndr.is_delay)
     reports = [recipient_report(r, is_delay=is_delay) for r in ndr.recipients]
     original = {"message_id": _str(ndr.original.message_id),
@@ -340,6 +340,19 @@ def _explain_file(path: Path) -> tuple[str, Any, RenderableType]:
                "reporting_mta": _str(ndr.reporting_mta), "original": original,
                "recipients": [r.as_dict() for r in reports]}
     return "ndr", payload, _render_ndr(path, ndr, original, reports)
+
+
+_IT_IS = {"autoreply": "an automatic reply", "complaint": "an abuse complaint (ARF)",
+          "read-receipt": "a read receipt (MDN)", "automatic": "an automatic message"}
+
+
+def _what_it_is(raw: bytes) -> str:
+    """'; it is an automatic reply (Auto-Submitted: auto-replied (RFC 3834))' for
+    the automatic messages that are not NDRs (issue 14: classify)."""
+    from harness.analysis.classify import classify
+
+    c = classify(raw)
+    return f"; it is {_IT_IS[c.kind]} ({c.reason})" if c.kind in _IT_IS else ""
 
 
 # --------------------------------------------------------------- rendering

@@ -74,7 +74,8 @@ class Harness:
                  seed: int | None = None, clock: Callable[[], float] | None = None,
                  implicit_tls: bool = False, proxy_protocol: bool = False,
                  keep_store: bool = False, http: bool = False,
-                 api_token: str | None = None, handlers: Sequence[Any] = ()) -> None:
+                 api_token: str | None = None, handlers: Sequence[Any] = (),
+                 bounce_via: str | tuple[str, int] | None = None) -> None:
         first = _scenario(scenario)
         self._bind = (host, port)
         self._tmp: str | None = None
@@ -93,6 +94,11 @@ class Harness:
                                    ca_dir=self.store_path.parent,
                                    analysis_quiet=0.0,  # tests read analyses at once
                                    handlers=list(handlers))
+        if bounce_via is not None:  # where rules' bounce: reports go (HOST:PORT)
+            from harness.smtp.runner import parse_hostport
+
+            self.ctx.bounce_via = (bounce_via if isinstance(bounce_via, tuple)
+                                   else parse_hostport(bounce_via, 25))
         self._changed = threading.Condition()
         self._generation = 0
         self.ctx.on_change.append(self._notify)

@@ -17,7 +17,10 @@ lookup failed: SERVFAIL, time-out). Two implementations:
       127.0.0.1:            {PTR: [mx.lab.test]}      # an address stands for its in-addr.arpa name
 
 - Each TXT string is one whole record (no 255-byte splitting needed).
-- MX values are "PREFERENCE HOST" or just "HOST" (preference 10).
+- MX values are "PREFERENCE HOST" or just "HOST" (preference 10); "0 ." is
+  a null MX (RFC 7505: the domain takes no mail).
+- SOA values are "MNAME RNAME SERIAL REFRESH RETRY EXPIRE MINIMUM" (the
+  names alone will do for a probe).
 - `"!TEMPERROR"` as a value of a record type makes every lookup of that type
   at that name raise TempError (the DNS equivalent of SERVFAIL), so SPF,
   DKIM and DMARC temperror results can be scripted. Other types at the name
@@ -42,7 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 
 #: The value that scripts a temporary DNS failure in a scenario zone.
 TEMPERROR = "!TEMPERROR"
-RECORD_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME")
+RECORD_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "SOA")
 MAX_CNAME_CHAIN = 8
 DEFAULT_MX_PREFERENCE = 10
 
@@ -132,6 +135,10 @@ def _value_problem(rtype: str, value: str) -> str | None:
             return f"{value!r} is not 'PREFERENCE HOST' or 'HOST'"
     elif rtype in ("PTR", "CNAME") and not value.strip():
         return "empty host name"
+    elif rtype == "SOA":
+        parts = value.split()
+        if len(parts) not in (2, 7) or not all(p.isdigit() for p in parts[2:]):
+            return f"{value!r} is not 'MNAME RNAME [SERIAL REFRESH RETRY EXPIRE MINIMUM]'"
     return None
 
 
@@ -142,7 +149,8 @@ def _normalize_value(rtype: str, value: str) -> str:
         parts = value.split()
         if len(parts) == 1:
             parts = [str(DEFAULT_MX_PREFERENCE), parts[0]]
-        return f"{int(parts[0])} {parts[1].lower().rstrip('.')}"
+        host = parts[1].lower().rstrip(".") or "."  # "." alone: a null MX (RFC 7505)
+        return f"{int(parts[0])} {host}"
     if rtype in ("PTR", "CNAME"):
         return value.strip().lower().rstrip(".")
     if rtype in ("A", "AAAA"):
@@ -286,4 +294,8 @@ def _rdata_text(rtype: str, rdata: Any) -> str:
         return f"{rdata.preference} {rdata.exchange.to_text(omit_final_dot=True).lower()}"
     if rtype == "TXT":
         return b"".join(rdata.strings).decode("utf-8", errors="replace")
+    if rtype == "SOA":
+        names = (n.to_text(omit_final_dot=True).lower() for n in (rdata.mname, rdata.rname))
+        return " ".join((*names, *(str(v) for v in (rdata.serial, rdata.refresh, rdata.retry,
+                                                    rdata.expire, rdata.minimum))))
     return str(rdata.target.to_text(omit_final_dot=True)).lower()  # PTR, CNAME

@@ -213,6 +213,9 @@ def rule_json(rule: Any) -> dict[str, Any]:
         "delay": str(rule.delay) if rule.delay else None, "close": rule.close,
         "fault": rule.fault.value if rule.fault else None, "set_state": rule.set_state,
         "times": rule.times, "line": rule.line,
+        "bounce": ({"kind": rule.bounce.kind.value, "status": rule.bounce.status,
+                    "diagnostic": rule.bounce.diagnostic, "after": rule.bounce.after}
+                   if rule.bounce else None),  # issue 14
     }
 
 
@@ -579,6 +582,9 @@ def make_app(listeners: list[ListenerContext], store_path: Path, token: str = ""
         hub.attach(c, i)
     app[HUB_KEY] = hub
     app.add_routes(routes)
+    from harness.api.probe_routes import routes as probe_routes  # issue 14
+
+    app.add_routes(probe_routes)
     app.router.add_get("/", _static("index.html", "text/html"))
     app.router.add_get("/app.js", _static("app.js", "text/javascript"))
     app.router.add_get("/app.css", _static("app.css", "text/css"))

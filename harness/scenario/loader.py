@@ -52,14 +52,15 @@ LIMIT_KEYS = ("max_connections", "max_connections_per_client", "messages_per_con
               "recipients_per_message", "rate")
 RATE_KEYS = ("messages", "per", "key", "reply")
 RULE_KEYS = ("name", "on", "when", "reply", "delay", "then", "fault", "drip",
-             "after_bytes", "set_state", "times")
+             "after_bytes", "set_state", "times", "bounce")
+BOUNCE_KEYS = ("kind", "status", "diagnostic", "after")
 WHEN_KEYS = ("client", "helo", "mail_from", "rcpt", "header", "body", "size", "tls",
              "auth_user", "attempt", "first_seen", "connection", "message_index",
              "rcpt_index", "state", "chance", "spf", "dkim", "dmarc")
 EXPECT_KEYS = ("outcome", "min_attempts", "max_attempts", "ndr", "delay_notice", "interval")
 NDR_KEYS = ("status", "action", "diagnostic")
 SEND_KEYS = ("mail_from", "rcpt", "subject", "size")
-DNS_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME")
+DNS_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "SOA")
 
 #: Keys of the contract that this version does not implement yet: named in
 #: the error so a user knows the key is right but the feature is not here.
@@ -471,6 +472,7 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
                     "the server answers 354, reads that much of the body, then the fault")
     set_state = c.scalar(keys["set_state"], "set_state") if "set_state" in keys else None
     times = c.integer(keys["times"], "times", minimum=1) if "times" in keys else None
+    bounce = _bounce(c, keys, phase, reply, fault) if "bounce" in keys else None
 
     # Combinations that cannot be played on the wire.
     if fault is m.Fault.TLS_FAIL:
@@ -496,18 +498,93 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
             c.error(keys["reply"], f"a banner is 220 (or 421/554 to refuse), not {reply.code}")
         if phase is m.Phase.QUIT and reply.code // 100 != 2:
             c.error(keys["reply"], "QUIT can only be answered 221; use a fault to misbehave")
-    outcomes = ("reply", "delay", "then", "fault", "set_state")
+    outcomes = ("reply", "delay", "then", "fault", "set_state", "bounce")
     misspelt = {f"did you mean {k}?" for k in outcomes}
     if not any(k in keys for k in outcomes) and not any(
         p.hint in misspelt for p in c.problems[first:]  # reported already
     ):
         c.error(node, f"{name} does nothing",
-                "give it a reply, delay, then, fault or set_state")
+                "give it a reply, delay, then, fault, set_state or bounce")
     if len(c.problems) > before or phase is None:
         return None
     return m.Rule(name=name, on=phase, when=when, reply=reply, delay=delay, close=close,
                   fault=fault, drip=drip, after_bytes=after_bytes, set_state=set_state, times=times,
-                  line=node.start_mark.line + 1)
+                  bounce=bounce, line=node.start_mark.line + 1)
+
+
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+#: An enhanced status code inside a text ("550 5.1.1 User unknown").
+_STATUS_IN_TEXT = re.compile(r"(?<![\w.])([245]\.\d{1,3}\.\d{1,3})(?![\w.]*\d)")
+_LEADING_CODE = re.compile(r"^\s*#?([245])\d\d(?:[ -]|$)")
+
+
+def _bounce(c: _Collector, keys: dict[str, Node], phase: m.Phase | None,
+            reply: Reply | None, fault: m.Fault | None) -> m.Bounce | None:
+    """`bounce:` of a rule: what is sent back to the sender, and when."""
+    node = keys["bounce"]
+    before = len(c.problems)
+    bkeys = c.mapping(node, "bounce", BOUNCE_KEYS)
+    if not isinstance(node, MappingNode):
+        return None
+    if phase is not None and phase is not m.Phase.MESSAGE:
+        c.error(node, "bounce applies to on: message",
+                "the message must be accepted and known before it can be bounced")
+    if reply is not None and not reply.is_positive:
+        c.error(keys["reply"], f"a rule that bounces later accepts the message first; "
+                f"{reply.code} refuses it", "give a 2xx reply, or none (250)")
+    if fault in (m.Fault.DROP, m.Fault.RESET, m.Fault.HANG):
+        c.error(keys["fault"], f"fault: {fault.value} never accepts the message, so nothing "
+                "is bounced later", "remove the fault, or the bounce")
+    kind = m.BounceKind.DSN
+    if "kind" in bkeys:
+        word = c.word(bkeys["kind"], "bounce kind", tuple(k.value for k in m.BounceKind))
+        if word is not None:
+            kind = m.BounceKind(word)
+    status: str | None = None
+    if "status" in bkeys:
+        status = c.scalar(bkeys["status"], "bounce status")
+        if status is not None and not _STATUS.fullmatch(status.strip()):
+            c.error(bkeys["status"], f"bounce status {status!r} is not an enhanced status code",
+                    "e.g. 5.1.1: class 2, 4 or 5, then subject and detail, RFC 3463")
+            status = None
+        elif status is not None:
+            status = status.strip()
+            if kind not in m.STATUS_BOUNCES:
+                c.error(bkeys["status"], f"status applies to kind dsn or exchange, not "
+                        f"{kind.value}", "an auto-reply or a complaint reports no status")
+                status = None
+            elif kind is m.BounceKind.EXCHANGE and status[0] == "2":
+                c.error(bkeys["status"], "Exchange writes an NDR for a failure (5) or a "
+                        "delay (4), not for a success", "use kind: dsn for a success notice")
+    diagnostic = None
+    if "diagnostic" in bkeys:
+        diagnostic = c.scalar(bkeys["diagnostic"], "bounce diagnostic")
+    if diagnostic is not None and kind in m.STATUS_BOUNCES:
+        stated = _STATUS_IN_TEXT.search(diagnostic)
+        lead = _LEADING_CODE.match(diagnostic)
+        if status is None and stated is not None:
+            status = stated.group(1)  # "550 5.1.1 User unknown" says the status
+        elif status is not None and stated is not None and stated.group(1) != status:
+            c.error(bkeys["diagnostic"], f"the diagnostic states {stated.group(1)} but status "
+                    f"is {status}", "give the same code, or leave status out to take the "
+                    "diagnostic's")
+        # 550 with 4.4.7 is what Exchange writes when a message expires; a
+        # success and a failure cannot mix
+        if status is not None and lead is not None and (lead.group(1) == "2") != (
+                status[0] == "2"):
+            c.error(bkeys["diagnostic"], f"the diagnostic's reply code is class "
+                    f"{lead.group(1)}, the status class {status[0]}",
+                    "e.g. 550 with 5.x.x, 451 with 4.x.x, 250 with 2.x.x")
+    if kind in m.STATUS_BOUNCES and status is None and len(c.problems) == before:
+        c.error(node, f"bounce kind {kind.value} needs a status",
+                "e.g. status: 5.1.1, or a diagnostic such as '550 5.1.1 User unknown'")
+    after = 0.0
+    if "after" in bkeys:
+        got = c.parsed(bkeys["after"], "bounce after", parse_duration)
+        after = got if got is not None else after
+    if len(c.problems) > before:
+        return None
+    return m.Bounce(kind=kind, status=status, diagnostic=diagnostic, after=after)
 
 
 def _server(c: _Collector, node: Node) -> m.Server:
@@ -801,6 +878,59 @@ def load_file(path: str | Path) -> m.Scenario:
     except OSError as e:
         raise ScenarioError([Problem(str(p), 1, 1, f"cannot read: {e.strerror}")]) from e
     return load_text(text, str(p), default_name=p.stem)
+
+
+def load_zone_text(text: str, path: str = "<string>") -> dict[str, dict[str, tuple[str, ...]]]:
+    """A DNS zone in the scenario `dns:` format, for `harness probe --dns
+    ZONE.yaml`: either a scenario file (its dns: section; the rest is
+    checked too) or the mapping alone (`lab.test: {MX: [10 mx1.lab.test]}`).
+    Every value is checked (addresses, MX and SOA shapes); problems are
+    raised together, positioned, as for a scenario."""
+    from harness.analysis.dns import zone_problems
+
+    c = _Collector(path)
+    root = _compose(c, text)
+    zone: dict[str, dict[str, tuple[str, ...]]] = {}
+    if root is not None and isinstance(root, MappingNode) and any(
+            isinstance(k, ScalarNode) and k.value == "dns" for k, _ in root.value):
+        zone = {k: dict(v) for k, v in load_text(text, path).dns.items()}
+        node = next(v for k, v in root.value if k.value == "dns")
+    elif root is not None:
+        zone = _dns(c, root)
+        node = root
+    if root is not None and isinstance(node, MappingNode):
+        for knode, vnode in node.value:
+            if not isinstance(vnode, MappingNode):
+                continue
+            for tnode, values in vnode.value:
+                if str(tnode.value) not in DNS_TYPES:
+                    continue  # reported as an unknown key
+                items = values.value if isinstance(values, SequenceNode) else [values]
+                for item in items:
+                    if isinstance(item, ScalarNode):
+                        found = zone_problems({str(knode.value): {
+                            str(tnode.value).upper(): [str(item.value)]}})
+                        for problem in found:
+                            c.error(item, problem.split(": ", 1)[-1] if ": " in problem
+                                    else problem)
+    if root is not None and not any(zone.values()) and not c.problems:
+        c.error(root, "the zone names no records",
+                "e.g. lab.test: {MX: ['10 mx1.lab.test']}")
+    if c.problems:
+        c.problems.sort(key=lambda p: (p.line, p.column))
+        raise ScenarioError(c.problems)
+    return zone
+
+
+def load_zone_file(path: str | Path) -> dict[str, dict[str, tuple[str, ...]]]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError([Problem(str(p), 1, 1, f"not UTF-8 text: {e.reason}")]) from e
+    except OSError as e:
+        raise ScenarioError([Problem(str(p), 1, 1, f"cannot read: {e.strerror}")]) from e
+    return load_zone_text(text, str(p))
 
 
 def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") -> m.Rule:

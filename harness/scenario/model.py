@@ -70,6 +70,19 @@ class CertKind(enum.StrEnum):
     EXPIRED = "expired"  # by the lab CA, for the hostname, validity ended a year ago
     WRONG_HOST = "wrong_host"  # by the lab CA, valid, but for another name
 
+class BounceKind(enum.StrEnum):
+    """What a rule's `bounce:` sends back to the envelope sender, later."""
+
+    DSN = "dsn"  # an RFC 3464 delivery status notification (multipart/report)
+    EXCHANGE = "exchange"  # Exchange's NDR layout, with the same delivery-status part
+    AUTOREPLY = "autoreply"  # an RFC 3834 automatic reply (an out-of-office)
+    ARF = "arf"  # an RFC 5965 abuse report (a complaint from a feedback loop)
+
+
+#: Kinds that report a delivery status (and take `status:`).
+STATUS_BOUNCES = frozenset({BounceKind.DSN, BounceKind.EXCHANGE})
+
+
 class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
     BOUNCED = "bounced"
@@ -327,6 +340,18 @@ class Delay:
 # --------------------------------------------------------------------- rules
 
 @dataclass(frozen=True, kw_only=True)
+class Bounce:
+    """`bounce:` on an `on: message` rule: accept the message, then, `after`
+    seconds, send a report of `kind` to the envelope sender through the next
+    hop the harness was given (--bounce-via)."""
+
+    kind: BounceKind = BounceKind.DSN
+    status: str | None = None  # enhanced status code (dsn, exchange)
+    diagnostic: str | None = None  # the remote reply quoted, or the reply's text
+    after: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Rule:
     name: str
     on: Phase
@@ -339,6 +364,7 @@ class Rule:
     after_bytes: int | None = None  # on: data faults: 354, read this much, then the fault
     set_state: str | None = None
     times: int | None = None
+    bounce: Bounce | None = None  # on: message only: a report sent back later
     line: int = 0  # where the rule starts in its file (0: built in code)
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, cast
 import aiosmtplib
 from aiosmtpd.smtp import Envelope, Session
 
-from harness.records import TranscriptLine
 from harness.scenario.model import Forward as ForwardTo
 
 if TYPE_CHECKING:
@@ -160,14 +159,6 @@ def _record(ctx: ListenerContext, sid: int, stored: MessageStored, handler: Any,
         status = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         ok = False
     name = _name(handler)
-    text = f"{name}: {'ok' if ok else 'failed'}: {status}"
-    line = TranscriptLine(sid, ctx.engine.clock(), "I", "message", text[:2000], None)
-    ctx.store.transcript([line])
+    line = ctx.note(sid, f"{name}: {'ok' if ok else 'failed'}: {status}")
     ctx.store.relay(message_id=stored.message_id, session_id=sid, t=line.t, handler=name,
                     ok=ok, status=status[:2000])
-    for obs in ctx.observers:
-        try:
-            obs(line)
-        except Exception as e:  # an observer must not break the serving
-            ctx.errors.append(e)
-    ctx.changed()

@@ -166,6 +166,8 @@ class ListenerContext:
     #: handlers still running, and the thread they run in
     pending_handlers: set[asyncio.Future[Any]] = field(default_factory=set)
     handler_runner: Any = None
+    #: where rules' bounce: reports are sent (HOST, PORT); see outbound.py
+    bounce_via: tuple[str, int] | None = None
     #: the loop serving this listener (set when it starts listening)
     loop: asyncio.AbstractEventLoop | None = None
     _base: Scenario | None = None
@@ -279,6 +281,21 @@ class ListenerContext:
                 loop.call_soon_threadsafe(cb)
 
     # ------------------------------------------------------------- others
+
+    def note(self, session_id: int, text: str, rule: str | None = None,
+             phase: str | None = "message") -> TranscriptLine:
+        """A line of the harness's own in a session's transcript, from work
+        done beside the session (a forward, a bounce), which may be over by
+        then: stored, shown to watchers, waiters woken."""
+        line = TranscriptLine(session_id, self.engine.clock(), "I", phase, text[:2000], rule)
+        self.store.transcript([line])
+        for obs in self.observers:
+            try:
+                obs(line)
+            except Exception as e:  # an observer must not break the serving
+                self.errors.append(e)
+        self.changed()
+        return line
 
     def changed(self) -> None:
         """Something was recorded: wake whoever waits for it."""

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
+from harness.smtp import outbound
 from harness.smtp.handlers import FORWARD_TIMEOUT
 from harness.smtp.listener import ListenerContext
 from harness.smtp.transport import SmtpTransport
@@ -63,6 +64,7 @@ class Listener:
         """Stop accepting, close every open connection, let sessions finish."""
         self.server.close()
         await close_connections(self.ctx, abort=False, grace=5)
+        await outbound.close(self.ctx)  # bounces still waiting are cancelled
         # analyses still queued run now rather than at the next quiet moment
         self.ctx.analysis_quiet = 0.0
         if self.ctx.pending:

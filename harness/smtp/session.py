@@ -119,6 +119,8 @@ class MessageStored(Action):
     content: bytes
     auth: Any  # the authentication results a rule waited for, or None
     accepted: bool  # its reply is positive (handlers and forward: get it)
+    rule: str | None  # the rule that decided its reply (its bounce: is sent)
+    dsn: dict[str, Any]  # the DSN parameters, as in the draft
 
 
 @dataclass(frozen=True, slots=True)
@@ -1274,12 +1276,13 @@ class ServerSession:
             return
         rcpts = tuple(tx.rcpts)
         subject, message_id = headline(content)
+        dsn = self._dsn_record(tx)
         # Stored before anything is waited for: a client that vanishes during
         # the checks below leaves the message in the store, and its
         # recipients (still pending) are recorded as lost.
         mid = yield StoreMessage(MessageDraft(
             self.id, self._now, tx.mail_from, rcpts, tx.options,
-            tuple(tx.rcpt_options), content, subject, message_id, self._dsn_record(tx)))
+            tuple(tx.rcpt_options), content, subject, message_id, dsn))
         auth = None
         if self._decider.uses & {"dkim", "dmarc"}:
             auth = yield CheckMessage(content, tx.mail_from)
@@ -1297,7 +1300,8 @@ class ServerSession:
         self.transaction = None
         # Durable before any 2xx: wait for the commit that carries the message.
         yield _COMMIT  # a store that cannot write raises here: 451, recorded
-        self._out.append(MessageStored(mid, mail_from, rcpts, content, auth, d.accepts))
+        self._out.append(MessageStored(mid, mail_from, rcpts, content, auth, d.accepts, d.rule,
+                                       dsn))
         yield from self._play(d)
         yield from self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
 

@@ -21,6 +21,7 @@ import struct
 from typing import Any, cast
 
 from harness.records import TranscriptLine
+from harness.smtp import outbound
 from harness.smtp import session as ss
 from harness.smtp.listener import AnalysisJob, ListenerContext
 from harness.smtp.tls import HANDSHAKE_FAILURE_ALERT
@@ -336,6 +337,12 @@ class SmtpTransport(asyncio.Protocol):
             from harness.smtp.handlers import pass_on
 
             pass_on(ctx, session, action)
+        if action.rule is not None:  # its bounce:, if it has one, goes out later
+            outbound.after_message(
+                ctx, session_id=session.id, rule=action.rule, accepted=action.accepted,
+                mail_from=action.mail_from, rcpts=action.rcpt_tos, content=action.content,
+                message_id=action.message_id, dsn=action.dsn,
+                client_ip=str(session.connection.client), helo=session.helo_seen)
 
     # ---------------------------------------------------- time and faults
 

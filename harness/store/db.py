@@ -31,6 +31,7 @@ from typing import Any
 
 from harness.errors import StoreError
 from harness.records import AttemptRecord, MessageDraft, Outcome, TranscriptLine
+from harness.store.bounces import SCHEMA as BOUNCES_SCHEMA
 
 DEFAULT_PATH = Path(".harness") / "harness.db"
 
@@ -237,7 +238,7 @@ class Store:
             conn = _connect(self.path)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(SCHEMA)
+            conn.executescript(SCHEMA + BOUNCES_SCHEMA)
             for table, column, kind in MIGRATIONS:
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 if column not in have:

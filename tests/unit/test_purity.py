@@ -181,7 +181,7 @@ def test_purity_static_imports_nothing_forbidden(path: Path) -> None:
         ("def f():\n    import sqlite3\n", ["sqlite3"]),
         ("import importlib\nimportlib.import_module('aiohttp')", ["aiohttp"]),
         ("__import__('asyncio')", ["asyncio"]),
-        ("from ..smtp import server", ["harness.smtp", "harness.smtp.server"]),
+        ("from ..smtp import session", ["harness.smtp", "harness.smtp.session"]),
         ("import email.utils\nimport httpx", ["httpx"]),
         ("from urllib.parse import quote", []),
         ("from urllib.request import urlopen", ["urllib.request", "urllib.request.urlopen"]),

@@ -359,6 +359,120 @@ document.getElementById("evidence-form").addEventListener("submit", async (ev) =
   }
 });
 
+// ------------------------------------------------------- bounces sent
+
+const OUTCOME_TONE = { sent: "c2", failed: "c5", skipped: "c4", cancelled: "cI" };
+
+function bounceNode(b) {
+  const what = `${b.kind}${b.status ? ` ${b.status}` : ""}`;
+  const head = el("div", { class: "code" },
+    el("span", { class: OUTCOME_TONE[b.outcome] || "", text: b.outcome }),
+    el("span", { class: "rcpt", text: ` ${what} about ${b.recipients.join(", ")}` }));
+  const box = el("div", { class: "ndr bounce", "data-outcome": b.outcome }, head,
+    el("div", { class: "muted", text: `session ${b.session_id} · rule ${b.rule || "?"} · to <${b.mail_to || ""}> via ${b.via || "(no next hop)"} · ${clock(b.done_at || b.scheduled_at)}` }));
+  if (b.subject) box.append(el("div", { class: "line", text: `Subject: ${b.subject}` }));
+  if (b.reply) box.append(el("div", { class: "line c2", text: b.reply }));
+  if (b.error) box.append(el("div", { class: "line", text: b.error }));
+  if (b.classified_as) box.append(el("p", { class: "muted", text: `our parser reads it as: ${b.classified_as}` }));
+  if (b.outcome !== "skipped" && b.outcome !== "cancelled") {
+    box.append(el("p", {}, el("a", { href: withToken(`/api/v1/bounces/${b.id}/raw`), target: "_blank",
+      rel: "noopener", text: "Report source" })));
+  }
+  return box;
+}
+
+async function loadBounces() {
+  const list = await api("/api/v1/bounces");
+  document.getElementById("bounces").replaceChildren(
+    ...(list.length ? list.slice().reverse().map(bounceNode)
+      : [el("p", { class: "muted", text: "No bounces sent. A rule with bounce: sends one (harness serve --bounce-via HOST:PORT)." })]));
+}
+
+// ----------------------------------------------------------------- probe
+
+const STEP_LABEL = { connect: "connect", banner: "banner", ehlo: "EHLO", helo: "HELO", starttls: "STARTTLS",
+  tls: "TLS", "ehlo-tls": "EHLO (TLS)", mail: "MAIL", rcpt: "RCPT", data: "DATA", message: "message",
+  rset: "RSET", quit: "QUIT" };
+const VERDICT_TONE = { deliver: "ok", defer: "warn", bounce: "bad" };
+
+function stepRow(s) {
+  const lines = (s.reply || "").split("\n");
+  let shown = s.error ? s.error : s.reply === null ? (s.detail || "")
+    : s.step === "banner" || s.step.startsWith("ehlo") ? lines[0] : lines[lines.length - 1];
+  if (s.step.startsWith("ehlo") && lines.length > 1) {
+    shown += `  (${lines.length - 1} extensions: ${lines.slice(1).map((x) => x.slice(4)).join(", ")})`;
+  }
+  const what = el("td", { class: "exchange" });
+  if (s.sent) what.append(el("div", { class: "sent", text: s.sent }));
+  what.append(el("div", { class: `reply ${s.error ? "c5" : codeClass(shown)}`, text: shown }));
+  const ex = s.explanation;
+  if (ex) {
+    const meaning = el("div", { class: "meaning", text: `${ex.code} ${ex.title}` });
+    if (s.code >= 400 && ex.meaning) meaning.append(el("div", { text: ex.meaning }));
+    what.append(meaning);
+  }
+  return el("tr", { "data-step": s.step }, el("td", { class: "step", text: STEP_LABEL[s.step] || s.step }),
+    what, el("td", { class: "ms", text: `${(s.seconds * 1000).toFixed(1)} ms` }));
+}
+
+function mxNode(m) {
+  const title = m.source === "given" ? `server ${m.name || ""}` : m.label;
+  const box = el("div", { class: "mx", "data-verdict": m.verdict },
+    el("h3", { text: `${title} · ${m.address || "-"} port ${m.port}` }));
+  for (const n of m.notes || []) box.append(el("p", { class: "note", text: n }));
+  box.append(el("table", { class: "steps" }, ...m.steps.map(stepRow)));
+  const c = m.tls && m.tls.certificate;
+  if (m.tls) {
+    const lines = [m.tls.error ? `TLS: ${m.tls.error}` : `TLS: ${m.tls.version} ${m.tls.cipher}`];
+    if (c) {
+      lines.push(`certificate: ${c.subject} issued by ${c.issuer}; names ${c.names.join(", ") || "-"}; ${c.days_left} day(s) left`);
+      lines.push(`chain: ${c.chain_ok ? "verified" : c.chain_error}`);
+      if (c.name_ok !== null) lines.push(`name ${c.expected_name}: ${c.name_ok ? "matches" : "does not match"}`);
+    }
+    box.append(el("div", { class: "tls" }, ...lines.map((t) => el("div", { text: t }))));
+  }
+  box.append(el("p", { class: "verdict" },
+    el("span", { class: `badge ${VERDICT_TONE[m.verdict]}`, text: m.verdict_text }), ` ${m.reason}`));
+  return box;
+}
+
+function probeNode(r) {
+  const box = el("div", { class: "probe", "data-verdict": r.verdict },
+    el("p", { class: "overall" }, el("span", { class: `badge ${VERDICT_TONE[r.verdict]}`, text: r.verdict_text }),
+      ` ${r.reason}`));
+  for (const n of r.notes || []) box.append(el("p", { class: "note", text: n }));
+  if (r.dns) {
+    box.append(el("div", { class: "tls" },
+      el("div", { text: `DNS ${r.dns.domain}: SOA ${r.dns.soa || "-"}` }),
+      el("div", { text: `MX ${r.dns.mx.map((x) => `${x.preference} ${x.host}`).join(", ") || "none"}` })));
+  }
+  box.append(...r.mx.map(mxNode));
+  return box;
+}
+
+document.getElementById("probe-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const result = document.getElementById("probe-result");
+  const button = document.getElementById("probe-run");
+  const body = {
+    sender: document.getElementById("probe-sender").value.trim(),
+    recipient: document.getElementById("probe-recipient").value.trim(),
+    mx: document.getElementById("probe-mx").value.split(/\s+/).filter(Boolean),
+  };
+  if (document.getElementById("probe-dns").value) body.dns = document.getElementById("probe-dns").value;
+  button.disabled = true;
+  result.replaceChildren(el("p", { class: "muted", text: "probing…" }));
+  try {
+    const r = await api("/api/v1/probe", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) });
+    result.replaceChildren(probeNode(r));
+  } catch (e) {
+    result.replaceChildren(el("p", { class: "c5 probe-error", text: `probe refused: ${e.message}` }));
+  } finally {
+    button.disabled = false;
+  }
+});
+
 // ------------------------------------------------------------- scenarios
 
 function showSummary() {
@@ -408,6 +522,7 @@ for (const b of document.querySelectorAll("#tabs button")) {
     for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.id === `tab-${b.dataset.tab}`);
     if (b.dataset.tab === "attempts") refreshTimelines();
     if (b.dataset.tab === "ndrs") refreshNdrs();
+    if (b.dataset.tab === "bounces") refreshBounces();
   });
 }
 
@@ -416,6 +531,7 @@ for (const b of document.querySelectorAll("#tabs button")) {
 const refreshMessages = coalesce(loadMessages);
 const refreshTimelines = coalesce(loadTimelines);
 const refreshNdrs = coalesce(loadNdrs);
+const refreshBounces = coalesce(loadBounces);
 const refreshScenarios = coalesce(loadScenarios);
 
 function connect() {
@@ -442,7 +558,13 @@ function connect() {
     if (!status.classList.contains("bad")) say("live", "ok");
   };
   src.onerror = () => say("reconnecting…", "warn");
-  src.addEventListener("line", (m) => onLine(JSON.parse(m.data)));
+  src.addEventListener("line", (m) => {
+    const e = JSON.parse(m.data);
+    onLine(e);
+    // a bounce's fate is told on its session's transcript
+    if (e.direction === "I" && e.text.startsWith("bounce ") &&
+        document.getElementById("tab-bounces").classList.contains("active")) refreshBounces();
+  });
   src.addEventListener("message", () => {
     refreshMessages();
     if (document.getElementById("tab-ndrs").classList.contains("active")) refreshNdrs();
