@@ -191,6 +191,9 @@ def check_certificate(chain: Sequence[bytes], anchors: Sequence[x509.Certificate
             chain_ok = True
         except (verification.VerificationError, ValueError) as e:
             chain_error = _reason(e, leaf, now, self_signed, trust)
+            if len(chain) == 1 and not self_signed:
+                chain_error += (" (only the server's own certificate could be read: "
+                                "intermediates it sent are not seen before Python 3.13)")
     if chain_error:
         problems.append(f"chain: {chain_error}")
     if days_left < 0 and not (chain_error or "").startswith("expired"):

@@ -8,10 +8,11 @@
 
 The instance lives in its own directory tree (configuration file, spool,
 logs, pid file), listens on 127.0.0.1 only (a free port it picks), does no
-DNS and no ident lookups, and sends *everything* to the relay: one
+DNS and no ident lookups, and sends everything to the relay: one
 manualroute router routes every domain to the relay's IP address and port
-(no local deliveries, so the bounces Exim generates for the sender go to the
-relay too). The smtp transport tries BDAT whenever the relay advertises
+(no local deliveries), except the addresses given in `routes=`, each sent
+to its own host and port (the lab routes its sender, that is the bounces
+Exim generates, to a collector). The smtp transport tries BDAT whenever the relay advertises
 CHUNKING (`hosts_try_chunking = *`) and never TLS (`hosts_avoid_tls = *`;
 override with `transport=`). Retries are shrunk to seconds: the daemon
 starts a queue runner every second and the retry rule is `F,1m,1s`.
@@ -134,12 +135,19 @@ class EximLab(LabMta):
                  settings: Mapping[str, str | int | bool] | None = None,
                  transport: Mapping[str, str | int | bool] | None = None,
                  retry: str = "F,1m,1s", queue_interval: str = "1s",
-                 keep: bool = False) -> None:
+                 keep: bool = False,
+                 routes: Mapping[str, tuple[str, int]] | None = None) -> None:
         reason = self.unavailable()
         if reason:
             raise EximLabError(reason)
         self.binary = exim_binary()
         self.token = secrets.token_hex(4)
+        #: address -> (host, port): mail to these goes there instead of the relay
+        #: (the lab sends its sender's bounces to a collector, as with Postfix)
+        self.routes = dict(routes or {})
+        for address in self.routes:
+            if not re.fullmatch(r"[^\s@{}$]+@[^\s@{}$]+", address):
+                raise EximLabError(f"route for {address!r}: not a plain address")
         self._init_common(relay, Path(tempfile.mkdtemp(prefix="exim-lab-")
                                       if workdir is None else workdir).resolve(),
                           temporary=workdir is None, keep=keep)
@@ -260,6 +268,12 @@ class EximLab(LabMta):
 
     def config_text(self) -> str:
         host, port = self.relay
+        routes = "".join(
+            f"route_{i}:\n  driver = manualroute\n"
+            f"  condition = ${{if eqi{{$local_part@$domain}}{{{address}}}}}\n"
+            f"  route_list = * {h}::{p} byname\n  transport = relay_smtp\n  self = send\n"
+            f"  no_more\n\n"
+            for i, (address, (h, p)) in enumerate(sorted(self.routes.items())))
         main = "\n".join(f"{k} = {v}" if v else f"{k} =" for k, v in self.settings.items())
         transport = "\n".join(f"  {k} = {v}" if v else f"  {k} ="
                               for k, v in self.transport.items())
@@ -273,8 +287,8 @@ acl_check_rcpt:
   deny   message = relay not permitted
 
 begin routers
-# every domain, bounces to the sender included, goes to the relay: an IP
-# address with a port, so no DNS; "self = send" because it is this host
+{routes}# every other address goes to the relay: an IP address with a port, so no
+# DNS; "self = send" because it is this host
 to_relay:
   driver = manualroute
   route_list = * {host}::{port} byname

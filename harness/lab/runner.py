@@ -127,9 +127,8 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
     kept = keep_dir(keep) if keep else None
     send = scenario.send or Send()
     # The scenario's own sender (its SPF, DMARC and mail_from rules see it).
-    # Postfix routes bounces to that one address to the collector; the Exim
-    # lab routes everything to the relay, so its bounces reach the harness
-    # under test, where they are read the same way.
+    # Postfix and Exim route mail to that one address, their bounces, to the
+    # collector: the harness under test may refuse the sender's domain.
     mail_from = send.mail_from or SENDER
     token = uuid.uuid4().hex[:12]
     say = progress or (lambda _msg: None)
@@ -146,7 +145,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             queue_id = lab.submit_smtp(mail_from, list(send.rcpt),
                                        _message(send, mail_from, token))
             expected = scenario.expect.outcome if scenario.expect else None
-            returns = collector if mta == "postfix" else target
+            returns = collector  # the sender's bounces are routed there
             deadline = time.monotonic() + window
             queue: list[QueueEntry] = []
             samples = _Sampler(clock)
@@ -183,8 +182,7 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
         verdict.queue_samples = samples.samples
         verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
         # (evidence) the MTA's own log beside the harness's records
-        verdict.evidence = lab_evidence(maillog, mta, target,
-                                        collector if mta == "postfix" else None, clock.t0,
+        verdict.evidence = lab_evidence(maillog, mta, target, collector, clock.t0,
                                         speed, lab_settings, keep, scenario.name)
         verdict.kept, verdict.mta_log = (str(keep), LOG_NAME[mta]) if keep else ("", "")
     say(f"{scenario.name}: {'PASS' if verdict.passed else 'FAIL'}")
@@ -200,7 +198,8 @@ def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
     elif mta == "exim":
         from harness.lab.exim import EximLab
 
-        lab = EximLab((target.host, target.port), settings=settings)
+        lab = EximLab((target.host, target.port), settings=settings,
+                      routes={mail_from: (collector.host, collector.port)})
     else:
         raise ValueError(f"no lab for MTA {mta!r}: postfix or exim")
     try:

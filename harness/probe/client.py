@@ -126,23 +126,21 @@ def _no_reply(e: BaseException, timeout: float) -> str:
 
 
 def _peer_chain(ssl_object: Any) -> list[bytes]:
-    """The certificates the server sent, its own first (DER). Python 3.13
-    has SSLObject.get_unverified_chain(); 3.10 to 3.12 have it only on the
-    private _ssl object; failing both, the server's own certificate."""
-    for obj in (ssl_object, getattr(ssl_object, "_sslobj", None)):
-        fn = getattr(obj, "get_unverified_chain", None)
-        if fn is None:
-            continue
+    """The certificates the server sent, its own first (DER). Python 3.13's
+    SSLObject.get_unverified_chain() gives them all; before 3.13 the public
+    API gives the server's own certificate only (the chain check then says
+    so when an intermediate is missing)."""
+    if ssl_object is None:
+        return []
+    fn = getattr(ssl_object, "get_unverified_chain", None)
+    if fn is not None:
         try:
-            certs = fn() or []
+            chain = [c for c in fn() or [] if isinstance(c, bytes)]
         except (ValueError, ssl.SSLError):
-            continue
-        out = []
-        for c in certs:
-            out.append(c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
-        if out:
-            return out
-    leaf = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            chain = []
+        if chain:
+            return chain
+    leaf = ssl_object.getpeercert(binary_form=True)
     return [leaf] if leaf else []
 
 

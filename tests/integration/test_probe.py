@@ -40,10 +40,9 @@ def steps(report: dict[str, Any], mx: int = 0) -> list[tuple[str, int | None]]:
 
 
 def test_relay_denied_550_at_rcpt_would_bounce() -> None:
-    # relay-denied hosts lab.test itself ("accepted domains"): the recipient
-    # of its own send: section, outside them, is the one it refuses
+    # the issue's own example: relay-denied hosts only harness.test
     with Harness("relay-denied") as h:
-        r = probe("a@lab.test", "someone@elsewhere.example", "--mx", f"127.0.0.1:{h.port}")
+        r = probe("a@lab.test", "b@lab.test", "--mx", f"127.0.0.1:{h.port}")
         assert r.returncode == 4, r.stdout + r.stderr
         out = r.stdout
         for step in ("connect", "banner", "EHLO", "STARTTLS", "TLS", "MAIL", "RCPT", "RSET",
@@ -64,7 +63,8 @@ def test_relay_denied_550_at_rcpt_would_bounce() -> None:
 
 def test_relay_denied_takes_its_own_domain() -> None:
     with Harness("relay-denied") as h:
-        report, code = probe_json("a@lab.test", "b@lab.test", "--mx", f"127.0.0.1:{h.port}")
+        report, code = probe_json("a@lab.test", "b@harness.test", "--mx",
+                                  f"127.0.0.1:{h.port}")
         assert (report["verdict"], code) == ("deliver", 0)
 
 
