@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -242,6 +243,10 @@ async def _serve(args: argparse.Namespace) -> int:
     out.print(f"store {args.store}" + (f", seed {args.seed}" if args.seed is not None else "")
               + ("" if args.quiet else "; Ctrl-C stops"))
     sys.stdout.flush()
+    # Everything made at start (modules, scenarios, the page) lives as long
+    # as the server: out of the collector's sight, a collection scans only
+    # what serving makes.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -56,7 +56,7 @@ class AnalysisJob:
     helo: str
     mail_from: str
     hostname: str
-    zone: dict[str, Any] | None
+    zone: Mapping[str, Any] | None  # the scenario's dns: (immutable), or None: the system's
     auth: Any  # results already computed for a rule, or None
 
 

@@ -230,13 +230,12 @@ class _Line:
 class _Body:
     """Wait for a DATA body up to CRLF.CRLF; the state of the search."""
 
-    __slots__ = ("counted", "dropped", "limit", "scan", "stuffed")
+    __slots__ = ("dropped", "limit", "scan", "stuffed")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.scan = 0  # where to look for the terminator next
-        self.counted = 0  # bytes searched for "\r\n." so far
-        self.stuffed = 0  # "\r\n." sequences: one wire byte each beyond the message
+        self.scan = 0  # where to look for a line starting with a dot next
+        self.stuffed = 0  # doubled dots before `scan`: one wire byte each beyond the message
         self.dropped = 0  # message bytes thrown away once over the limit
 
 
@@ -295,6 +294,8 @@ class Transaction:
 
 
 _ENDING_FAULTS = (Fault.DROP, Fault.RESET, Fault.HANG)
+#: a line that starts with a dot: the end of DATA, or a doubled dot
+_LINE_DOT = re.compile(rb"\r\n\.")
 _COMMIT = Commit()
 _FAULT_OUTCOME: dict[Fault, Outcome] = {Fault.DROP: "dropped", Fault.RESET: "reset",
                                         Fault.HANG: "hang"}
@@ -609,45 +610,58 @@ class ServerSession:
     def _take_body(self, need: _Body) -> object:
         """Up to CRLF.CRLF: (content unstuffed, over the limit, size).
 
-        The body is searched for its terminator in bulk (aiosmtpd reads DATA
-        a line at a time, which dominates its cost for larger messages). The
-        size limit applies to the message (RFC 1870: the doubled dots do not
+        The body is searched in bulk (aiosmtpd reads DATA a line at a time,
+        which dominates its cost for larger messages): one regular
+        expression finds each line that starts with a dot, the terminator or
+        a doubled dot, so one pass counts the dots to undo and finds the end
+        (the re module's literal search beats bytes.find() here). The size
+        limit applies to the message (RFC 1870: the doubled dots do not
         count); over it, the rest is drained, not kept."""
         if self._pos:
             del self._buf[:self._pos]
             self._pos = 0
         buf = self._buf
-        limit = need.limit
-        end = tail = -1
-        if buf[:3] == b".\r\n" and not need.dropped:
-            end, tail = 0, 3
+        if need.scan == 0 and not need.dropped:
+            if buf[:3] == b".\r\n":  # the empty message
+                self._consume(3)
+                return b"", False, 0
+            if len(buf) < 3 and buf[:1] == b".":
+                return _MORE  # a first line of "." or ".." or ".x": not known yet
+        end = -1
+        scan = need.scan
+        for found in _LINE_DOT.finditer(buf, scan):
+            i = found.start()
+            if i + 5 > len(buf):  # "\r\n." at the very end: not known yet
+                scan = i
+                break
+            if buf[i + 3:i + 5] == b"\r\n":
+                end = i + 2
+                break
+            need.stuffed += 1
+            scan = i + 3
         else:
-            idx = buf.find(b"\r\n.\r\n", need.scan)
-            if idx >= 0:
-                end, tail = idx + 2, idx + 5
+            scan = max(scan, len(buf) - 2)  # a "\r\n" may be cut in two
+        limit = need.limit
         if end < 0:
-            need.stuffed += buf.count(b"\r\n.", max(0, need.counted - 2))
-            need.counted = len(buf)
-            need.scan = max(0, len(buf) - 4)
+            need.scan = scan
             if limit and need.dropped + len(buf) - need.stuffed > limit + 5:
                 # Surely over the limit: keep only a tail long enough to find
-                # the terminator (and to count a "\r\n." across the cut).
-                cut = len(buf) - 8
-                kept = bytes(buf[cut:]).count(b"\r\n.")
+                # the terminator.
+                cut = min(len(buf) - 8, scan)
+                kept = buf.count(b"\r\n.", cut, scan)
                 need.dropped += cut - (need.stuffed - kept)
                 del buf[:cut]
                 need.stuffed = kept
-                need.scan = 0
-                need.counted = len(buf)
+                need.scan = scan - cut
             return _MORE
         if need.dropped:
-            self._consume(tail)
+            self._consume(end + 3)
             return b"", True, need.dropped + end
         content = bytes(buf[:end])
-        self._consume(tail)
+        self._consume(end + 3)
         if content[:1] == b".":
             content = content[1:]
-        if b"\r\n." in content:
+        if need.stuffed:
             content = content.replace(b"\r\n.", b"\r\n")
         return content, bool(limit and len(content) > limit), len(content)
 

@@ -182,7 +182,12 @@ class SmtpTransport(asyncio.Protocol):
 
     def _run(self, actions: list[ss.Out]) -> None:
         """Carry out the session's actions; a request (always last) is
-        answered on the spot when it can be, else waited for."""
+        answered on the spot when it can be, else waited for. What they
+        write reaches the store's writer as one item."""
+        with self.ctx.store.batch():
+            self._carry_out(actions)
+
+    def _carry_out(self, actions: list[ss.Out]) -> None:
         session = self.session
         assert session is not None
         ctx = self.ctx
@@ -313,7 +318,7 @@ class SmtpTransport(asyncio.Protocol):
 
         session = self.session
         assert session is not None
-        return check_message(content, client_ip=str(session.connection.client),
+        return check_message(content, client_ip=session.connection.key,
                              helo=session.helo_seen or "", mail_from=mail_from,
                              resolver=self.ctx.resolver(), hostname=session.server.hostname)
 
@@ -329,10 +334,10 @@ class SmtpTransport(asyncio.Protocol):
             except Exception as e:  # a watcher must not break the session
                 ctx.errors.append(e)
         ctx.analyst().add(AnalysisJob(
-            mid=action.message_id, raw=action.content, client_ip=str(session.connection.client),
+            mid=action.message_id, raw=action.content, client_ip=session.connection.key,
             helo=session.helo_seen or "", mail_from=action.mail_from,
             hostname=session.server.hostname,
-            zone=dict(ctx.scenario.dns) if ctx.dns == "scenario" else None, auth=action.auth))
+            zone=ctx.scenario.dns if ctx.dns == "scenario" else None, auth=action.auth))
         if action.accepted and (ctx.handlers or ctx.scenario.forward is not None):
             from harness.smtp.handlers import pass_on
 
@@ -342,7 +347,7 @@ class SmtpTransport(asyncio.Protocol):
                 ctx, session_id=session.id, rule=action.rule, accepted=action.accepted,
                 mail_from=action.mail_from, rcpts=action.rcpt_tos, content=action.content,
                 message_id=action.message_id, dsn=action.dsn,
-                client_ip=str(session.connection.client), helo=session.helo_seen)
+                client_ip=session.connection.key, helo=session.helo_seen)
 
     # ---------------------------------------------------- time and faults
 

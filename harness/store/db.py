@@ -24,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,12 +203,30 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+@dataclass(frozen=True, slots=True)
+class _Barrier:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+def _resolve(futures: list[asyncio.Future[None]], err: BaseException | None) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(StoreError(f"store write failed: {err}"))
+
+
 class Store:
     """Capture store. `open()` for the writer side (serve), `reader()` to query."""
 
     def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
         self.path = Path(path)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._batch: list[Any] | None = None  # writes of a batch() block
+        self._batch_thread = 0
         self._thread: threading.Thread | None = None
         self._lockfile: int | None = None
         self._next_session = 1
@@ -274,17 +292,25 @@ class Store:
 
     def _writer(self, conn: sqlite3.Connection) -> None:
         while True:
-            item = self._queue.get()
-            batch = [item]
+            batch = [self._queue.get()]
             # Group: take everything already queued into the same commit.
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            stop = any(b is None for b in batch)
-            waiters = [b for b in batch if b is not None and callable(b)]
-            ops = [b for b in batch if b is not None and not callable(b)]
+            stop = False
+            ops: list[Any] = []
+            waiters: list[_Barrier | threading.Event] = []
+            for item in batch:
+                if item is None:
+                    stop = True
+                elif isinstance(item, list):  # the writes of one batch() block
+                    ops += item
+                elif isinstance(item, (_Barrier, threading.Event)):
+                    waiters.append(item)
+                else:
+                    ops.append(item)
             err: BaseException | None = None
             try:
                 self._commit(conn, ops)
@@ -302,14 +328,27 @@ class Store:
                         self.error = e
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
-            for w in waiters:
-                try:
-                    w(err)
-                except Exception as e:  # e.g. a loop already closed: keep writing
-                    self.error = e
+            self._release(waiters, err)
             if stop:
                 conn.close()
                 return
+
+    def _release(self, waiters: list[_Barrier | threading.Event],
+                 err: BaseException | None) -> None:
+        """Wake whoever waited for this commit: each event loop once, with all
+        its futures (a wake-up of a loop from this thread costs about as much
+        as the rest of a small message's handling)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for w in waiters:
+            if isinstance(w, threading.Event):
+                w.set()
+            else:
+                by_loop.setdefault(w.loop, []).append(w.future)
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, futures, err)
+            except RuntimeError as e:  # a loop already closed: keep writing
+                self.error = e
 
     def message_analysis(self, mid: int, analysis: dict[str, Any], is_ndr: bool) -> None:
         self._put("UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?",
@@ -331,30 +370,42 @@ class Store:
         self.commits += 1
 
     def _put(self, sql: str, params: Sequence[Any], many: bool = False) -> None:
-        self._queue.put((sql, params, many))
+        op = (sql, params, many)
+        if self._batch is not None and threading.get_ident() == self._batch_thread:
+            self._batch.append(op)
+        else:
+            self._queue.put(op)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Writes made in this block (by this thread) reach the writer as one
+        item: one wake-up of the writer thread instead of one per write."""
+        if self._batch is not None:  # nested: the outer block sends them
+            yield
+            return
+        self._batch, self._batch_thread = [], threading.get_ident()
+        try:
+            yield
+        finally:
+            ops, self._batch = self._batch, None
+            if ops:
+                self._queue.put(ops)
 
     def barrier(self) -> asyncio.Future[None]:
-        """A future that resolves once everything queued so far is committed."""
+        """A future that resolves once everything queued so far is committed
+        (a StoreError if the commit failed)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-
-        def done(err: BaseException | None) -> None:
-            def resolve() -> None:
-                if fut.done():
-                    return
-                if err is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(StoreError(f"store write failed: {err}"))
-            loop.call_soon_threadsafe(resolve)
-
-        self._queue.put(done)
+        if self._batch is not None and threading.get_ident() == self._batch_thread:
+            self._queue.put(self._batch)  # what the block wrote so far goes first
+            self._batch = []
+        self._queue.put(_Barrier(loop, fut))
         return fut
 
     def sync_barrier(self, timeout: float = 10.0) -> None:
         """Block until everything queued so far is committed (not for the loop)."""
         ev = threading.Event()
-        self._queue.put(lambda err: ev.set())
+        self._queue.put(ev)
         ev.wait(timeout)
 
     # -- writes (non-blocking: safe on the event loop) ---------------------
