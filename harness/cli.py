@@ -280,6 +280,24 @@ def _bounce_via(text: str | None) -> tuple[str, int] | None:
         raise HarnessError(f"--bounce-via: {e}") from None
 
 
+def _run_loop(main: Any, which: str) -> int:
+    """Run the server on asyncio's own event loop or uvloop's (an optional
+    extra, `pip install smtp-harness[fast]`; `auto` takes it when it is
+    installed)."""
+    if which in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if which == "uvloop":
+                raise HarnessError("--loop uvloop: uvloop is not installed "
+                                   "(pip install 'smtp-harness[fast]')") from None
+        else:
+            result: int = uvloop.run(main)
+            return result
+    result = asyncio.run(main)
+    return int(result)
+
+
 # ------------------------------------------------------------------ others
 
 
@@ -559,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None,
                     help="seed the RNG (chance:, random delays) to replay a run")
     sp.add_argument("--quiet", action="store_true", help="do not print sessions live")
+    sp.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                    help="the event loop: uvloop when installed (auto), or asyncio's own")
     sp.add_argument("--forward", default=None, metavar="HOST:PORT",
                     help="pass each accepted message on to this SMTP server once stored "
                          "(a failure there is recorded; the reply given stands)")
@@ -670,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             with contextlib.suppress(KeyboardInterrupt):
-                return asyncio.run(_serve(args))
+                return _run_loop(_serve(args), args.loop)
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from threading import Lock
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from harness.scenario.index import Misses, PhaseRules
 from harness.scenario.model import (
     Facts,
     Fault,
@@ -149,7 +150,7 @@ class Decision:
     drip: float = 1.0
     after_bytes: int | None = None
     #: rules of this phase that did not match, each with the first reason
-    misses: tuple[tuple[str, str], ...] = ()
+    misses: Sequence[tuple[str, str]] = ()
     #: True when the client will see a positive (or the normal) reply
     accepts: bool = field(init=False, repr=False, compare=False)
 
@@ -255,6 +256,7 @@ class Engine:
             for rule in scenario.rules:
                 by_phase[rule.on].append(rule)
             self._rules = {p: tuple(rs) for p, rs in by_phase.items()}
+            self._tables = {p: PhaseRules(rs) for p, rs in self._rules.items()}
             self._needs_content = {
                 p: any(mt.key in _CONTENT_KEYS for r in rs for mt in r.when)
                 for p, rs in self._rules.items()
@@ -428,15 +430,17 @@ class Engine:
         return None
 
     def _match(self, facts: Facts) -> Decision:
-        misses: list[tuple[str, str]] = []
-        for rule in self._rules[facts.phase]:
+        table = self._tables[facts.phase]
+        rules, order = table.rules, table.order
+        positions = table.candidates(facts) if table.indexed else range(len(rules))
+        tested: dict[int, str] = {}
+        for pos in positions:
+            rule = rules[pos]
             if rule.times is not None and self.rule_uses[rule.name] >= rule.times:
-                misses.append((rule.name, f"retired after {rule.times} use(s)"))
+                tested[pos] = f"retired after {rule.times} use(s)"
                 continue
             reason = None
-            # chance draws from the RNG: test it last, so draws happen only
-            # when everything else holds and a seeded run replays exactly.
-            for matcher in sorted(rule.when, key=lambda mt: mt.key == "chance"):
+            for matcher in order[pos]:  # chance last: see index.evaluation_order
                 try:
                     reason = matcher.check(facts)
                 except Exception as e:  # a matcher must never take the server down
@@ -445,7 +449,7 @@ class Engine:
                 if reason is not None:
                     break
             if reason is not None:
-                misses.append((rule.name, reason))
+                tested[pos] = reason
                 continue
             self.rule_uses[rule.name] += 1
             if rule.set_state is not None:
@@ -460,9 +464,19 @@ class Engine:
                 fault=rule.fault,
                 drip=rule.drip,
                 after_bytes=rule.after_bytes,
-                misses=tuple(misses),
+                misses=_misses(table, pos, tested, facts),
             )
-        return Decision(phase=facts.phase, misses=tuple(misses))
+        return Decision(phase=facts.phase, misses=_misses(table, len(rules), tested, facts))
+
+
+def _misses(table: PhaseRules, upto: int, tested: dict[int, str],
+            facts: Facts) -> Sequence[tuple[str, str]]:
+    """The rules before position `upto` that did not match, with why."""
+    if upto == 0:
+        return ()
+    if not table.indexed:  # every one was tested
+        return tuple((table.rules[p].name, tested[p]) for p in range(upto))
+    return Misses(table, upto, tested, facts)
 
 
 #: The blank line that ends the header section, as the email parser reads it:

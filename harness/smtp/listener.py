@@ -10,7 +10,7 @@ import asyncio
 import collections
 import ssl
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 #: Sees every transcript line as it happens (the console, the page).
 Observer = Callable[[TranscriptLine], None]
 
-JOURNAL_LIMIT = 100_000
+JOURNAL_LIMIT = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ class JournalEntry:
     rule: str | None
     reply: str | None
     fault: str | None
-    misses: tuple[tuple[str, str], ...]
+    misses: Sequence[tuple[str, str]]  # worked out when read (see scenario/index.py)
 
 
 @dataclass

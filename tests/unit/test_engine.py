@@ -914,3 +914,43 @@ def test_engine_auth_user_none_names_an_anonymous_session() -> None:
     conn.auth_user = "alice"  # as after AUTH
     assert conn.decide(Mail(sender="a@lab.test")).rule is None
     assert conn.decide(Rcpt(recipient="b@lab.test")).rule == "any user"
+
+
+# ------------------------------------------------------------ the rule index
+
+
+INDEXED = """\
+- {name: exact, on: rcpt, when: {rcpt: [Boss@Lab.test, ceo@lab.test]}, reply: 550 5.1.1 a}
+- {name: domain, on: rcpt, when: {rcpt: "*@other.test", mail_from: "x@*"}, reply: 550 5.1.1 b}
+- {name: local, on: rcpt, when: {rcpt: "info@*"}, reply: 550 5.1.1 c}
+- {name: glob, on: rcpt, when: {rcpt: "*temp*"}, reply: 451 4.2.0 d}
+- {name: regex, on: rcpt, when: {rcpt: {regex: "^r[0-9]+@"}}, reply: 550 5.1.1 e}
+- {name: client, on: rcpt, when: {client: 192.0.2.10/32, rcpt: "c*@*"}, reply: 550 5.7.1 f}
+- {name: sender, on: rcpt, when: {mail_from: ["<>", ""]}, reply: 550 5.7.1 g}
+- {name: helo, on: rcpt, when: {helo: bad.test}, reply: 550 5.7.1 h}
+- {name: twice, on: rcpt, when: {rcpt: "once@*"}, reply: 550 5.1.1 i, times: 1}
+"""
+
+
+@pytest.mark.parametrize("sender", ["a@lab.test", "x@elsewhere.test", ""])
+@pytest.mark.parametrize("client", ["192.0.2.10", "198.51.100.1"])
+def test_engine_index_decides_and_explains_as_testing_every_rule(sender: str,
+                                                                 client: str) -> None:
+    """The index passes over rules that cannot match; the decisions and the
+    near-miss reasons are exactly those of testing every rule in order."""
+    fast, slow = engine(INDEXED), engine(INDEXED)
+    for table in slow._tables.values():
+        table.indexed = False  # the plain loop over every rule
+    rcpts = ["boss@LAB.TEST", "ceo@lab.test", "u@other.test", "info@x.test", "temp1@x.test",
+             "r12@x.test", "carol@x.test", "nobody@x.test", "once@x.test", "once@y.test",
+             "a@b@other.test"]
+    for helo in ("client.lab.test", "bad.test"):
+        got = []
+        for eng in (fast, slow):
+            conn = Dialogue(eng, client)
+            conn.decide(Helo(name=helo))
+            conn.decide(Mail(sender=sender))
+            got.append([(d.rule, list(d.misses))
+                        for d in (conn.decide(Rcpt(recipient=r)) for r in rcpts)])
+        assert got[0] == got[1]
+    assert fast._tables[m.Phase.RCPT].indexed

@@ -1,0 +1,192 @@
+"""Which rules of a phase could match a step: an index over the first
+condition of each rule, so a scenario of a thousand rules costs a lookup
+per step, not a thousand pattern matches.
+
+A rule whose first condition (in the order the engine tests them, chance
+last) is a recipient, sender, HELO or client condition made of exact values,
+`*@domain` or `local@*` globs, or single addresses, is filed under those
+values; any other rule is always tested. A rule not among the candidates is
+known not to match on that first condition: its near-miss reason is worked
+out only when someone reads it (`Misses`).
+
+May know: the scenario model. Must not know: I/O of any kind."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import overload
+
+from harness.scenario.model import (
+    ClientMatcher,
+    Facts,
+    Matcher,
+    RcptMatcher,
+    Rule,
+    TextMatcher,
+)
+
+_WILD = frozenset("*?[")
+_INDEXED_KEYS = ("rcpt", "mail_from", "helo")
+
+
+def evaluation_order(rule: Rule) -> tuple[Matcher, ...]:
+    """A rule's conditions as the engine tests them: chance draws from the
+    RNG, so it comes last (drawn only when everything else holds, and a
+    seeded run replays exactly)."""
+    return tuple(sorted(rule.when, key=lambda mt: mt.key == "chance"))
+
+
+@dataclass
+class _Files:
+    """Rule positions filed by value: exact, by domain (`*@d`), by local part (`l@*`)."""
+
+    exact: dict[str, list[int]] = field(default_factory=dict)
+    domain: dict[str, list[int]] = field(default_factory=dict)
+    local: dict[str, list[int]] = field(default_factory=dict)
+
+    def file(self, pos: int, globs: Sequence[str]) -> bool:
+        """File `pos` under each glob; False (nothing filed) if one of them
+        is not of a kind the index knows."""
+        places: list[tuple[dict[str, list[int]], str]] = []
+        for glob in globs:
+            g = glob.lower()
+            if not _WILD & set(g):
+                places.append((self.exact, g))
+            elif g.startswith("*@") and not _WILD & set(g[2:]):
+                places.append((self.domain, g[2:]))
+            elif g.endswith("@*") and "@" not in g[:-2] and not _WILD & set(g[:-2]):
+                places.append((self.local, g[:-1]))
+            else:
+                return False
+        for table, value in places:
+            table.setdefault(value, []).append(pos)
+        return True
+
+    def find(self, value: str, into: set[int]) -> None:
+        low = value.lower()
+        for table, key in ((self.exact, low),
+                           (self.domain, low.rpartition("@")[2] if "@" in low else None),
+                           (self.local, low.partition("@")[0] + "@" if "@" in low else None)):
+            if key is not None:
+                found = table.get(key)
+                if found:
+                    into.update(found)
+
+
+class PhaseRules:
+    """The rules of one phase, in file order, with their index."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = tuple(rules)
+        self.order = tuple(evaluation_order(r) for r in self.rules)
+        self.files = {key: _Files() for key in _INDEXED_KEYS}
+        self.clients: dict[str, list[int]] = {}
+        always = []
+        for pos, (rule, order) in enumerate(zip(self.rules, self.order, strict=True)):
+            if not (order and rule.times is None and self._file(pos, order[0])):
+                always.append(pos)
+        self.always = frozenset(always)
+        #: whether the index spares any work (else every rule is tested)
+        self.indexed = len(always) < len(self.rules)
+
+    def _file(self, pos: int, first: Matcher) -> bool:
+        if isinstance(first, RcptMatcher) or (
+                isinstance(first, TextMatcher) and first.key in ("mail_from", "helo")):
+            pattern = first.pattern
+            return pattern.regex is None and bool(pattern.globs) and self.files[
+                first.key].file(pos, pattern.globs)
+        if isinstance(first, ClientMatcher) and first.networks and all(
+                n.num_addresses == 1 for n in first.networks):
+            for n in first.networks:
+                self.clients.setdefault(str(n.network_address), []).append(pos)
+            return True
+        return False
+
+    def candidates(self, facts: Facts) -> list[int]:
+        """The positions of the rules that could match `facts`, in order."""
+        found = set(self.always)
+        files = self.files
+        for r in facts.rcpts:
+            files["rcpt"].find(r, found)
+        if facts.mail_from is not None:
+            files["mail_from"].find(facts.mail_from or "<>", found)
+            if facts.mail_from == "":
+                files["mail_from"].find("", found)
+        if facts.helo is not None:
+            files["helo"].find(facts.helo, found)
+        hit = self.clients.get(str(facts.client))
+        if hit:
+            found.update(hit)
+        return sorted(found)
+
+
+class Misses(Sequence[tuple[str, str]]):
+    """The rules before the deciding one (or all of the phase's) that did
+    not match, each with why: those tested, with the reason found then;
+    those the index passed over, with the reason of their first condition,
+    worked out when read (a near-miss report), from the values it was
+    filed by."""
+
+    __slots__ = ("_done", "_facts", "_items", "_table", "_tested", "_upto")
+
+    def __init__(self, table: PhaseRules, upto: int, tested: dict[int, str],
+                 facts: Facts) -> None:
+        self._table = table
+        self._upto = upto
+        self._tested = tested
+        # only what the first conditions of passed-over rules read
+        self._facts = Facts(phase=facts.phase, client=facts.client, tls=False, connection=0,
+                            state="", rng=_NO_DRAWS, helo=facts.helo,
+                            mail_from=facts.mail_from, rcpts=facts.rcpts)
+        self._items: tuple[tuple[str, str], ...] | None = None
+
+    def _all(self) -> tuple[tuple[str, str], ...]:
+        if self._items is None:
+            out = []
+            rules, order = self._table.rules, self._table.order
+            for pos in range(self._upto):
+                why = self._tested.get(pos)
+                if why is None:
+                    why = order[pos][0].check(self._facts) or "did not match"
+                out.append((rules[pos].name, why))
+            self._items = tuple(out)
+        return self._items
+
+    def __len__(self) -> int:
+        return self._upto
+
+    def __bool__(self) -> bool:
+        return self._upto > 0
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, str]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, str]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[str, str] | Sequence[tuple[str, str]]:
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Misses):
+            return self._all() == other._all()
+        return isinstance(other, (tuple, list)) and self._all() == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+
+class _NoDraws(random.Random):
+    """A passed-over rule's first condition is never chance: nothing draws."""
+
+    def random(self) -> float:  # pragma: no cover - never called
+        raise AssertionError("a near-miss reason does not draw")
+
+
+_NO_DRAWS = _NoDraws()
