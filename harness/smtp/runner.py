@@ -17,6 +17,11 @@ from harness.smtp.transport import SmtpTransport
 # harness has its own transcript, so keep aiosmtpd to warnings.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
+#: connections the kernel queues before we accept them (asyncio's default of
+#: 100 left a burst of clients connected but never greeted); the kernel caps
+#: it at net.core.somaxconn
+BACKLOG = 4096
+
 
 def parse_hostport(text: str, default_port: int = 2525) -> tuple[str, int]:
     """'127.0.0.1:2525', '[::1]:2525', ':2525' or '127.0.0.2' into (host, port)."""
@@ -94,8 +99,8 @@ async def close_connections(ctx: ListenerContext, *, abort: bool, grace: float) 
     return len(open_)
 
 
-async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: int = 2525
-                         ) -> Listener:
+async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: int = 2525,
+                         backlog: int = BACKLOG) -> Listener:
     loop = asyncio.get_running_loop()
     ctx.loop = loop
     ctx.prepare_tls()
@@ -103,7 +108,7 @@ async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: in
         server = await loop.create_server(
             lambda: SmtpTransport(ctx), host, port, reuse_address=True,
             ssl=ctx.tls_context() if ctx.implicit_tls else None,
-            ssl_handshake_timeout=30 if ctx.implicit_tls else None)
+            ssl_handshake_timeout=30 if ctx.implicit_tls else None, backlog=backlog)
     except OSError as e:
         raise HarnessError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     listener = Listener(ctx, server)

@@ -361,11 +361,8 @@ class Store:
 
     def _commit(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
         conn.execute("BEGIN")
-        for sql, params, many in ops:
-            if many:
-                conn.executemany(sql, params)
-            else:
-                conn.execute(sql, params)
+        for sql, rows in _grouped(ops):
+            conn.executemany(sql, rows)
         conn.execute("COMMIT")
         self.commits += 1
 
@@ -612,6 +609,28 @@ class Reader:
     def counts(self) -> dict[str, int]:
         return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
                 for t in ("sessions", "messages", "attempts", "events")}
+
+
+def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]]:
+    """The rows of a commit's INSERTs gathered per statement (one
+    executemany each, not one call per row), in the order each statement
+    first appears; any other statement (an UPDATE, a DELETE) is a fence that
+    everything queued before it passes first."""
+    groups: dict[str, list[Any]] = {}
+    for sql, params, many in ops:
+        if not sql.startswith("INSERT"):
+            yield from groups.items()
+            groups = {}
+            yield sql, [params] if not many else list(params)
+            continue
+        rows = groups.get(sql)
+        if rows is None:
+            rows = groups[sql] = []
+        if many:
+            rows.extend(params)
+        else:
+            rows.append(params)
+    yield from groups.items()
 
 
 def _text(value: Any) -> Any:

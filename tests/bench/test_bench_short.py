@@ -1,0 +1,49 @@
+"""The benchmarks' short modes: each script runs end to end against real
+servers and checks what it counts (messages received, rules decided,
+connections greeted). No timing is asserted here: figures are for bench/
+runs, read in the closing notes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.slow
+def test_bench_throughput_quick_counts_every_message(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    done = bench("throughput.py", "--quick", "--workload", "1k-20-many", "--json", str(out))
+    assert "| 1 KB, 20 sessions, many per connection |" in done.stdout
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert {r["sink"] for r in runs} == {"smtp-sink", "bare", "harness"}
+    # every sink said (or stored) exactly what smtp-source sent
+    assert all(r["checks"] == [f"received {r['messages'] + 20}"] for r in runs), runs
+    harness = next(r for r in runs if r["sink"] == "harness")
+    assert harness["analysis_us_per_msg"] is not None  # every message was analysed
+
+
+def test_bench_rules_quick_decides_as_expected(tmp_path: Path) -> None:
+    done = bench("rules.py", "--quick")
+    assert "| exact |" in done.stdout and "| regex |" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_idle_holds_connections_and_delivers(tmp_path: Path) -> None:
+    out = tmp_path / "idle.json"
+    bench("idle.py", "--connections", "300", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["connections"] == 300 and result["rss_after_kib"] > 0
