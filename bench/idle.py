@@ -75,7 +75,22 @@ def deliver(port: int) -> float:
     return time.perf_counter() - started
 
 
-async def run(args: argparse.Namespace) -> dict[str, float]:
+async def measure(args: argparse.Namespace, server: subprocess.Popen[str],
+                  port: int) -> dict[str, float]:
+    before = rss_kib(server.pid)
+    started = time.perf_counter()
+    writers = await open_idle(port, args.connections)
+    opened = time.perf_counter() - started
+    after = rss_kib(server.pid)
+    latency = await asyncio.to_thread(deliver, port)
+    for w in writers:
+        w.close()
+    return {"connections": args.connections, "rss_before_kib": before,
+            "rss_after_kib": after, "kib_per_connection": (after - before) / len(writers),
+            "open_seconds": opened, "delivery_ms_while_open": latency * 1000}
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="harness-idle-") as tmp:
         argv = [str(ROOT / ".venv" / "bin" / "harness"), "serve", "--listen", f"{HOST}:{port}",
@@ -88,17 +103,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             if "listening on" not in line:
                 raise SystemExit(f"harness serve did not start: {line}{server.stdout.read()}")
             deliver(port)  # one delivery first: what a session needs is loaded
-            before = rss_kib(server.pid)
-            started = time.perf_counter()
-            writers = await open_idle(port, args.connections)
-            opened = time.perf_counter() - started
-            after = rss_kib(server.pid)
-            latency = await asyncio.to_thread(deliver, port)
-            for w in writers:
-                w.close()
-            return {"connections": args.connections, "rss_before_kib": before,
-                    "rss_after_kib": after, "kib_per_connection": (after - before) / len(writers),
-                    "open_seconds": opened, "delivery_ms_while_open": latency * 1000}
+            return asyncio.run(measure(args, server, port))
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGINT)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.connections} connections need {need} open files; "
                              f"the hard limit is {hard}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-    r = asyncio.run(run(args))
+    r = run(args)
     print(f"{r['connections']:,} idle connections: {r['kib_per_connection']:.1f} KiB each "
           f"(server RSS {r['rss_before_kib'] / 1024:.1f} -> {r['rss_after_kib'] / 1024:.1f} MiB,"
           f" opened in {r['open_seconds']:.1f} s); a delivery meanwhile took "
