@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -98,6 +99,27 @@ def test_serve_swaks_gets_552_and_sessions_show_the_transcript(served: Served) -
     assert "S: 552 5.2.2" in shown.stdout and "mailbox full" in shown.stdout
     table = cli("sessions", "--store", str(served.store))
     assert "full@lab.test" in table.stdout
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_serve_on_either_event_loop(tmp_path: Path, loop: str) -> None:
+    """uvloop is an optional extra (installed by the test command): both
+    loops serve the same conversation, pipelining and a half-close included."""
+    s = start_serve(tmp_path, "--loop", loop)
+    try:
+        with socket.create_connection((s.host, s.port), timeout=5) as c:
+            c.sendall(b"EHLO client.lab.test\r\nMAIL FROM:<a@lab.test>\r\n"
+                      b"RCPT TO:<b@lab.test>\r\nDATA\r\n")
+            c.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+            c.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := c.recv(65536):
+                got += chunk
+        assert b"250 2.0.0 Ok: queued as 1" in got and got.endswith(b"221 2.0.0 Bye\r\n")
+    finally:
+        s.proc.send_signal(signal.SIGINT)
+        s.proc.communicate(timeout=20)
+    assert s.proc.returncode == 0
 
 
 def test_serve_messages_json_and_show_raw(served: Served) -> None:
