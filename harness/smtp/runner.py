@@ -103,6 +103,7 @@ async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: in
                          backlog: int = BACKLOG) -> Listener:
     loop = asyncio.get_running_loop()
     ctx.loop = loop
+    ctx.store.attach(loop)
     ctx.prepare_tls()
     try:
         server = await loop.create_server(

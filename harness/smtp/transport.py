@@ -182,12 +182,7 @@ class SmtpTransport(asyncio.Protocol):
 
     def _run(self, actions: list[ss.Out]) -> None:
         """Carry out the session's actions; a request (always last) is
-        answered on the spot when it can be, else waited for. What they
-        write reaches the store's writer as one item."""
-        with self.ctx.store.batch():
-            self._carry_out(actions)
-
-    def _carry_out(self, actions: list[ss.Out]) -> None:
+        answered on the spot when it can be, else waited for."""
         session = self.session
         assert session is not None
         ctx = self.ctx

@@ -209,6 +209,15 @@ class _Barrier:
     future: asyncio.Future[None]
 
 
+def _flat(batch: list[Any]) -> Iterator[Any]:
+    """Queue items, with the lists a loop hands over (a turn's writes) opened."""
+    for item in batch:
+        if isinstance(item, list):
+            yield from item
+        else:
+            yield item
+
+
 def _resolve(futures: list[asyncio.Future[None]], err: BaseException | None) -> None:
     for fut in futures:
         if fut.done():
@@ -225,8 +234,11 @@ class Store:
     def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
         self.path = Path(path)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._batch: list[Any] | None = None  # writes of a batch() block
-        self._batch_thread = 0
+        #: the event loop writes come from (attach), and what it gathered
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._pending: list[Any] = []
+        self._handing_over = False
         self._thread: threading.Thread | None = None
         self._lockfile: int | None = None
         self._next_session = 1
@@ -274,6 +286,9 @@ class Store:
 
     def close(self) -> None:
         """Commit what is queued and stop the writer."""
+        if self._pending and (self._loop is None or not self._loop.is_running()
+                              or threading.get_ident() == self._loop_thread):
+            self._hand_over()  # gathered this turn of the loop: theirs too
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -302,11 +317,9 @@ class Store:
             stop = False
             ops: list[Any] = []
             waiters: list[_Barrier | threading.Event] = []
-            for item in batch:
+            for item in _flat(batch):
                 if item is None:
                     stop = True
-                elif isinstance(item, list):  # the writes of one batch() block
-                    ops += item
                 elif isinstance(item, (_Barrier, threading.Event)):
                     waiters.append(item)
                 else:
@@ -369,43 +382,55 @@ class Store:
         conn.execute("COMMIT")
         self.commits += 1
 
-    def _put(self, sql: str, params: Sequence[Any], many: bool = False) -> None:
-        op = (sql, params, many)
-        if self._batch is not None and threading.get_ident() == self._batch_thread:
-            self._batch.append(op)
-        else:
-            self._queue.put(op)
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve writes from `loop` (call it on the loop): what its thread
+        writes during one turn of the loop reaches the writer thread as one
+        item, handed over at the end of the turn (a wake-up of the writer
+        per write was a good part of the CPU under load); what other threads
+        write goes through the loop too, in order with it."""
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Writes made in this block (by this thread) reach the writer as one
-        item: one wake-up of the writer thread instead of one per write."""
-        if self._batch is not None:  # nested: the outer block sends them
-            yield
+    def _put(self, sql: str, params: Sequence[Any], many: bool = False) -> None:
+        self._submit((sql, params, many))
+
+    def _submit(self, item: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._gather(item)
             return
-        self._batch, self._batch_thread = [], threading.get_ident()
-        try:
-            yield
-        finally:
-            ops, self._batch = self._batch, None
-            if ops:
-                self._queue.put(ops)
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                loop.call_soon_threadsafe(self._gather, item)
+                return
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        self._queue.put(item)
+
+    def _gather(self, item: Any) -> None:
+        self._pending.append(item)
+        if not self._handing_over:
+            self._handing_over = True
+            assert self._loop is not None
+            self._loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        self._handing_over = False
+        if self._pending:
+            items, self._pending = self._pending, []
+            self._queue.put(items)
 
     def barrier(self) -> asyncio.Future[None]:
         """A future that resolves once everything queued so far is committed
         (a StoreError if the commit failed)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        if self._batch is not None and threading.get_ident() == self._batch_thread:
-            self._queue.put(self._batch)  # what the block wrote so far goes first
-            self._batch = []
-        self._queue.put(_Barrier(loop, fut))
+        self._submit(_Barrier(loop, fut))
         return fut
 
     def sync_barrier(self, timeout: float = 10.0) -> None:
         """Block until everything queued so far is committed (not for the loop)."""
         ev = threading.Event()
-        self._queue.put(ev)
+        self._submit(ev)
         ev.wait(timeout)
 
     # -- writes (non-blocking: safe on the event loop) ---------------------
