@@ -17,7 +17,8 @@ took after the run, until every message was analysed, is shown apart.
 
 Targets (issue 10): harness / bare aiosmtpd >= 1.5 for the two 1 KB, 20
 session workloads, >= 4 for 100 KB, >= 1.0 for one session; server CPU at
-most 250 us per 1 KB message. `--check` exits 2 when one is missed.
+most 250 us per 1 KB message (1 KB, 20 sessions, many per connection).
+`--check` exits 2 when one is missed.
 Loopback only; no DNS anywhere (HELO and addresses in the .test TLD)."""
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ WORKLOADS = {w.name: w for w in (
     Workload("100k-20-many", 102_400, 20, True, 2_000, 4.0),
     Workload("1k-1-many", 1024, 1, True, 3_000, 1.0),
 )}
-CPU_TARGET_US = 250.0  # per 1 KB message
+CPU_TARGET_US = 250.0  # per 1 KB message...
+CPU_WORKLOAD = "1k-20-many"  # ...in the workload the issue measured it in
 SINKS = ("smtp-sink", "bare", "harness")
 HARNESS_CMD = (f"{shlex.quote(str(ROOT / '.venv' / 'bin' / 'harness'))} serve --listen "
                "127.0.0.1:{port} --http 127.0.0.1:0 --store {store} --quiet")
@@ -321,7 +323,7 @@ def summarize(runs: list[Run], names: list[str]) -> dict[str, Any]:
                 entry[sink]["analysis_drain_s"] = max(r.analysis_drain_s or 0.0 for r in mine)
         entry["ratio"] = entry["harness"]["msgs_per_s"] / entry["bare"]["msgs_per_s"]
         entry["meets"] = entry["ratio"] >= w.target and (
-            w.size > 1024 or entry["harness"]["cpu_us_per_msg"] <= CPU_TARGET_US)
+            name != CPU_WORKLOAD or entry["harness"]["cpu_us_per_msg"] <= CPU_TARGET_US)
         out[name] = entry
     return out
 
@@ -341,7 +343,8 @@ def table(summary: dict[str, Any], repeat: int) -> str:
         h = e["harness"]
         rows.append(f"  {e['workload']}: {h['analysis_us_per_msg']:,.0f} us CPU per message,"
                     f" backlog drained {h['analysis_drain_s']:.1f} s after the run")
-    rows.append(f"CPU target: at most {CPU_TARGET_US:g} us per 1 KB message (harness column)")
+    rows.append(f"CPU target: at most {CPU_TARGET_US:g} us per 1 KB message "
+                f"({WORKLOADS[CPU_WORKLOAD].describe()}, harness column)")
     return "\n".join(rows)
 
 
