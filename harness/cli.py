@@ -171,6 +171,7 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from harness.analyst import Analyst
     from harness.smtp.listener import ListenerContext
     from harness.smtp.runner import Listener, start_listener
 
@@ -191,7 +192,21 @@ async def _serve(args: argparse.Namespace) -> int:
     store = Store(args.store).open()
     printer = LivePrinter(out)
     listeners: list[Listener] = []
+    api: Any = None
+    # one analyst for the store, its worker a process of its own: what
+    # waited at the last stop (or crash) is taken up first
+    analyst = Analyst(store, mode="process")
+
+    async def shut() -> None:
+        if api is not None:
+            await api.stop()
+        for listener in listeners:
+            await listener.close()
+        await analyst.stop(drain=ANALYSIS_DRAIN)
+        store.close()
+
     try:
+        await analyst.start()
         for spec, scenario in zip(specs, scenarios, strict=True):
             ctx = ListenerContext(engine=Engine(scenario, seed=args.seed), store=store,
                                   implicit_tls=spec.implicit_tls,
@@ -202,15 +217,14 @@ async def _serve(args: argparse.Namespace) -> int:
 
                 ctx.handlers.append(Forward(*spec.forward, local_hostname=scenario.server.hostname))
             ctx.bounce_via = bounce_via
+            ctx.analyst = analyst
             if not args.quiet:
                 ctx.observers.append(printer)
-            listeners.append(await start_listener(ctx, spec.host, spec.port))
+            listeners.append(await start_listener(ctx, spec.host, spec.port,
+                                                  backlog=args.backlog))
     except BaseException:
-        for listener in listeners:
-            await listener.close()
-        store.close()
+        await shut()
         raise
-    api = None
     if args.http != "off":
         from harness.api.app import ApiServer
         from harness.smtp.runner import parse_hostport
@@ -221,9 +235,8 @@ async def _serve(args: argparse.Namespace) -> int:
         try:
             await api.start()
         except BaseException:
-            for listener in listeners:
-                await listener.close()
-            store.close()
+            api = None
+            await shut()
             raise
     for spec, listener in zip(specs, listeners, strict=True):
         h, p = listener.address
@@ -254,17 +267,15 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
     finally:
-        if api is not None:
-            await api.stop()
-        for listener in listeners:
-            await listener.close()
-        store.close()
+        await shut()
     with Reader(args.store) as r:
         c = r.counts()
-    out.print(f"stopped: {c['sessions']} sessions, {c['messages']} messages in {args.store}")
-    for listener in listeners:
-        for e in listener.ctx.errors:
-            err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
+        waiting = len(r.analysis_pending())
+    out.print(f"stopped: {c['sessions']} sessions, {c['messages']} messages in {args.store}"
+              + (f"; {waiting} message(s) wait for their analysis (done at the next start)"
+                 if waiting else ""))
+    for e in [*(e for x in listeners for e in x.ctx.errors), *analyst.errors]:
+        err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
     return 0
 
 
@@ -278,6 +289,11 @@ def _bounce_via(text: str | None) -> tuple[str, int] | None:
         return parse_hostport(text, 25)
     except HarnessError as e:
         raise HarnessError(f"--bounce-via: {e}") from None
+
+
+#: seconds `harness serve` gives the analyses still waiting when it stops
+#: (what is left is done at the next start: the queue is in the store)
+ANALYSIS_DRAIN = 5.0
 
 
 def _run_loop(main: Any, which: str) -> int:
@@ -577,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None,
                     help="seed the RNG (chance:, random delays) to replay a run")
     sp.add_argument("--quiet", action="store_true", help="do not print sessions live")
+    sp.add_argument("--backlog", type=int, default=4096, metavar="N",
+                    help="connections the kernel queues before they are accepted (bursts; "
+                         "capped by net.core.somaxconn)")
     sp.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                     help="the event loop: uvloop when installed (auto), or asyncio's own")
     sp.add_argument("--forward", default=None, metavar="HOST:PORT",

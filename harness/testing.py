@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from harness.analyst import Analyst
 from harness.errors import HarnessError
 from harness.scenario.engine import Engine
 from harness.scenario.library import load
@@ -92,8 +93,10 @@ class Harness:
         self.ctx = ListenerContext(engine=self.engine, store=self.store,
                                    implicit_tls=implicit_tls, proxy_protocol=proxy_protocol,
                                    ca_dir=self.store_path.parent,
-                                   analysis_quiet=0.0,  # tests read analyses at once
                                    handlers=list(handlers))
+        # analyses in a thread: starts at once, and tests send little
+        self.analyst = Analyst(self.store, mode="thread", errors=self.ctx.errors)
+        self.ctx.analyst = self.analyst
         if bounce_via is not None:  # where rules' bounce: reports go (HOST:PORT)
             from harness.smtp.runner import parse_hostport
 
@@ -123,6 +126,8 @@ class Harness:
             assert self._loop is not None
             asyncio.set_event_loop(self._loop)
             try:
+                self._loop.run_until_complete(self.analyst.start())
+                self.analyst.on_change = self._notify
                 self._listener = self._loop.run_until_complete(
                     start_listener(self.ctx, *self._bind))
                 if self._http:
@@ -166,6 +171,7 @@ class Harness:
             if self._api is not None:
                 self._call(self._api.stop(), timeout=10)
             self._call(self._listener.close(), timeout=10)
+            self._call(self.analyst.stop(drain=10), timeout=25)
             self._loop.call_soon_threadsafe(self._loop.stop)
             assert self._thread is not None
             self._thread.join(10)
@@ -240,9 +246,14 @@ class Harness:
         self.ctx.reset(to_base=True,
                        scenario=_scenario(scenario) if scenario is not None else None)
         self._offset = 0.0
+        if self._loop is not None:
+            self._call(self._forget_analyses())
         self.store.clear()
         self.store.sync_barrier()
         self.store.error = None
+
+    async def _forget_analyses(self) -> None:
+        self.analyst.forget()
 
     @property
     def errors(self) -> list[BaseException]:
@@ -344,11 +355,12 @@ class Harness:
         and every stored message has been analysed."""
         async def idle() -> None:
             ctx = self.ctx
-            while ctx.active or ctx.pending or ctx.pending_handlers:
+            while ctx.active or self.analyst.pending or ctx.pending_handlers:
                 waits: list[asyncio.Future[Any]] = [p.closed for p in ctx.active]
-                waits += list(ctx.pending)  # analyses of stored messages
                 waits += list(ctx.pending_handlers)  # messages being passed on
-                await asyncio.wait(waits)
+                if self.analyst.pending:  # analyses of stored messages
+                    waits.append(asyncio.ensure_future(self.analyst.idle()))
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         try:
             self._call(asyncio.wait_for(idle(), timeout), timeout + 1)
         except TimeoutError:

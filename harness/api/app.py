@@ -167,15 +167,18 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 async def read(request: web.Request, fn: Callable[[Reader], Any], *,
-               analysed: bool = False) -> Any:
+               analysed: bool = False, message: int | None = None) -> Any:
     """Run a store query in a thread, after the writer has committed what is
     queued; with `analysed`, first give running analyses up to a second."""
     path = request.app[STORE_KEY]
     listeners: list[ListenerContext] = request.app[CTX_KEY]
-    if analysed:
-        pending = [f for c in listeners for f in c.pending]
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+    if analysed:  # give the analyses under way up to a second
+        analysts = {id(c.analyst): c.analyst for c in listeners if c.analyst is not None}
+        waits = [a.idle() if message is None else a.analysed(message)
+                 for a in analysts.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), 1.0)
     if listeners:  # read what the writer has queued so far, committed
         await listeners[0].store.barrier()
 
@@ -400,7 +403,8 @@ async def _message(request: web.Request, *, analysed: bool = False) -> MessageRe
     """The message the path names, or a 404 problem."""
     mid = int_param(request, "id")
     assert mid is not None
-    m: MessageRecord | None = await read(request, lambda r: r.message(mid), analysed=analysed)
+    m: MessageRecord | None = await read(request, lambda r: r.message(mid), analysed=analysed,
+                                         message=mid)
     if m is None:
         raise web.HTTPNotFound(text=json.dumps({"status": 404, "title": f"no message {mid}"}),
                                content_type="application/problem+json")
@@ -414,7 +418,8 @@ async def message_show(request: web.Request) -> web.Response:
     parsed.pop("html")
     # the analysis stored with the message (done once, in the background)
     stored = m.analysis or {}
-    analysis = {**stored, "explained": _explain_recipients(stored.get("ndr"))}
+    analysis = {**stored, "explained": _explain_recipients(stored.get("ndr")),
+                "pending": m.analysis is None}  # not "analysed, nothing found"
     relays = await read(request, lambda r: r.relays(m.id))
     return web.json_response({**m.as_dict(), **parsed, "analysis": analysis,
                               "relays": [asdict(x) for x in relays]})
@@ -466,13 +471,16 @@ async def ndrs(request: web.Request) -> web.Response:
     """The captured bounces and delay notices (flagged by the analysis that
     runs on every stored message), newest last, with their explanation."""
     limit = int_param(request, "limit", 100)
-    found = await read(request, lambda r: r.messages(limit=limit, ndr=True), analysed=True)
+    found, pending = await read(
+        request, lambda r: (r.messages(limit=limit, ndr=True), len(r.analysis_pending())),
+        analysed=True)
     out = []
     for m in found:
         ndr = (m.analysis or {}).get("ndr")
         out.append({"message": {k: v for k, v in m.as_dict().items() if k != "analysis"},
                     "ndr": ndr, "explained": _explain_recipients(ndr)})
-    return web.json_response(out)
+    # messages not analysed yet may be NDRs too: how many, so a reader knows
+    return web.json_response(out, headers={"X-Analysis-Pending": str(pending)})
 
 
 @routes.post("/api/v1/evidence")

@@ -1,6 +1,6 @@
 """What all connections of one SMTP listener share: the scenario engine, the
-store, the watchers, the journal of decisions, the background analyst, the
-TLS context; and the one control surface (switch scenario, add or remove a
+store, the watchers, the journal of decisions, the analyst, the TLS
+context; and the one control surface (switch scenario, add or remove a
 rule, reset) that the API, the `Harness` and the CLI go through, each change
 announced once."""
 
@@ -10,7 +10,7 @@ import asyncio
 import collections
 import ssl
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +24,7 @@ from harness.smtp.tls import server_context
 from harness.store.db import Store
 
 if TYPE_CHECKING:
+    from harness.analyst import Analyst
     from harness.smtp.session import ServerSession
     from harness.smtp.transport import SmtpTransport
 
@@ -46,77 +47,6 @@ class JournalEntry:
     reply: str | None
     fault: str | None
     misses: Sequence[tuple[str, str]]  # worked out when read (see scenario/index.py)
-
-
-@dataclass
-class AnalysisJob:
-    mid: int
-    raw: bytes
-    client_ip: str
-    helo: str
-    mail_from: str
-    hostname: str
-    zone: Mapping[str, Any] | None  # the scenario's dns: (immutable), or None: the system's
-    auth: Any  # results already computed for a rule, or None
-
-
-class Analyst:
-    """Analyses stored messages in the background, in a thread and in
-    batches, when deliveries pause (no new message for `analysis_quiet`
-    seconds) or when a message has waited `analysis_max_lag`: the parsing is
-    CPU work that shares the interpreter with the event loop, and during a
-    burst the CPU belongs to the SMTP conversations."""
-
-    BATCH = 64
-
-    def __init__(self, ctx: ListenerContext) -> None:
-        self.ctx = ctx
-        self.jobs: collections.deque[tuple[float, AnalysisJob, asyncio.Future[None]]] = (
-            collections.deque())
-        self.task: asyncio.Task[None] | None = None
-
-    def add(self, job: AnalysisJob) -> None:
-        loop = asyncio.get_running_loop()
-        self.ctx.last_activity = loop.time()
-        done: asyncio.Future[None] = loop.create_future()
-        self.ctx.pending.add(done)
-        done.add_done_callback(self.ctx.pending.discard)
-        self.jobs.append((loop.time(), job, done))
-        if self.task is None or self.task.done():
-            self.task = loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        from harness.analysis.summary import analyze_batch
-
-        loop = asyncio.get_running_loop()
-        while self.jobs:
-            now = loop.time()
-            quiet = now - self.ctx.last_activity
-            waited = now - self.jobs[0][0]
-            if quiet < self.ctx.analysis_quiet and waited < self.ctx.analysis_max_lag:
-                # a timer, not a poll: the pause in deliveries it waits for
-                # has no event of its own
-                await asyncio.sleep(min(self.ctx.analysis_quiet - quiet,
-                                        self.ctx.analysis_max_lag - waited))
-                continue
-            batch = [self.jobs.popleft() for _ in range(min(self.BATCH, len(self.jobs)))]
-            work = [(j.raw, j.client_ip, j.helo, j.mail_from, j.zone, j.hostname)
-                    for _, j, _ in batch]
-            try:
-                results = await asyncio.to_thread(analyze_batch, work)
-            except Exception as e:  # an analysis bug must not touch the sessions
-                self.ctx.errors.append(e)
-                results = [None] * len(batch)
-            for (_, job, done), analysis in zip(batch, results, strict=True):
-                if analysis is not None:
-                    if job.auth is not None:  # checked before a rule's decision: keep it
-                        analysis["auth"] = job.auth.as_dict()
-                        analysis["authentication_results"] = job.auth.authentication_results
-                    self.ctx.store.message_analysis(job.mid, analysis,
-                                                    analysis.get("ndr") is not None)
-                if not done.done():
-                    done.set_result(None)
-            self.ctx.changed()
 
 
 @dataclass(eq=False)
@@ -152,14 +82,9 @@ class ListenerContext:
     #: where SPF/DKIM/DMARC look things up: the scenario's dns: zone, or
     #: "system" (the machine's resolver, only when a user asks for it)
     dns: str = "scenario"
-    #: analyses of stored messages still to finish
-    pending: set[asyncio.Future[None]] = field(default_factory=set)
-    #: analysis waits for this long without a new message (0: at once)...
-    analysis_quiet: float = 0.25
-    #: ...but a message waits no longer than this for its analysis
-    analysis_max_lag: float = 30.0
-    #: when the last connection or message arrived (loop time)
-    last_activity: float = 0.0
+    #: keeps stored messages analysed (one for all listeners of a store;
+    #: its owner starts and stops it); None: no analysis
+    analyst: Analyst | None = None
     #: aiosmtpd-style handlers (`handle_DATA(server, session, envelope)`)
     #: each accepted message is passed to once stored (see handlers.py)
     handlers: list[Any] = field(default_factory=list)
@@ -171,7 +96,6 @@ class ListenerContext:
     #: the loop serving this listener (set when it starts listening)
     loop: asyncio.AbstractEventLoop | None = None
     _base: Scenario | None = None
-    _analyst: Analyst | None = None
     _tls: tuple[object, ssl.SSLContext] | None = None
     _resolver: tuple[object, Any] | None = None
 
@@ -318,11 +242,6 @@ class ListenerContext:
         key = (server.tls, server.hostname)
         if self._tls is None or self._tls[0] != key:
             self._tls = (key, server_context(server.tls, server.hostname, self.ca_dir))
-
-    def analyst(self) -> Analyst:
-        if self._analyst is None:
-            self._analyst = Analyst(self)
-        return self._analyst
 
     def resolver(self) -> Any:
         """The DNS the authentication checks use, made once per scenario."""

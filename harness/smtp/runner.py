@@ -70,10 +70,6 @@ class Listener:
         self.server.close()
         await close_connections(self.ctx, abort=False, grace=5)
         await outbound.close(self.ctx)  # bounces still waiting are cancelled
-        # analyses still queued run now rather than at the next quiet moment
-        self.ctx.analysis_quiet = 0.0
-        if self.ctx.pending:
-            await asyncio.wait(list(self.ctx.pending), timeout=10)
         if self.ctx.pending_handlers:  # messages being passed on
             await asyncio.wait(list(self.ctx.pending_handlers), timeout=FORWARD_TIMEOUT)
         if self.ctx.handler_runner is not None:

@@ -23,7 +23,7 @@ from typing import Any, cast
 from harness.records import TranscriptLine
 from harness.smtp import outbound
 from harness.smtp import session as ss
-from harness.smtp.listener import AnalysisJob, ListenerContext
+from harness.smtp.listener import ListenerContext
 from harness.smtp.tls import HANDSHAKE_FAILURE_ALERT
 
 log = logging.getLogger("harness.smtp")
@@ -68,7 +68,6 @@ class SmtpTransport(asyncio.Protocol):
         # a stream transport (uvloop's are not asyncio.Transport subclasses)
         self.transport = cast(asyncio.Transport, transport)
         self.ctx.active.add(self)
-        self.ctx.last_activity = self.loop.time()
         self._arm_idle()
         if self.ctx.proxy_protocol:
             self._proxy = asyncio.StreamReader(limit=1 << 16)
@@ -223,7 +222,13 @@ class SmtpTransport(asyncio.Protocol):
                 break
             if isinstance(request, ss.StoreMessage):
                 self._flush_records()  # the transcript before the message
-                actions = session.resume(store.message(request.draft))
+                mid = store.message(request.draft)
+                if ctx.analyst is not None:  # its analysis job, in the same commit
+                    store.analysis_job(mid, client_ip=session.connection.key,
+                                       helo=session.helo_seen, hostname=session.server.hostname,
+                                       zone=ctx.scenario.dns if ctx.dns == "scenario" else None)
+                    ctx.analyst.queued(mid)
+                actions = session.resume(mid)
                 continue
             self._flush()
             self._wait(request)
@@ -318,8 +323,8 @@ class SmtpTransport(asyncio.Protocol):
                              resolver=self.ctx.resolver(), hostname=session.server.hostname)
 
     def _stored(self, action: ss.MessageStored) -> None:
-        """A message is durable: tell watchers, queue its analysis and pass
-        it to the listener's handlers."""
+        """A message is durable: tell watchers and the analyst, pass it to
+        the listener's handlers, schedule its rule's bounce."""
         ctx = self.ctx
         session = self.session
         assert session is not None
@@ -328,11 +333,6 @@ class SmtpTransport(asyncio.Protocol):
                 cb(action.message_id)
             except Exception as e:  # a watcher must not break the session
                 ctx.errors.append(e)
-        ctx.analyst().add(AnalysisJob(
-            mid=action.message_id, raw=action.content, client_ip=session.connection.key,
-            helo=session.helo_seen or "", mail_from=action.mail_from,
-            hostname=session.server.hostname,
-            zone=ctx.scenario.dns if ctx.dns == "scenario" else None, auth=action.auth))
         if action.accepted and (ctx.handlers or ctx.scenario.forward is not None):
             from harness.smtp.handlers import pass_on
 

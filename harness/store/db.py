@@ -25,7 +25,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,17 @@ CREATE TABLE IF NOT EXISTS relays (
     status TEXT NOT NULL      -- the next hop's reply, or what went wrong
 );
 CREATE INDEX IF NOT EXISTS relays_message ON relays(message_id);
+CREATE TABLE IF NOT EXISTS analysis_queue (  -- messages stored, not analysed yet
+    message_id INTEGER PRIMARY KEY,
+    client_ip TEXT NOT NULL,
+    helo TEXT,
+    hostname TEXT NOT NULL,       -- the receiving server's name (Authentication-Results)
+    zone_id INTEGER               -- zones.id: the scenario's DNS; NULL: the system's
+);
+CREATE TABLE IF NOT EXISTS zones (   -- the scenario dns: zones analyses look things up in
+    id INTEGER PRIMARY KEY,
+    json TEXT NOT NULL
+);
 """
 
 #: Columns added since the first release: (table, column, type), added to an
@@ -258,6 +269,8 @@ class Store:
         self._next_session = 1
         self._next_message = 1
         self._next_attempt = 1
+        self._next_zone = 1
+        self._zones: dict[str, int] = {}
         self.commits = 0  # how many transactions the writer committed
         self.error: BaseException | None = None
 
@@ -287,7 +300,17 @@ class Store:
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            for table, attr in (("sessions", "_next_session"), ("messages", "_next_message"),
+            # Messages stored before the analysis queue existed (or whose
+            # job a store of an older version lost) are queued now.
+            conn.execute(
+                "INSERT INTO analysis_queue (message_id, client_ip, helo, hostname, zone_id)"
+                " SELECT m.id, s.peer_ip, s.helo, 'mx.harness.test', NULL FROM messages m"
+                " JOIN sessions s ON s.id = m.session_id WHERE m.analysis IS NULL"
+                " AND m.id NOT IN (SELECT message_id FROM analysis_queue)")
+            for row in conn.execute("SELECT id, json FROM zones"):
+                self._zones[row[1]] = row[0]
+            for table, attr in (("zones", "_next_zone"), ("sessions", "_next_session"),
+                                ("messages", "_next_message"),
                                 ("attempts", "_next_attempt")):
                 (top,) = conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()
                 setattr(self, attr, top + 1)
@@ -377,13 +400,34 @@ class Store:
             except RuntimeError as e:  # a loop already closed: keep writing
                 self.error = e
 
-    def message_analysis(self, mid: int, analysis: dict[str, Any], is_ndr: bool) -> None:
+    def message_analysis(self, mid: int, analysis: dict[str, Any] | str, is_ndr: bool) -> None:
+        """A message's analysis (JSON, or its text already), and it leaves
+        the analysis queue."""
+        text = analysis if isinstance(analysis, str) else json.dumps(analysis, default=str)
         self._put("UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?",
-                  (json.dumps(analysis, default=str), int(is_ndr), mid))
+                  (text, int(is_ndr), mid))
+        self._put("DELETE FROM analysis_queue WHERE message_id = ?", (mid,))
+
+    def analysis_job(self, mid: int, *, client_ip: str, helo: str | None, hostname: str,
+                     zone: Mapping[str, Any] | None) -> None:
+        """Queue a stored message for analysis (in the same commit as the
+        message: a crash cannot lose the job). `zone`: the scenario's dns:
+        records to look SPF, DKIM and DMARC up in; None: the system's DNS."""
+        zone_id = None
+        if zone is not None:
+            text = json.dumps(zone, sort_keys=True, default=list)
+            zone_id = self._zones.get(text)
+            if zone_id is None:
+                zone_id = self._zones[text] = self._next_zone
+                self._next_zone += 1
+                self._put("INSERT OR IGNORE INTO zones (id, json) VALUES (?, ?)",
+                          (zone_id, text))
+        self._put("INSERT OR REPLACE INTO analysis_queue (message_id, client_ip, helo, hostname,"
+                  " zone_id) VALUES (?, ?, ?, ?, ?)", (mid, client_ip, helo, hostname, zone_id))
 
     def clear(self) -> None:
         """Forget everything captured (queued like any write; IDs keep counting)."""
-        for table in ("events", "attempts", "relays", "messages", "sessions"):
+        for table in ("events", "attempts", "relays", "analysis_queue", "messages", "sessions"):
             self._put(f"DELETE FROM {table}", ())
 
     def _commit(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
@@ -650,6 +694,15 @@ class Reader:
                 a.interval = a.t - last[key]
             last[key] = a.t
         return out
+
+    def analysis_pending(self) -> list[int]:
+        """Ids of the stored messages still waiting for their analysis."""
+        try:
+            return [r[0] for r in self.conn.execute(
+                "SELECT message_id FROM analysis_queue ORDER BY message_id")]
+        except sqlite3.OperationalError:  # a store from before the queue, never served since
+            return [r[0] for r in self.conn.execute(
+                "SELECT id FROM messages WHERE analysis IS NULL ORDER BY id")]
 
     def counts(self) -> dict[str, int]:
         return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]

@@ -207,6 +207,12 @@ async function showMessage(id) {
       `${m.mail_from || "<>"} → ${m.rcpt_tos.join(", ")}`),
     el("table", { class: "headers" }, ...rows),
   ];
+  if (m.analysis && m.analysis.pending) {
+    parts.push(el("p", { class: "muted analysis-pending",
+      text: "Analysis pending: the NDR parse and the SPF, DKIM and DMARC checks have not run yet." }));
+  } else if (m.analysis && m.analysis.partial) {
+    parts.push(el("p", { class: "muted", text: `Analysis ${m.analysis.partial}.` }));
+  }
   if (m.analysis && m.analysis.ndr) parts.push(ndrNode(m.analysis));
   if (m.text !== null) parts.push(el("h2", { text: "Text" }), el("pre", { text: m.text }));
   if (m.has_html) {
