@@ -47,3 +47,14 @@ def test_bench_idle_holds_connections_and_delivers(tmp_path: Path) -> None:
     bench("idle.py", "--connections", "300", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["connections"] == 300 and result["rss_after_kib"] > 0
+
+
+@pytest.mark.slow
+def test_bench_soak_short_samples_and_draws(tmp_path: Path) -> None:
+    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
+    bench("soak.py", "--seconds", "4", "--size", "2048", "--sessions", "4",
+          "--json", str(out), "--png", str(png))
+    result = json.loads(out.read_text())
+    assert result["messages"] > 0 and result["drained_after_s"] is not None
+    assert result["rss_peak_mb"] > 0 and result["worker_rss_peak_mb"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
