@@ -54,19 +54,32 @@ class Worker:
         """Result lines for the next jobs of the queue (none: it is empty)."""
         jobs = self.conn.execute(
             "SELECT q.message_id, q.client_ip, q.helo, q.hostname, q.zone_id, m.mail_from,"
-            " length(m.raw) FROM analysis_queue q JOIN messages m ON m.id = q.message_id"
+            " m.size FROM analysis_queue q JOIN messages m ON m.id = q.message_id"
             " WHERE q.message_id > ? ORDER BY q.message_id LIMIT ?",
             (self.after, BATCH)).fetchall()
         for mid, client_ip, helo, hostname, zone_id, mail_from, size in jobs:
             self.after = mid
             yield self.one(mid, client_ip, helo or "", hostname, zone_id, mail_from, size)
 
-    def one(self, mid: int, client_ip: str, helo: str, hostname: str, zone_id: int | None,
-            mail_from: str, size: int) -> str:
-        take = size if size <= LARGE else HEAD
+    def _raw(self, mid: int, size: int, take: int) -> bytes:
+        """The first `take` bytes of a message: from its row, or from its
+        parts when it was stored in parts (harness.store.db.CHUNK)."""
         row = self.conn.execute("SELECT substr(raw, 1, ?) FROM messages WHERE id = ?",
                                 (take, mid)).fetchone()
         raw = bytes(row[0]) if row and row[0] is not None else b""
+        if raw or not size:
+            return raw
+        out = bytearray()
+        for (data,) in self.conn.execute(
+                "SELECT data FROM message_parts WHERE message_id = ? ORDER BY seq", (mid,)):
+            out += data
+            if len(out) >= take:
+                break
+        return bytes(out[:take])
+
+    def one(self, mid: int, client_ip: str, helo: str, hostname: str, zone_id: int | None,
+            mail_from: str, size: int) -> str:
+        raw = self._raw(mid, size, size if size <= LARGE else HEAD)
         try:
             analysis = self.analyzer.analyze(
                 raw, client_ip=client_ip, helo=helo, mail_from=mail_from, zone_key=zone_id,

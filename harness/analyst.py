@@ -101,7 +101,9 @@ class Analyst:
         worker is told once the commit that carries it is done, whatever
         becomes of the session (a client that resets at once included)."""
         self.pending.add(mid)
-        if not self._poke_scheduled:
+        if self.store.writes_in_pieces(mid):  # a large message: when it is whole
+            self.store.durable(mid).add_done_callback(self._committed)
+        elif not self._poke_scheduled:
             self._poke_scheduled = True
             self.store.barrier().add_done_callback(self._committed)
 

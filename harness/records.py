@@ -6,6 +6,7 @@ May know: the standard library's typing. Must not know: I/O of any kind."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 #: Who a transcript line is from: the client, the server, or the harness's
@@ -53,6 +54,40 @@ class AttemptRecord(NamedTuple):
     message_id: int | None
 
 
+class Body:
+    """A message's bytes as received, in one part or several: a large
+    message is read in parts of about a megabyte, so it is never held whole
+    twice (nor copied whole each time the buffer reading it grows)."""
+
+    __slots__ = ("_whole", "parts", "size")
+
+    def __init__(self, parts: Sequence[bytes | bytearray]) -> None:
+        self.parts = tuple(p for p in parts if p)
+        self.size = sum(len(p) for p in self.parts)
+        self._whole: bytes | bytearray | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def whole(self) -> bytes | bytearray:
+        """All of it in one piece (joined once, for those who need that)."""
+        if self._whole is None:
+            self._whole = (self.parts[0] if len(self.parts) == 1
+                           else b"".join(self.parts))
+        return self._whole
+
+    def head(self, n: int) -> bytes | bytearray:
+        """The first `n` bytes, joining only the parts they span."""
+        if not self.parts or len(self.parts[0]) >= n:
+            return self.parts[0][:n] if self.parts else b""
+        out = bytearray()
+        for p in self.parts:
+            out += p[:n - len(out)]
+            if len(out) >= n:
+                break
+        return out
+
+
 class MessageDraft(NamedTuple):
     """A received message and its envelope, for the store to keep (it gives
     the message its id)."""
@@ -63,7 +98,7 @@ class MessageDraft(NamedTuple):
     rcpt_tos: tuple[str, ...]
     mail_options: tuple[str, ...]
     rcpt_options: tuple[str, ...]
-    raw: bytes
+    raw: Body  # the session's own buffers, handed over, not copied
     subject: str | None
     message_id: str | None
     dsn: dict[str, Any]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from threading import Lock
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from harness.records import Body
 from harness.scenario.index import Misses, PhaseRules
 from harness.scenario.model import (
     Facts,
@@ -100,7 +101,7 @@ class Data(Event):
 @dataclass(frozen=True, kw_only=True)
 class Message(Event):
     phase = Phase.MESSAGE
-    content: bytes
+    content: bytes | bytearray | Body  # a Body is joined only if a rule reads content
     dkim: str | None = None  # results, when the adapter checked them
     dmarc: str | None = None
 
@@ -382,7 +383,9 @@ class Engine:
             facts.size = len(event.content)
             facts.dkim, facts.dmarc = event.dkim, event.dmarc
             if self._needs_content[phase]:
-                facts.headers, facts.body = _split_message(event.content)
+                content = event.content
+                facts.headers, facts.body = _split_message(
+                    content.whole() if isinstance(content, Body) else content)
         elif isinstance(event, Bdat):
             facts.size = event.total
         elif isinstance(event, Auth):
@@ -484,7 +487,7 @@ def _misses(table: PhaseRules, upto: int, tested: dict[int, str],
 _END_OF_HEADERS = re.compile(rb"(?:\A|\n)\r?\n")
 
 
-def _split_message(content: bytes) -> tuple[EmailMessage, str]:
+def _split_message(content: bytes | bytearray) -> tuple[EmailMessage, str]:
     # imported here: the email package loads socket (email.utils, for
     # make_msgid), which the SMTP session must not pull in by importing us
     from email.parser import BytesHeaderParser

@@ -127,7 +127,7 @@ def pass_on(ctx: ListenerContext, session: ServerSession, stored: MessageStored)
         envelope = Envelope()
         envelope.mail_from = stored.mail_from
         envelope.rcpt_tos = list(stored.rcpt_tos)
-        envelope.content = envelope.original_content = stored.content
+        envelope.content = envelope.original_content = bytes(stored.content.whole())
         envelope.smtp_utf8 = session.used.get("smtputf8", False)
         smtp_session = Session(loop)
         # aiosmtpd annotates `peer` as str, but sets it to (and its Proxy

@@ -32,7 +32,14 @@ from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from typing import Any, Literal, Protocol
 
-from harness.records import AttemptRecord, Direction, MessageDraft, Outcome, TranscriptLine
+from harness.records import (
+    AttemptRecord,
+    Body,
+    Direction,
+    MessageDraft,
+    Outcome,
+    TranscriptLine,
+)
 from harness.scenario import engine as ev
 from harness.scenario.engine import Connection, Decision
 from harness.scenario.model import Fault, Phase, Server, TlsMode
@@ -42,6 +49,7 @@ MAX_BAD_COMMANDS = 20  # then 421 and close, as Postfix's smtpd_hard_error_limit
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
 MAX_LINE = 1001  # longest line read at all (MAIL/RCPT with parameters); longer: 500
 MAX_TRANSCRIPT_TEXT = 2000
+PART = 1 << 20  # a long DATA body is moved out of the buffer in parts of about this size
 
 # ------------------------------------------------------------------ actions
 
@@ -116,7 +124,7 @@ class MessageStored(Action):
     message_id: int
     mail_from: str
     rcpt_tos: tuple[str, ...]
-    content: bytes
+    content: Body  # the received buffers themselves
     auth: Any  # the authentication results a rule waited for, or None
     accepted: bool  # its reply is positive (handlers and forward: get it)
     rule: str | None  # the rule that decided its reply (its bounce: is sent)
@@ -157,7 +165,7 @@ class CheckMessage(Request):
     """Check DKIM and DMARC (and SPF) of a received message; resume with an
     `AuthOutcome`."""
 
-    content: bytes
+    content: bytes | bytearray
     mail_from: str
 
 
@@ -230,13 +238,15 @@ class _Line:
 class _Body:
     """Wait for a DATA body up to CRLF.CRLF; the state of the search."""
 
-    __slots__ = ("dropped", "limit", "scan", "stuffed")
+    __slots__ = ("dropped", "kept", "limit", "parts", "scan", "stuffed")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.scan = 0  # where to look for a line starting with a dot next
-        self.stuffed = 0  # doubled dots before `scan`: one wire byte each beyond the message
+        self.stuffed = 0  # doubled dots in the buffer before `scan`
         self.dropped = 0  # message bytes thrown away once over the limit
+        self.parts: list[bytes] = []  # the message so far, moved out of the buffer
+        self.kept = 0  # their size
 
 
 class _Chunk:
@@ -608,23 +618,28 @@ class ServerSession:
             self._pos = upto
 
     def _take_body(self, need: _Body) -> object:
-        """Up to CRLF.CRLF: (content unstuffed, over the limit, size).
+        """Up to CRLF.CRLF: (the message unstuffed, as a Body; over the
+        limit; size).
 
         The body is searched in bulk (aiosmtpd reads DATA a line at a time,
         which dominates its cost for larger messages): one regular
         expression finds each line that starts with a dot, the terminator or
         a doubled dot, so one pass counts the dots to undo and finds the end
-        (the re module's literal search beats bytes.find() here). The size
-        limit applies to the message (RFC 1870: the doubled dots do not
-        count); over it, the rest is drained, not kept."""
+        (the re module's literal search beats bytes.find() here). What was
+        searched is moved out in parts of about PART bytes, so the buffer
+        stays small (a growing buffer of hundreds of megabytes is copied
+        each time it grows). The size limit applies to the message (RFC
+        1870: the doubled dots do not count); over it, the rest is drained,
+        not kept."""
         if self._pos:
             del self._buf[:self._pos]
             self._pos = 0
         buf = self._buf
-        if need.scan == 0 and not need.dropped:
+        first = need.scan == 0 and not need.dropped and not need.parts
+        if first:
             if buf[:3] == b".\r\n":  # the empty message
                 self._consume(3)
-                return b"", False, 0
+                return Body(()), False, 0
             if len(buf) < 3 and buf[:1] == b".":
                 return _MORE  # a first line of "." or ".." or ".x": not known yet
         end = -1
@@ -644,26 +659,53 @@ class ServerSession:
         limit = need.limit
         if end < 0:
             need.scan = scan
-            if limit and need.dropped + len(buf) - need.stuffed > limit + 5:
+            if limit and need.dropped + need.kept + len(buf) - need.stuffed > limit + 5:
                 # Surely over the limit: keep only a tail long enough to find
                 # the terminator.
                 cut = min(len(buf) - 8, scan)
                 kept = buf.count(b"\r\n.", cut, scan)
-                need.dropped += cut - (need.stuffed - kept)
+                need.dropped += need.kept + cut - (need.stuffed - kept)
+                need.parts, need.kept = [], 0
                 del buf[:cut]
                 need.stuffed = kept
                 need.scan = scan - cut
+            elif len(buf) > 2 * PART and scan > PART:
+                self._part_out(need, scan)
             return _MORE
         if need.dropped:
             self._consume(end + 3)
-            return b"", True, need.dropped + end
-        content = bytes(buf[:end])
-        self._consume(end + 3)
-        if content[:1] == b".":
-            content = content[1:]
-        if need.stuffed:
-            content = content.replace(b"\r\n.", b"\r\n")
-        return content, bool(limit and len(content) > limit), len(content)
+            return Body(()), True, need.dropped + end
+        # The buffer becomes the message's last part (no copy); what the
+        # client sent after the dot starts a new buffer.
+        rest = bytes(buf[end + 3:])
+        del buf[end:]
+        self._buf = bytearray(rest)
+        self._pos = 0
+        if not need.parts and buf[:1] == b".":
+            del buf[:1]  # the first line's doubled dot
+        last = buf.replace(b"\r\n.", b"\r\n") if need.stuffed else buf
+        body = Body((*need.parts, last))
+        return body, bool(limit and len(body) > limit), len(body)
+
+    def _part_out(self, need: _Body, scan: int) -> None:
+        """Move the searched front of a long body out of the buffer, as a
+        part with its doubled dots undone. The cut falls after a byte that
+        is not CR or LF, so no "CRLF." is split between two parts."""
+        buf = self._buf
+        cut = scan - 8
+        while cut > 0 and buf[cut - 1] in (10, 13):
+            cut -= 1
+        part = bytes(buf[:cut])
+        if not need.parts and not need.kept and part[:1] == b".":
+            part = part[1:]  # the first line's doubled dot
+        doubled = part.count(b"\r\n.")
+        if doubled:
+            part = part.replace(b"\r\n.", b"\r\n")
+        need.parts.append(part)
+        need.kept += len(part)
+        need.stuffed -= doubled
+        del buf[:cut]
+        need.scan = scan - cut
 
     def _line_waiting(self) -> bool:
         """Another command is already in the buffer (the client pipelined)."""
@@ -1268,12 +1310,12 @@ class ServerSession:
         if not d.accepts or not last:
             yield from self._answer(d, f"250 2.0.0 {size} octets received")
             return
-        content = b"".join(tx.chunks or [])
+        content = Body(tx.chunks or ())  # the chunks as they came: not joined
         tx.chunks = None
         self._phase = Phase.MESSAGE
         yield from self._message(content, bool(limit and len(content) > limit))
 
-    def _message(self, content: bytes, too_big: bool) -> Step:
+    def _message(self, content: Body, too_big: bool) -> Step:
         """A whole message arrived: check it, store it, decide, commit, reply."""
         tx = self.transaction
         assert tx is not None
@@ -1289,7 +1331,7 @@ class ServerSession:
             self._error(refusal)
             return
         rcpts = tuple(tx.rcpts)
-        subject, message_id = headline(content)
+        subject, message_id = headline(content.head(HEAD_SCAN))
         dsn = self._dsn_record(tx)
         # Stored before anything is waited for: a client that vanishes during
         # the checks below leaves the message in the store, and its
@@ -1299,7 +1341,7 @@ class ServerSession:
             tuple(tx.rcpt_options), content, subject, message_id, dsn))
         auth = None
         if self._decider.uses & {"dkim", "dmarc"}:
-            auth = yield CheckMessage(content, tx.mail_from)
+            auth = yield CheckMessage(content.whole(), tx.mail_from)
             self._note(f"Authentication-Results: {auth.authentication_results}")
         d = self._decide(ev.Message(content=content, dkim=auth.dkim_result if auth else None,
                                     dmarc=auth.dmarc.result if auth else None))
@@ -1319,11 +1361,11 @@ class ServerSession:
         yield from self._play(d)
         yield from self._answer(d, f"250 2.0.0 Ok: queued as {mid}")
 
-    def _line_too_long(self, content: bytes) -> bool:
+    def _line_too_long(self, content: Body) -> bool:
         limit = self.server.max_line_length
         if limit is None or len(content) + 2 <= limit:
             return False
-        return any(len(line) + 2 > limit for line in content.split(b"\r\n"))
+        return any(len(line) + 2 > limit for line in content.whole().split(b"\r\n"))
 
     @staticmethod
     def _dsn_record(tx: Transaction) -> dict[str, Any]:
@@ -1410,7 +1452,7 @@ _PHASE_OF = {
 # ------------------------------------------------------------ message head
 
 
-def headline(content: bytes) -> tuple[str | None, str | None]:
+def headline(content: bytes | bytearray) -> tuple[str | None, str | None]:
     """Subject (RFC 2047 decoded where it can be) and Message-ID of a
     message; None when absent.
 
@@ -1418,9 +1460,10 @@ def headline(content: bytes) -> tuple[str | None, str | None]:
     package's parser, which costs more than the rest of a small message's
     handling."""
     # the header section ends at the first empty line (CRLF, or a bare LF
-    # from a careless client)
-    m = _HEADER_END.search(content)
-    head = content[: m.start()] if m else content
+    # from a careless client); a message without one, or with a header block
+    # of more than HEAD_SCAN bytes, is searched that far only
+    m = _HEADER_END.search(content, 0, HEAD_SCAN)
+    head = content[: m.start() if m else HEAD_SCAN]
     subject: str | None = None
     message_id: str | None = None
     for found in _HEADLINE.finditer(head):
@@ -1435,6 +1478,7 @@ def headline(content: bytes) -> tuple[str | None, str | None]:
     return subject, message_id
 
 
+HEAD_SCAN = 1 << 16
 _FOLD = re.compile(rb"\r?\n[ \t]+")
 _HEADER_END = re.compile(rb"(?:^|\n)\r?\n")
 #: a Subject or Message-ID field with its continuation lines

@@ -39,9 +39,24 @@ READ_AHEAD = 1 << 20
 class SmtpTransport(asyncio.Protocol):
     """One connection of a listener."""
 
-    __slots__ = ("_closing_how", "_idle", "_last", "_later", "_out", "_proxy", "_records",
-                 "_timer", "_tls_fail", "closed", "ctx", "loop", "paused", "session",
-                 "transport")
+    __slots__ = (
+        "_closing_how",
+        "_idle",
+        "_last",
+        "_later",
+        "_out",
+        "_proxy",
+        "_records",
+        "_stored_mid",
+        "_timer",
+        "_tls_fail",
+        "closed",
+        "ctx",
+        "loop",
+        "paused",
+        "session",
+        "transport",
+    )
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
@@ -60,6 +75,7 @@ class SmtpTransport(asyncio.Protocol):
         #: the one thing being waited for (a delay, a tarpit, a TLS handshake)
         self._later: asyncio.Task[None] | asyncio.TimerHandle | None = None
         self._closing_how = ""
+        self._stored_mid = 0
         self.paused = False
 
     # ------------------------------------------------------ asyncio.Protocol
@@ -222,7 +238,7 @@ class SmtpTransport(asyncio.Protocol):
                 break
             if isinstance(request, ss.StoreMessage):
                 self._flush_records()  # the transcript before the message
-                mid = store.message(request.draft)
+                mid = self._stored_mid = store.message(request.draft)
                 if ctx.analyst is not None:  # its analysis job, in the same commit
                     store.analysis_job(mid, client_ip=session.connection.key,
                                        helo=session.helo_seen, hostname=session.server.hostname,
@@ -258,7 +274,8 @@ class SmtpTransport(asyncio.Protocol):
         """Carry out a request that takes time; resume the session after."""
         loop = self.loop
         if isinstance(request, ss.Commit):
-            self.ctx.store.barrier().add_done_callback(self._committed)
+            # the message just handed over, durable (a large one: all its pieces)
+            self.ctx.store.durable(self._stored_mid).add_done_callback(self._committed)
         elif isinstance(request, ss.Delay):
             self._later = loop.call_later(request.seconds, self._resume, None)
         elif isinstance(request, ss.Drip):
@@ -268,7 +285,7 @@ class SmtpTransport(asyncio.Protocol):
         elif isinstance(request, ss.CheckSpf):
             self._in_thread(self._check_spf, request.sender)
         elif isinstance(request, ss.CheckMessage):
-            self._in_thread(self._check_message, request.content, request.mail_from)
+            self._in_thread(self._check_message, bytes(request.content), request.mail_from)
         else:  # pragma: no cover - every request is handled above
             raise AssertionError(f"unknown request {request!r}")
 
@@ -340,7 +357,8 @@ class SmtpTransport(asyncio.Protocol):
         if action.rule is not None:  # its bounce:, if it has one, goes out later
             outbound.after_message(
                 ctx, session_id=session.id, rule=action.rule, accepted=action.accepted,
-                mail_from=action.mail_from, rcpts=action.rcpt_tos, content=action.content,
+                mail_from=action.mail_from, rcpts=action.rcpt_tos,
+                content=bytes(action.content.whole()),
                 message_id=action.message_id, dsn=action.dsn,
                 client_ip=session.connection.key, helo=session.helo_seen)
 

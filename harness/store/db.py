@@ -16,6 +16,7 @@ keeps a second writer off the same store."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -113,6 +114,13 @@ CREATE TABLE IF NOT EXISTS analysis_queue (  -- messages stored, not analysed ye
     hostname TEXT NOT NULL,       -- the receiving server's name (Authentication-Results)
     zone_id INTEGER               -- zones.id: the scenario's DNS; NULL: the system's
 );
+CREATE TABLE IF NOT EXISTS message_parts (  -- the bytes of a message over CHUNK, in order
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id),
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS message_parts_message ON message_parts(message_id, seq);
 CREATE TABLE IF NOT EXISTS zones (   -- the scenario dns: zones analyses look things up in
     id INTEGER PRIMARY KEY,
     json TEXT NOT NULL
@@ -121,7 +129,22 @@ CREATE TABLE IF NOT EXISTS zones (   -- the scenario dns: zones analyses look th
 
 #: Columns added since the first release: (table, column, type), added to an
 #: older store when it is opened for writing.
-MIGRATIONS = (("sessions", "mail_from", "TEXT"), ("sessions", "rcpt_tos", "TEXT"))
+MIGRATIONS = (("sessions", "mail_from", "TEXT"), ("sessions", "rcpt_tos", "TEXT"),
+              ("messages", "partial", "INTEGER"))  # 1 while a large message is written
+
+#: messages over this many bytes are written in pieces of this size
+CHUNK = 1 << 20
+#: the writer takes queued pieces into one commit up to about this much
+BATCH_BYTES = 2 << 20
+#: the checkpointer copies the WAL into the database after about this much
+CHECKPOINT_BYTES = 16 << 20
+_PART = "INSERT INTO message_parts (message_id, seq, data) VALUES (?, ?, ?)"
+_PIECES = object()  # in the queue: large messages' pieces wait in their lane
+_UNMARK = "UPDATE messages SET partial = NULL WHERE id = ?"  # a large message is whole
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
+    " rcpt_options, dsn, size, subject, message_id, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+    " ?, ?)")
 
 _Op = tuple[str, Sequence[Any]] | tuple[str, Iterable[Sequence[Any]], bool]
 
@@ -234,6 +257,10 @@ def _json_strings(items: Sequence[str]) -> str:
     return json.dumps(list(items))
 
 
+def _piece_bytes(item: Any) -> int:
+    return len(item[1][2]) if isinstance(item, tuple) and item[0] == _PART else 0
+
+
 def _flat(batch: list[Any]) -> Iterator[Any]:
     """Queue items, with the lists a loop hands over (a turn's writes) opened."""
     for item in batch:
@@ -264,7 +291,14 @@ class Store:
         self._loop_thread = 0
         self._pending: list[Any] = []
         self._handing_over = False
+        #: large messages' writes, taken a few megabytes per commit
+        self._pieces: collections.deque[Any] = collections.deque()
+        self._in_pieces: set[int] = set()  # large messages not all written yet
         self._thread: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_due = threading.Event()
+        self._closing = False
+        self._written = 0  # bytes committed since the last checkpoint was asked for
         self._lockfile: int | None = None
         self._next_session = 1
         self._next_message = 1
@@ -295,11 +329,20 @@ class Store:
             conn = _connect(self.path)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            # checkpoints are the checkpointer thread's: copying the WAL into
+            # the database at a commit held that commit (and every 250
+            # waiting behind it) for as long as the copy took
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.executescript(SCHEMA + BOUNCES_SCHEMA)
             for table, column, kind in MIGRATIONS:
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            # A large message whose writing a crash cut short was never
+            # acknowledged: it goes (its client will send it again).
+            conn.execute("DELETE FROM message_parts WHERE message_id IN"
+                         " (SELECT id FROM messages WHERE partial = 1)")
+            conn.execute("DELETE FROM messages WHERE partial = 1")
             # Messages stored before the analysis queue existed (or whose
             # job a store of an older version lost) are queued now.
             conn.execute(
@@ -319,7 +362,30 @@ class Store:
         self._thread = threading.Thread(target=self._writer, args=(conn,),
                                         name="harness-store", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(target=self._checkpoints,
+                                              name="harness-checkpoint", daemon=True)
+        self._checkpointer.start()
         return self
+
+    def _checkpoints(self) -> None:
+        """Copies the WAL into the database (PASSIVE: beside the writer's
+        commits, never holding them) each time it has grown by
+        CHECKPOINT_BYTES; at the end, all of it, and the WAL emptied."""
+        conn = _connect(self.path)
+        wal = Path(f"{self.path}-wal")
+        try:
+            while not self._closing:
+                self._checkpoint_due.wait()
+                self._checkpoint_due.clear()
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    if wal.exists() and wal.stat().st_size > 16 * CHECKPOINT_BYTES:
+                        # readers let it fall behind: once caught up, rewind
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
     def close(self) -> None:
         """Commit what is queued and stop the writer."""
@@ -330,6 +396,11 @@ class Store:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._checkpointer is not None:
+            self._closing = True
+            self._checkpoint_due.set()
+            self._checkpointer.join()
+            self._checkpointer = None
         if self._lockfile is not None:
             os.close(self._lockfile)
             self._lockfile = None
@@ -344,8 +415,10 @@ class Store:
 
     def _writer(self, conn: sqlite3.Connection) -> None:
         while True:
+            # Everything queued goes into one commit, with up to BATCH_BYTES
+            # of large messages' pieces (a lane of their own: other
+            # sessions' commits never wait behind a large message).
             batch = [self._queue.get()]
-            # Group: take everything already queued into the same commit.
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -359,8 +432,19 @@ class Store:
                     stop = True
                 elif isinstance(item, (_Barrier, threading.Event)):
                     waiters.append(item)
-                else:
+                elif item is not _PIECES:
                     ops.append(item)
+            budget = BATCH_BYTES
+            whole: list[int] = []
+            while self._pieces and budget > 0:
+                piece = self._pieces.popleft()
+                if isinstance(piece, _Barrier):
+                    waiters.append(piece)
+                    continue
+                ops.append(piece)
+                budget -= _piece_bytes(piece)
+                if piece[0] == _UNMARK:
+                    whole.append(piece[1][0])
             err: BaseException | None = None
             try:
                 self._commit(conn, ops)
@@ -379,6 +463,13 @@ class Store:
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
             self._release(waiters, err)
+            self._in_pieces.difference_update(whole)
+            self._written += (BATCH_BYTES - budget) + 4096 * len(ops)  # pieces, and pages
+            if self._written > CHECKPOINT_BYTES:
+                self._written = 0
+                self._checkpoint_due.set()
+            if self._pieces:
+                self._queue.put(_PIECES)  # more pieces: another turn, after what comes
             if stop:
                 conn.close()
                 return
@@ -422,18 +513,26 @@ class Store:
                 self._next_zone += 1
                 self._put("INSERT OR IGNORE INTO zones (id, json) VALUES (?, ?)",
                           (zone_id, text))
-        self._put("INSERT OR REPLACE INTO analysis_queue (message_id, client_ip, helo, hostname,"
-                  " zone_id) VALUES (?, ?, ?, ?, ?)", (mid, client_ip, helo, hostname, zone_id))
+        op = ("INSERT OR REPLACE INTO analysis_queue (message_id, client_ip, helo, hostname,"
+              " zone_id) VALUES (?, ?, ?, ?, ?)", (mid, client_ip, helo, hostname, zone_id), False)
+        if mid in self._in_pieces:
+            self._pieces.append(op)  # after the message's last piece
+        else:
+            self._submit(op)
 
     def clear(self) -> None:
         """Forget everything captured (queued like any write; IDs keep counting)."""
-        for table in ("events", "attempts", "relays", "analysis_queue", "messages", "sessions"):
+        for table in ("events", "attempts", "relays", "analysis_queue", "message_parts",
+                      "messages", "sessions"):
             self._put(f"DELETE FROM {table}", ())
 
     def _commit(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
         conn.execute("BEGIN")
         for sql, rows in _grouped(ops):
-            if len(rows) > 1 and sql.startswith("INSERT"):
+            if sql == _PART:  # a megabyte each: one statement each
+                for part in rows:
+                    conn.execute(sql, part)
+            elif len(rows) > 1 and sql.startswith("INSERT"):
                 _insert_many(conn, sql, rows)
             else:
                 conn.executemany(sql, rows)
@@ -539,18 +638,56 @@ class Store:
                                                  status))
 
     def message(self, draft: MessageDraft) -> int:
-        """Queue a message; pair it with `barrier()` before answering 250."""
+        """Queue a message; pair it with `barrier()` before answering 250.
+
+        A message over CHUNK bytes is written in parts (message_parts), in a
+        lane of their own that the writer takes about BATCH_BYTES of per
+        commit: the row first, marked partial, then the parts (views of the
+        caller's buffer, not copies), then the mark removed. Other sessions'
+        commits go on in between; a crash leaves a partial row, never
+        acknowledged, that the next open removes."""
         mid = self._next_message
         self._next_message += 1
-        self._put("INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos,"
-                  " mail_options, rcpt_options, dsn, size, subject, message_id, raw)"
-                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (mid, draft.session_id, draft.t, draft.mail_from,
-                   _json_strings(draft.rcpt_tos), _json_strings(draft.mail_options),
-                   _json_strings(draft.rcpt_options),
-                   json.dumps(draft.dsn) if draft.dsn else "{}",
-                   len(draft.raw), draft.subject, draft.message_id, draft.raw))
+        body = draft.raw
+        big = len(body) > CHUNK
+        row = (mid, draft.session_id, draft.t, draft.mail_from,
+               _json_strings(draft.rcpt_tos), _json_strings(draft.mail_options),
+               _json_strings(draft.rcpt_options), json.dumps(draft.dsn) if draft.dsn else "{}",
+               len(body), draft.subject, draft.message_id)
+        if not big:
+            self._put(_INSERT_MESSAGE, (*row, body.whole()))
+            return mid
+        lane = self._pieces
+        lane.append(("INSERT INTO messages (id, session_id, received_at, mail_from,"
+                     " rcpt_tos, mail_options, rcpt_options, dsn, size, subject, message_id,"
+                     " raw, partial) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                     (*row, b""), False))
+        seq = 0
+        for part in body.parts:  # views of the caller's parts, at most CHUNK each
+            view = memoryview(part)
+            for offset in range(0, len(view), CHUNK):
+                lane.append((_PART, (mid, seq, view[offset:offset + CHUNK]), False))
+                seq += 1
+        lane.append((_UNMARK, (mid,), False))
+        self._in_pieces.add(mid)
+        self._queue.put(_PIECES)  # wakes the writer
         return mid
+
+    def writes_in_pieces(self, mid: int) -> bool:
+        """Message `mid` is large and not all written yet."""
+        return mid in self._in_pieces
+
+    def durable(self, mid: int) -> asyncio.Future[None]:
+        """A future that resolves once message `mid` is committed: for a large
+        one, when its last piece is; otherwise with everything queued so far
+        (`barrier`)."""
+        if mid not in self._in_pieces:
+            return self.barrier()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pieces.append(_Barrier(loop, fut))
+        self._queue.put(_PIECES)
+        return fut
 
 
 class Reader:
@@ -565,6 +702,9 @@ class Reader:
             self.conn = _connect(self.path, readonly=True)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("SELECT 1 FROM sessions LIMIT 1")
+            columns = {r[1] for r in self.conn.execute("PRAGMA table_info(messages)")}
+            # a large message still being written is not there yet
+            self._whole = "partial IS NULL" if "partial" in columns else "1"
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot read store {self.path}: {e}") from e
 
@@ -618,6 +758,9 @@ class Reader:
 
     def _message(self, row: sqlite3.Row) -> MessageRecord:
         d = dict(row)
+        d.pop("partial", None)
+        if "raw" in d and d["raw"] is not None and not d["raw"] and d["size"] > CHUNK:
+            d["raw"] = self.raw(d["id"])
         for k in ("rcpt_tos", "mail_options", "rcpt_options"):
             d[k] = json.loads(d[k])
         d["dsn"] = json.loads(d.get("dsn") or "{}")
@@ -633,7 +776,7 @@ class Reader:
         cols = "*" if raw else ("id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
                                 " rcpt_options, dsn, size, subject, message_id, is_ndr, analysis")
         sql = f"SELECT {cols} FROM messages"
-        where: list[str] = []
+        where: list[str] = [self._whole]
         params: list[Any] = []
         if rcpt is not None:
             where.append("EXISTS (SELECT 1 FROM json_each(rcpt_tos) WHERE lower(value) = ?)")
@@ -645,8 +788,7 @@ class Reader:
             where.append("is_ndr = ?" if ndr else "(is_ndr = 0 OR is_ndr IS NULL)")
             if ndr:
                 params.append(1)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC"
         if limit:
             sql += " LIMIT ?"
@@ -655,8 +797,28 @@ class Reader:
         out.reverse()
         return out
 
+    def raw(self, mid: int, limit: int | None = None) -> bytes:
+        """A message's bytes as received (or its first `limit` bytes)."""
+        row = self.conn.execute(
+            "SELECT size, raw FROM messages WHERE id = ?" if limit is None else
+            "SELECT size, substr(raw, 1, ?) FROM messages WHERE id = ?",
+            (mid,) if limit is None else (limit, mid)).fetchone()
+        if row is None:
+            return b""
+        size, raw = row
+        if raw or size <= CHUNK:
+            return bytes(raw or b"")[:limit] if limit else bytes(raw or b"")
+        out = bytearray()
+        for (data,) in self.conn.execute(
+                "SELECT data FROM message_parts WHERE message_id = ? ORDER BY seq", (mid,)):
+            out += data
+            if limit and len(out) >= limit:
+                return bytes(out[:limit])
+        return bytes(out)
+
     def message(self, mid: int) -> MessageRecord | None:
-        row = self.conn.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
+        row = self.conn.execute(f"SELECT * FROM messages WHERE id = ? AND {self._whole}",
+                                (mid,)).fetchone()
         return self._message(row) if row else None
 
     def relays(self, message_id: int | None = None) -> list[Relay]:

@@ -86,7 +86,9 @@ class Conversation:
                 break
             self.requests.append(request)
             if isinstance(request, ss.StoreMessage):
-                self.messages.append(request.draft)
+                # the bytes, as the store gets them (a Body of one part or several)
+                self.messages.append(request.draft._replace(
+                    raw=bytes(request.draft.raw.whole())))
                 actions = self.session.resume(len(self.messages))
             elif isinstance(request, ss.StartTls):
                 actions = self.session.resume(ss.TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
