@@ -41,7 +41,7 @@ _FALSE = {"false", "no", "off", "n"}
 
 TOP_KEYS = ("scenario", "summary", "tags", "server", "dns", "rules", "expect", "send",
             "forward")
-SERVER_KEYS = ("hostname", "greeting", "size_limit", "timeout", "extensions",
+SERVER_KEYS = ("hostname", "greeting", "size_limit", "timeout", "data_timeout", "extensions",
                "starttls", "tls", "auth", "limits", "max_line_length")
 EXTENSION_KEYS = ("pipelining", "smtputf8", "8bitmime", "enhancedstatuscodes",
                   "dsn", "chunking", "requiretls")
@@ -605,6 +605,13 @@ def _server(c: _Collector, node: Node) -> m.Server:
         size = c.parsed(keys["size_limit"], "size_limit", parse_size)
         if size is not None:
             kw["size_limit"] = size
+    if "data_timeout" in keys:
+        t = c.parsed(keys["data_timeout"], "data_timeout", parse_duration)
+        if t is not None:
+            if t <= 0:
+                c.error(keys["data_timeout"], "data_timeout must be above zero")
+            else:
+                kw["data_timeout"] = t
     if "timeout" in keys:
         t = c.parsed(keys["timeout"], "timeout", parse_duration)
         if t is not None:

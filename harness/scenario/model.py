@@ -417,6 +417,10 @@ class Server:
     greeting: str = "ESMTP SMTP Harness"
     size_limit: int = 32 * 1024 * 1024
     timeout: float = 300.0  # idle timeout, RFC 5321 4.5.3.2.7 asks for 5 minutes
+    #: the whole of one message's transfer (DATA's body, or a transaction's
+    #: BDAT chunks): a client that drips, each byte within the idle
+    #: timeout, is cut when this has passed
+    data_timeout: float = 600.0
     extensions: Extensions = field(default_factory=Extensions)
     starttls: TlsMode = TlsMode.OFFER
     tls: Tls = field(default_factory=Tls)

@@ -411,6 +411,15 @@ class ServerSession:
         return held + (tx.chunks_size if tx is not None and tx.chunks else 0)
 
     @property
+    def in_transfer(self) -> bool:
+        """A message's bytes are under way: a DATA body being read, or a
+        transaction's BDAT chunks begun (the transfer deadline runs)."""
+        if isinstance(self._want, (_Body, _Chunk, _Part)):
+            return True
+        tx = self.transaction
+        return tx is not None and tx.chunks is not None and not self.over
+
+    @property
     def busy(self) -> bool:
         """A request is out: input waits until it is answered."""
         return self._waiting is not None
@@ -490,6 +499,28 @@ class ServerSession:
         self.end_reason = "idle timeout"
         self._phase = None
         self._reply(["421 4.4.2 Idle timeout, closing connection"], None)
+        out.append(Close("fin"))
+        self._stop()
+        return out
+
+    def transfer_timeout(self) -> list[Out]:
+        """The message's transfer has taken longer than the server's
+        data_timeout (a client that drips): 421 and close; its recipients'
+        verdict is that reply."""
+        if self.over:
+            return []
+        self._out = out = self._fresh()
+        self._now = self._clock()
+        self.end_reason = "message transfer timeout"
+        reply = "421 4.4.2 Message transfer took too long, closing connection"
+        tx = self.transaction
+        if tx is not None and tx.rcpts:
+            self._attempts(tx.rcpts, None, phase=Phase.MESSAGE.value, default=reply)
+            tx.rcpts = []
+        self._note(f"message transfer cut after {self.server.data_timeout:g}s "
+                   f"({self.held} bytes held)")
+        self._phase = None
+        self._reply([reply], None)
         out.append(Close("fin"))
         self._stop()
         return out

@@ -49,6 +49,7 @@ class SmtpTransport(asyncio.Protocol):
         "_records",
         "_stored_mid",
         "_timer",
+        "_transfer_due",
         "_tls_fail",
         "closed",
         "ctx",
@@ -76,6 +77,7 @@ class SmtpTransport(asyncio.Protocol):
         self._later: asyncio.Task[None] | asyncio.TimerHandle | None = None
         self._closing_how = ""
         self._stored_mid = 0
+        self._transfer_due = 0.0  # loop time a message's transfer must end by (0: none)
         self.paused = False
 
     # ------------------------------------------------------ asyncio.Protocol
@@ -104,6 +106,13 @@ class SmtpTransport(asyncio.Protocol):
         if session is None:
             return
         self._run(session.receive_data(data))
+        if session.in_transfer:
+            if not self._transfer_due:  # a message's transfer starts: its deadline
+                self._transfer_due = self._last + session.server.data_timeout
+                if self._timer is None or self._timer.when() > self._transfer_due:
+                    self._arm(self._transfer_due)
+        else:
+            self._transfer_due = 0.0
         if session.busy and session.buffered > READ_AHEAD and not self.paused:
             self._pause()
 
@@ -365,22 +374,34 @@ class SmtpTransport(asyncio.Protocol):
     # ---------------------------------------------------- time and faults
 
     def _arm_idle(self) -> None:
-        self._timer = self.loop.call_at(self._last + self._idle, self._idle_check)
+        self._arm(self._last + self._idle)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._idle_check)
 
     def _idle_check(self) -> None:
-        """The idle timeout: a timer re-armed from the last read, so a read
-        costs no timer of its own."""
+        """The idle timeout and a message's transfer deadline: one timer,
+        re-armed from the last read, so a read costs no timer of its own."""
         self._timer = None
         if self.transport is None:
             return
+        now = self.loop.time()
+        session = self.session
+        if self._transfer_due and now >= self._transfer_due and session is not None:
+            if session.in_transfer:
+                self._run(session.transfer_timeout())
+                return
+            self._transfer_due = 0.0
         due = self._last + self._idle
-        if self.loop.time() < due:
-            self._timer = self.loop.call_at(due, self._idle_check)
+        if now < due:
+            self._arm(min(due, self._transfer_due) if self._transfer_due else due)
             return
-        if self.session is None:
+        if session is None:
             self.transport.close()
             return
-        self._run(self.session.idle_timeout())
+        self._run(session.idle_timeout())
 
     def _close(self, how: str) -> None:
         self._closing_how = how

@@ -255,3 +255,32 @@ def test_idle_timeout_does_not_interleave_with_a_tarpit_reply() -> None:
         # Either the whole dripped reply, or a clean close: never a mix.
         first = data.split(b"\r\n")[0]
         assert first in (b"", b"250 2.0.0 Ok"), data
+
+
+def test_a_client_that_drips_its_message_is_cut_by_the_transfer_deadline() -> None:
+    """Each byte within the idle timeout, the whole beyond data_timeout:
+    421 4.4.2 and the connection closed (was: kept open forever)."""
+    with Harness(scenario("server: {timeout: 5s, data_timeout: 1s}\n")) as h:
+        w = Wire(h, timeout=10)
+        w.reply()
+        w.ehlo()
+        w.cmd("MAIL FROM:<a@lab.test>")
+        w.cmd("RCPT TO:<b@lab.test>")
+        assert w.cmd("DATA")[0].startswith("354")
+        started = time.monotonic()
+        reply: list[str] = []
+        for byte in b"Subject: drip\r\n\r\n" + b"x" * 100:
+            w.send(bytes([byte]))
+            w.sock.settimeout(0.25)  # a slow client: a byte a quarter second
+            try:
+                reply = w.reply()
+                break
+            except TimeoutError:
+                continue
+        assert reply == ["421 4.4.2 Message transfer took too long, closing connection"]
+        assert 0.9 < time.monotonic() - started < 4
+        h.wait_idle()
+        [s] = h.sessions()
+        assert s.end_reason == "message transfer timeout"
+        [a] = h.attempts()
+        assert (a.code, a.outcome) == (421, "deferred")

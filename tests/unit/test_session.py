@@ -493,3 +493,28 @@ def test_session_internal_error_answers_451_and_drops_the_transaction() -> None:
         ss.headline = real
     assert isinstance(c.errors[0], ZeroDivisionError)
     assert c.cmd("DATA") == "503 5.5.1 Error: need MAIL command"
+
+
+def test_session_transfer_timeout_cuts_a_dripping_message() -> None:
+    c = Conversation(scenario("server: {data_timeout: 30s}\n"))
+    c.ehlo()
+    c.send("MAIL FROM:<a@lab.test>", "RCPT TO:<b@lab.test>")
+    assert not c.session.in_transfer
+    c.send("DATA")
+    assert c.session.in_transfer
+    c.feed(b"Subject: slow\r\n")
+    assert c._replies(c._run(c.session.transfer_timeout())) == [
+        "421 4.4.2 Message transfer took too long, closing connection"]
+    assert c.closed == "fin" and c.session.end_reason == "message transfer timeout"
+    assert [(a.rcpt, a.code, a.outcome) for a in c.attempts] == [("b@lab.test", 421, "deferred")]
+    assert c.messages == []
+
+
+def test_session_bdat_transaction_is_one_transfer() -> None:
+    c = Conversation()
+    c.ehlo()
+    c.send("MAIL FROM:<a@lab.test>", "RCPT TO:<b@lab.test>")
+    c.feed(b"BDAT 3\r\nabc")
+    assert c.session.in_transfer  # between chunks too
+    c.feed(b"BDAT 2 LAST\r\nde")
+    assert not c.session.in_transfer
