@@ -135,8 +135,16 @@ class Analyst:
         mid_text, is_ndr, analysis = line.split("\t", 2)
         mid = int(mid_text)
         self.store.message_analysis(mid, analysis.rstrip("\n"), is_ndr == "1")
-        self.pending.discard(mid)
         self.analysed_count += 1
+        self._done(mid)
+
+    def not_stored(self, mid: int) -> None:
+        """Message `mid` was refused by the store (a full disk): its job
+        went with it, nothing waits for it."""
+        self._done(mid)
+
+    def _done(self, mid: int) -> None:
+        self.pending.discard(mid)
         for fut in self._waiters.pop(mid, ()):
             if not fut.done():
                 fut.set_result(None)

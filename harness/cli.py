@@ -30,6 +30,7 @@ from harness.scenario.engine import Engine
 from harness.scenario.library import library_dir, library_names, load, resolve
 from harness.scenario.loader import load_file
 from harness.store.db import DEFAULT_PATH, Reader, SessionRecord, Store
+from harness.store.retention import Retention
 
 
 def _width(stream: object) -> int | None:
@@ -189,7 +190,13 @@ async def _serve(args: argparse.Namespace) -> int:
     # Load every scenario before anything listens: a bad file starts nothing.
     scenarios = [load(spec.scenario or args.scenario) for spec in specs]
     bounce_via = _bounce_via(args.bounce_via)
-    store = Store(args.store).open()
+    store = Store(args.store, retention=_retention(args)).open()
+    loop = asyncio.get_running_loop()
+
+    def health(line: str) -> None:  # from the store's writer thread
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: err.print(f"[yellow]{escape(line)}[/]"))
+    store.on_health = health
     printer = LivePrinter(out)
     listeners: list[Listener] = []
     api: Any = None
@@ -253,7 +260,9 @@ async def _serve(args: argparse.Namespace) -> int:
                   + (f" (token {api.token})" if api.token else ""))
     if bounce_via is not None:
         out.print(f"rules' bounces are sent via {bounce_via[0]}:{bounce_via[1]}")
-    out.print(f"store {args.store}" + (f", seed {args.seed}" if args.seed is not None else "")
+    out.print(f"store {args.store}" + (f" ({store.retention.describe()})"
+                                       if store.retention else "")
+              + (f", seed {args.seed}" if args.seed is not None else "")
               + ("" if args.quiet else "; Ctrl-C stops"))
     sys.stdout.flush()
     # Everything made at start (modules, scenarios, the page) lives as long
@@ -261,7 +270,6 @@ async def _serve(args: argparse.Namespace) -> int:
     # what serving makes.
     gc.freeze()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -272,10 +280,56 @@ async def _serve(args: argparse.Namespace) -> int:
         c = r.counts()
         waiting = len(r.analysis_pending())
     out.print(f"stopped: {c['sessions']} sessions, {c['messages']} messages in {args.store}"
+              + (f"; {store.pruned:,} older message(s) pruned" if store.pruned else "")
+              + (f"; {store.refused:,} message(s) refused (452) for want of space"
+                 if store.refused else "")
               + (f"; {waiting} message(s) wait for their analysis (done at the next start)"
                  if waiting else ""))
     for e in [*(e for x in listeners for e in x.ctx.errors), *analyst.errors]:
         err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
+    return 0
+
+
+def _retention(args: argparse.Namespace) -> Retention:
+    """--keep N, --keep-days D, --max-store-size SIZE."""
+    from harness.scenario.values import parse_size
+
+    max_bytes = None
+    if args.max_store_size is not None:
+        try:
+            max_bytes = parse_size(args.max_store_size)
+        except ValueError as e:
+            raise HarnessError(f"--max-store-size: {e}") from None
+        if max_bytes < 1 << 20:
+            raise HarnessError("--max-store-size: at least 1MiB (the store's own tables "
+                               "take some)")
+    for name in ("keep", "keep_days"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise HarnessError(f"--{name.replace('_', '-')}: cannot be negative")
+    return Retention(keep=args.keep, keep_days=args.keep_days, max_bytes=max_bytes)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    policy = _retention(args)
+    if not policy and not args.vacuum:
+        raise HarnessError("say what to keep: --keep N, --keep-days D or --max-store-size "
+                           "SIZE (and --vacuum to give the space back to the disk)")
+    if not args.store.exists():
+        raise HarnessError(f"no store at {args.store}")
+    with Reader(args.store) as r:
+        before = r.usage()
+    with Store(args.store, retention=policy) as store:
+        pruned = store.prune_now(vacuum=args.vacuum)
+    with Reader(args.store) as r:
+        after, counts = r.usage(), r.counts()
+    mb = 1024 * 1024
+    out.print(f"pruned {pruned:,} message(s) ({policy.describe()}): "
+              f"{counts['messages']:,} messages, {counts['sessions']:,} sessions left; "
+              f"in use {before['used_bytes'] / mb:,.1f} MB -> {after['used_bytes'] / mb:,.1f} MB"
+              f", file {before['file_bytes'] / mb:,.1f} MB -> {after['file_bytes'] / mb:,.1f} MB"
+              + ("" if args.vacuum or after["file_bytes"] <= after["used_bytes"] * 1.1
+                 else " (--vacuum gives the free pages back to the disk)"))
     return 0
 
 
@@ -571,6 +625,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--store", type=Path, default=DEFAULT_PATH,
                         help=f"the capture store (SQLite), default {DEFAULT_PATH}")
 
+    def retention_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--keep", type=int, default=None, metavar="N",
+                        help="keep the newest N messages; older ones, and the sessions they "
+                             "came in, are deleted as new ones arrive")
+        sp.add_argument("--keep-days", type=float, default=None, metavar="D",
+                        help="delete messages and sessions older than D days")
+        sp.add_argument("--max-store-size", default=None, metavar="SIZE",
+                        help="keep the store's data under SIZE (500MB, 2GiB): the oldest "
+                             "messages go first")
+
     sp = sub.add_parser("serve", help="run the SMTP server")
     sp.add_argument("scenario", nargs="?", default=None,
                     help="a library scenario name or a YAML file (default: accept)")
@@ -604,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dns", choices=("scenario", "system"), default="scenario",
                     help="where SPF/DKIM/DMARC look up records: the scenario's dns: zone "
                          "(default, offline) or the system resolver")
+    retention_opts(sp)
     sp.add_argument("--bounce-via", default=None, metavar="HOST:PORT",
                     help="the next hop that rules' bounce: reports (DSN, Exchange NDR, "
                          "auto-reply, ARF complaint) are sent through, to the original "
@@ -684,6 +749,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     store_opt(sp)
 
+    sp = sub.add_parser("prune", help="delete old captures from a store (not in use by "
+                        "serve: give serve the same options to prune as it goes)")
+    retention_opts(sp)
+    sp.add_argument("--vacuum", action="store_true",
+                    help="then rewrite the file to give the freed space back to the disk")
+    store_opt(sp)
+
     sp = sub.add_parser("messages", help="list captured messages")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--limit", type=int, default=None)
@@ -714,7 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
                    "sessions": _sessions, "show": _show, "lab": _lab,
                    "explain": _explain, "predict": _predict, "queues": _queues,
-                   "evidence": _evidence, "probe": _probe}[args.command]
+                   "evidence": _evidence, "probe": _probe, "prune": _prune}[args.command]
         return handler(args)
     except ScenarioError as e:
         for p in e.problems:

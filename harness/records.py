@@ -20,6 +20,14 @@ OUTCOMES: tuple[Outcome, ...] = ("accepted", "deferred", "rejected", "dropped", 
                                  "hang", "lost")
 
 
+class NotStored(Exception):
+    """The store could not take a message (its disk full, its file read-only
+    or gone): the client is told to try again later, as a receiver short of
+    space does (RFC 3463 X.3.1), and nothing says the message was kept."""
+
+    reply = "452 4.3.1 Insufficient system storage"
+
+
 class TranscriptLine(NamedTuple):
     """One line of a session's transcript, with the time it happened, the
     SMTP step it belongs to and the rule that decided it (None: the

@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from email import policy
@@ -30,12 +31,12 @@ from typing import Any
 from aiohttp import web
 
 from harness import __version__
-from harness.errors import HarnessError, ScenarioError
+from harness.errors import HarnessError, ScenarioError, StoreError
 from harness.records import TranscriptLine
 from harness.scenario.library import library_dir, library_names, load
 from harness.scenario.loader import build_rule, load_text
 from harness.smtp.listener import ListenerContext
-from harness.store.db import MessageRecord, Reader
+from harness.store.db import MessageRecord, Reader, StoreFull
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -180,7 +181,8 @@ async def read(request: web.Request, fn: Callable[[Reader], Any], *,
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), 1.0)
     if listeners:  # read what the writer has queued so far, committed
-        await listeners[0].store.barrier()
+        with contextlib.suppress(StoreError):  # a store that cannot write: what it has
+            await listeners[0].store.barrier()
 
     def run() -> Any:
         with Reader(path) as r:
@@ -253,11 +255,47 @@ async def livez(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    listeners = request.app[CTX_KEY]
-    ready = bool(listeners) and all(c.store.error is None for c in listeners)
-    return web.json_response({"status": "ready" if ready else "not ready",
-                              "listeners": [c.name for c in listeners]},
-                             status=200 if ready else 503)
+    """Ready: listening, and the store writes (a store whose disk was full
+    is asked again, with one small write, before the answer)."""
+    listeners: list[ListenerContext] = request.app[CTX_KEY]
+    stores = {id(c.store): c.store for c in listeners}.values()
+    for store in stores:
+        if isinstance(store.error, StoreFull):
+            with contextlib.suppress(StoreError, TimeoutError):
+                await asyncio.wait_for(store.probe(), 2.0)
+    problems = [str(s.error) for s in stores if s.error is not None]
+    ready = bool(listeners) and not problems
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready",
+                            "listeners": [c.name for c in listeners]}
+    if problems:
+        body["problems"] = problems
+    return web.json_response(body, status=200 if ready else 503)
+
+
+@routes.get("/api/v1/store")
+async def store_info(request: web.Request) -> web.Response:
+    """The store: its size on disk, what it holds, whether it can write,
+    what retention keeps and has deleted."""
+    listeners: list[ListenerContext] = request.app[CTX_KEY]
+    path = request.app[STORE_KEY]
+
+    def measure(r: Reader) -> dict[str, Any]:
+        return {**r.usage(), "disk_free_bytes": shutil.disk_usage(path.parent).free,
+                "counts": r.counts(("sessions", "messages"))}
+
+    out: dict[str, Any] = {"path": str(path), **await read(request, measure)}
+    if listeners:
+        store = listeners[0].store
+        keep = store.retention
+        out.update({
+            "writable": store.error is None,
+            "error": None if store.error is None else str(store.error),
+            "refused_messages": store.refused,
+            "pruned_messages": store.pruned,
+            "retention": {"keep": keep.keep, "keep_days": keep.keep_days,
+                          "max_bytes": keep.max_bytes, "summary": keep.describe()},
+        })
+    return web.json_response(out)
 
 
 @routes.get("/api/v1")

@@ -37,6 +37,7 @@ from harness.records import (
     Body,
     Direction,
     MessageDraft,
+    NotStored,
     Outcome,
     TranscriptLine,
 )
@@ -301,6 +302,7 @@ class Transaction:
     chunks: list[bytes] | None = None  # BDAT chunks so far
     chunks_size: int = 0
     chunk_failed: bool = False
+    stored: int | None = None  # the message handed to the store, not durable yet
 
 
 _ENDING_FAULTS = (Fault.DROP, Fault.RESET, Fault.HANG)
@@ -541,7 +543,7 @@ class ServerSession:
             # The client vanished after recipients were accepted: the pair
             # saw no verdict on this connection, but the sender did try.
             self._attempts(tx.rcpts, None, phase=(self._phase or Phase.DATA).value,
-                           outcome="lost", rule=self.closing_rule)
+                           outcome="lost", rule=self.closing_rule, message_id=tx.stored)
             tx.rcpts = []
         self._decider.disconnect(self.connection)
         self._note(f"session ended: {self.end_reason}")
@@ -1370,12 +1372,26 @@ class ServerSession:
         mid = yield StoreMessage(MessageDraft(
             self.id, self._now, tx.mail_from, rcpts, tx.options,
             tuple(tx.rcpt_options), content, subject, message_id, dsn))
+        tx.stored = mid
         auth = None
         if self._decider.uses & {"dkim", "dmarc"}:
             auth = yield CheckMessage(content.whole(), tx.mail_from)
             self._note(f"Authentication-Results: {auth.authentication_results}")
         d = self._decide(ev.Message(content=content, dkim=auth.dkim_result if auth else None,
                                     dmarc=auth.dmarc.result if auth else None))
+        # Durable before any 2xx: wait for the commit that carries the
+        # message. The attempts are recorded after it: a client gone
+        # meanwhile has its recipients recorded as lost (with the message);
+        # a store that could not write (a full disk) defers them.
+        try:
+            yield _COMMIT
+        except NotStored as e:
+            self._attempts(rcpts, None, phase="message", default=e.reply)
+            tx.rcpts = []
+            self.transaction = None
+            self._note(f"message not stored: {e}")
+            self._error(e.reply)
+            return
         self._attempts(rcpts, d, phase="message", message_id=mid,
                        default=f"250 2.0.0 Ok: queued as {mid}")
         tx.rcpts = []
@@ -1385,8 +1401,6 @@ class ServerSession:
             self._out.append(Update({"mail_from": self.mail_froms, "rcpt_tos": self.rcpt_tos}))
         mail_from = tx.mail_from
         self.transaction = None
-        # Durable before any 2xx: wait for the commit that carries the message.
-        yield _COMMIT  # a store that cannot write raises here: 451, recorded
         self._out.append(MessageStored(mid, mail_from, rcpts, content, auth, d.accepts, d.rule,
                                        dsn))
         yield from self._play(d)

@@ -20,7 +20,7 @@ import ssl
 import struct
 from typing import Any, cast
 
-from harness.records import TranscriptLine
+from harness.records import NotStored, TranscriptLine
 from harness.smtp import outbound
 from harness.smtp import session as ss
 from harness.smtp.listener import ListenerContext
@@ -315,6 +315,8 @@ class SmtpTransport(asyncio.Protocol):
     def _committed(self, fut: asyncio.Future[None]) -> None:
         error = fut.exception()
         if error is not None:
+            if isinstance(error, NotStored) and self.ctx.analyst is not None:
+                self.ctx.analyst.not_stored(self._stored_mid)
             self._throw(error)
         else:
             self._resume(None)

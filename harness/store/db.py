@@ -26,13 +26,14 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.errors import StoreError
-from harness.records import AttemptRecord, MessageDraft, Outcome, TranscriptLine
+from harness.records import AttemptRecord, MessageDraft, NotStored, Outcome, TranscriptLine
+from harness.store import retention as rt
 from harness.store.bounces import SCHEMA as BOUNCES_SCHEMA
 
 DEFAULT_PATH = Path(".harness") / "harness.db"
@@ -125,6 +126,10 @@ CREATE TABLE IF NOT EXISTS zones (   -- the scenario dns: zones analyses look th
     id INTEGER PRIMARY KEY,
     json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS health (  -- one row the writer rewrites to see whether it can write
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    t REAL NOT NULL
+);
 """
 
 #: Columns added since the first release: (table, column, type), added to an
@@ -141,10 +146,24 @@ CHECKPOINT_BYTES = 16 << 20
 _PART = "INSERT INTO message_parts (message_id, seq, data) VALUES (?, ?, ?)"
 _PIECES = object()  # in the queue: large messages' pieces wait in their lane
 _UNMARK = "UPDATE messages SET partial = NULL WHERE id = ?"  # a large message is whole
+_PRUNE = object()  # in the queue: retention has another step to take
+_PROBE = "INSERT OR REPLACE INTO health (id, t) VALUES (1, ?)"
+_INSERT_PARTIAL = (
+    "INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
+    " rcpt_options, dsn, size, subject, message_id, raw, partial)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)")
+_QUEUE_JOB = ("INSERT OR REPLACE INTO analysis_queue (message_id, client_ip, helo, hostname,"
+              " zone_id) VALUES (?, ?, ?, ?, ?)")
+_DROP_PARTIAL_PARTS = ("DELETE FROM message_parts WHERE message_id IN"
+                       " (SELECT id FROM messages WHERE partial = 1)")
+_DROP_PARTIAL = "DELETE FROM messages WHERE partial = 1"
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
     " rcpt_options, dsn, size, subject, message_id, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
     " ?, ?)")
+#: the writes that store a message (its row, its parts, its analysis job):
+#: what a full disk refuses is dropped, its client told 452
+_MESSAGE_WRITES = frozenset({_INSERT_MESSAGE, _INSERT_PARTIAL, _PART, _UNMARK, _QUEUE_JOB})
 
 _Op = tuple[str, Sequence[Any]] | tuple[str, Iterable[Sequence[Any]], bool]
 
@@ -239,9 +258,39 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 
 
 @dataclass(frozen=True, slots=True)
+class _PruneAll:
+    vacuum: bool
+    done: threading.Event
+    result: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class _Barrier:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
+    mid: int | None = None  # waits for this message (durable), not for the commit
+
+
+class StoreFull(StoreError, NotStored):
+    """The store cannot write: its disk is full, or its file is read-only or
+    gone. Messages are answered 452 4.3.1 until it can again."""
+
+
+#: SQLite's result codes (and their extended forms) for a store that cannot
+#: write for want of space or of a writable file: not the data's fault
+_DISK_TROUBLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
+
+def _disk_trouble(e: BaseException) -> bool:
+    return (isinstance(e, sqlite3.OperationalError)
+            and str(getattr(e, "sqlite_errorname", "")).startswith(_DISK_TROUBLE))
+
+
+#: records (sessions, transcripts, attempts) kept in memory while the disk is
+#: full, written once it is not; past this many, the oldest are given up
+HOLD_MAX = 200_000
+#: seconds between retention's looks when its last look found nothing due
+PRUNE_EVERY = 0.5
 
 
 #: a string JSON writes as it is between quotes: printable ASCII, no quote or backslash
@@ -270,12 +319,14 @@ def _flat(batch: list[Any]) -> Iterator[Any]:
             yield item
 
 
-def _resolve(futures: list[asyncio.Future[None]], err: BaseException | None) -> None:
-    for fut in futures:
+def _resolve(futures: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for fut, err in futures:
         if fut.done():
             continue
         if err is None:
             fut.set_result(None)
+        elif isinstance(err, StoreFull):
+            fut.set_exception(StoreFull(str(err)))
         else:
             fut.set_exception(StoreError(f"store write failed: {err}"))
 
@@ -283,8 +334,21 @@ def _resolve(futures: list[asyncio.Future[None]], err: BaseException | None) -> 
 class Store:
     """Capture store. `open()` for the writer side (serve), `reader()` to query."""
 
-    def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
+    def __init__(self, path: str | Path = DEFAULT_PATH, *,
+                 retention: rt.Retention | None = None) -> None:
         self.path = Path(path)
+        self.retention = retention or rt.Retention()
+        #: told (from the writer's thread) when the store stops or starts
+        #: again being able to write: a line for a console
+        self.on_health: Callable[[str], None] | None = None
+        #: records held while the disk is full, and messages refused then
+        self._held: list[Any] = []
+        self._failed: dict[int, StoreFull] = {}
+        self.refused = 0  # messages not stored (452) since the store was opened
+        self.given_up = 0  # records dropped when more than HOLD_MAX were held
+        self.pruned = 0  # messages retention deleted
+        self._prune_due = bool(self.retention)
+        self._prune_at = 0.0  # not before (monotonic): a step finding nothing waits a while
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         #: the event loop writes come from (attach), and what it gathered
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -362,6 +426,8 @@ class Store:
         self._thread = threading.Thread(target=self._writer, args=(conn,),
                                         name="harness-store", daemon=True)
         self._thread.start()
+        if self.retention:
+            self._queue.put(_PRUNE)  # what is due already goes first
         self._checkpointer = threading.Thread(target=self._checkpoints,
                                               name="harness-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -414,11 +480,17 @@ class Store:
     # -- the writer thread -----------------------------------------------
 
     def _writer(self, conn: sqlite3.Connection) -> None:
+        # with a time limit to keep, the writer wakes now and then to prune
+        wait = 60.0 if self.retention.keep_days is not None else None
         while True:
             # Everything queued goes into one commit, with up to BATCH_BYTES
             # of large messages' pieces (a lane of their own: other
             # sessions' commits never wait behind a large message).
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=wait)]
+            except queue.Empty:
+                batch = [_PRUNE]
+                self._prune_due = True
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -427,12 +499,15 @@ class Store:
             stop = False
             ops: list[Any] = []
             waiters: list[_Barrier | threading.Event] = []
+            prune_all: list[_PruneAll] = []
             for item in _flat(batch):
                 if item is None:
                     stop = True
                 elif isinstance(item, (_Barrier, threading.Event)):
                     waiters.append(item)
-                elif item is not _PIECES:
+                elif isinstance(item, _PruneAll):
+                    prune_all.append(item)
+                elif item is not _PIECES and item is not _PRUNE:
                     ops.append(item)
             budget = BATCH_BYTES
             whole: list[int] = []
@@ -445,23 +520,7 @@ class Store:
                 budget -= _piece_bytes(piece)
                 if piece[0] == _UNMARK:
                     whole.append(piece[1][0])
-            err: BaseException | None = None
-            try:
-                self._commit(conn, ops)
-            except Exception:  # sqlite3.Error, or UnicodeEncodeError for bad text
-                # One bad row must not take the batch's other writes (other
-                # sessions', other messages') down with it: again, one by one,
-                # with text made storable.
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                for op in ops:
-                    try:
-                        self._commit(conn, [_storable(op)])
-                    except Exception as e:
-                        err = e
-                        self.error = e
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
+            err = self._write(conn, ops, waiters)
             self._release(waiters, err)
             self._in_pieces.difference_update(whole)
             self._written += (BATCH_BYTES - budget) + 4096 * len(ops)  # pieces, and pages
@@ -470,24 +529,146 @@ class Store:
                 self._checkpoint_due.set()
             if self._pieces:
                 self._queue.put(_PIECES)  # more pieces: another turn, after what comes
+            for job in prune_all:
+                self._prune_due = bool(self.retention)
+                while self._prune_due and self._prune(conn):
+                    pass
+                if job.vacuum:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("VACUUM")
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                job.result.append(self.pruned)
+                job.done.set()
+            if (self._prune_due and not stop and time.monotonic() >= self._prune_at
+                    and self._prune(conn)):
+                self._queue.put(_PRUNE)  # more to prune: another step, after what comes
             if stop:
                 conn.close()
                 return
+
+    def _write(self, conn: sqlite3.Connection, ops: list[Any],
+               waiters: list[_Barrier | threading.Event]) -> BaseException | None:
+        """Commit `ops` (after what a full disk held back). Returns the error
+        the commit's waiters get, or None."""
+        if self._held:
+            ops = self._held + ops
+            self._held = []
+        try:
+            self._commit(conn, ops)
+        except Exception as e:  # sqlite3.Error, or UnicodeEncodeError for bad text
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if _disk_trouble(e):
+                return self._refuse(ops, e, waiters)
+            # One bad row must not take the batch's other writes (other
+            # sessions', other messages') down with it: again, one by one,
+            # with text made storable.
+            err: BaseException | None = None
+            for i, op in enumerate(ops):
+                try:
+                    self._commit(conn, [_storable(op)])
+                except Exception as e2:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    if _disk_trouble(e2):
+                        return self._refuse(ops[i:], e2, waiters)
+                    err = self.error = e2
+            return err
+        if ops and self._message_ops(ops):
+            self._prune_due = bool(self.retention)
+        if ops and isinstance(self.error, StoreFull):  # written again
+            self.error = None
+            self._tell(f"store {self.path} writes again ({self.refused:,} message(s) "
+                       "refused with 452 4.3.1 while it could not)")
+        return None
+
+    @staticmethod
+    def _message_ops(ops: list[Any]) -> bool:
+        return any(op[0] in _MESSAGE_WRITES for op in ops)
+
+    def _refuse(self, ops: list[Any], e: BaseException,
+                waiters: list[_Barrier | threading.Event]) -> StoreFull:
+        """The disk refused a commit: its messages (and any large message
+        still being written) are not stored, and their clients are told so;
+        the other records are held and written with the next commit."""
+        failed = {op[1][0] for op in ops if op[0] in _MESSAGE_WRITES and op[0] != _UNMARK}
+        keep = [op for op in ops if op[0] not in _MESSAGE_WRITES]
+        had_pieces = bool(self._in_pieces)
+        while self._pieces:  # large messages in flight: not stored either
+            piece = self._pieces.popleft()
+            if isinstance(piece, _Barrier):
+                waiters.append(piece)
+            elif piece[0] in _MESSAGE_WRITES:
+                failed.add(piece[1][0])
+        self._in_pieces.clear()
+        if had_pieces:  # rows of theirs written before, marked partial
+            keep.append((_DROP_PARTIAL_PARTS, (), False))
+            keep.append((_DROP_PARTIAL, (), False))
+        if len(keep) > HOLD_MAX:
+            self.given_up += len(keep) - HOLD_MAX
+            keep = keep[-HOLD_MAX:]
+        self._held = keep
+        self.refused += sum(1 for op in ops if op[0] in (_INSERT_MESSAGE, _INSERT_PARTIAL))
+        first = not isinstance(self.error, StoreFull)
+        err = StoreFull(f"store {self.path} cannot write ({e}): messages are answered "
+                        "452 4.3.1 until it can")
+        self._failed.update(dict.fromkeys(failed, err))
+        while len(self._failed) > HOLD_MAX:  # the oldest refusals were answered long ago
+            del self._failed[next(iter(self._failed))]
+        self.error = err
+        if first:
+            self._tell(str(err))
+        self._prune_due = bool(self.retention)
+        return err
+
+    def _prune(self, conn: sqlite3.Connection) -> bool:
+        """One step of retention, its own short transaction. True: more is due."""
+        try:
+            conn.execute("BEGIN")
+            messages, sessions = rt.step(conn, self.retention)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._prune_due = False
+            if not _disk_trouble(e):
+                self.error = e
+            return False
+        self.pruned += messages
+        n = messages + sessions
+        self._prune_due = n > 0
+        if not n:
+            self._prune_at = time.monotonic() + PRUNE_EVERY
+        return n > 0
+
+    def _tell(self, line: str) -> None:
+        if self.on_health is not None:
+            with contextlib.suppress(Exception):
+                self.on_health(line)
 
     def _release(self, waiters: list[_Barrier | threading.Event],
                  err: BaseException | None) -> None:
         """Wake whoever waited for this commit: each event loop once, with all
         its futures (a wake-up of a loop from this thread costs about as much
-        as the rest of a small message's handling)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        as the rest of a small message's handling). A wait for one message
+        fails only if that message was refused."""
+        by_loop: dict[asyncio.AbstractEventLoop,
+                      list[tuple[asyncio.Future[None], BaseException | None]]] = {}
         for w in waiters:
             if isinstance(w, threading.Event):
                 w.set()
-            else:
-                by_loop.setdefault(w.loop, []).append(w.future)
+                continue
+            why = err
+            if w.mid is not None:  # a message: was it refused (now or before)?
+                refused = self._failed.get(w.mid)  # (several may wait for one)
+                if refused is not None:
+                    why = refused
+                elif err is None or isinstance(err, StoreFull):
+                    why = None  # committed before this commit failed
+            by_loop.setdefault(w.loop, []).append((w.future, why))
         for loop, futures in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, futures, err)
+                loop.call_soon_threadsafe(_resolve, futures)
             except RuntimeError as e:  # a loop already closed: keep writing
                 self.error = e
 
@@ -513,8 +694,7 @@ class Store:
                 self._next_zone += 1
                 self._put("INSERT OR IGNORE INTO zones (id, json) VALUES (?, ?)",
                           (zone_id, text))
-        op = ("INSERT OR REPLACE INTO analysis_queue (message_id, client_ip, helo, hostname,"
-              " zone_id) VALUES (?, ?, ?, ?, ?)", (mid, client_ip, helo, hostname, zone_id), False)
+        op = (_QUEUE_JOB, (mid, client_ip, helo, hostname, zone_id), False)
         if mid in self._in_pieces:
             self._pieces.append(op)  # after the message's last piece
         else:
@@ -590,6 +770,23 @@ class Store:
         self._submit(ev)
         ev.wait(timeout)
 
+    def probe(self) -> asyncio.Future[None]:
+        """Write one small row and say whether it was committed (a store
+        that could not write, asked whether it can again)."""
+        self._put(_PROBE, (time.time(),))
+        return self.barrier()
+
+    def prune_now(self, *, vacuum: bool = False, timeout: float | None = None) -> int:
+        """Prune to the retention policy until nothing more is due, then
+        (`vacuum`) give the freed space back to the file system; blocks (not
+        for the loop). Returns the messages deleted since the store was
+        opened (what is due is pruned at once when it opens)."""
+        done = threading.Event()
+        result: list[int] = []
+        self._queue.put(_PruneAll(vacuum, done, result))
+        done.wait(timeout)
+        return result[0] if result else 0
+
     # -- writes (non-blocking: safe on the event loop) ---------------------
 
     def session_started(self, *, listener: str, peer_ip: str, peer_port: int,
@@ -658,10 +855,7 @@ class Store:
             self._put(_INSERT_MESSAGE, (*row, body.whole()))
             return mid
         lane = self._pieces
-        lane.append(("INSERT INTO messages (id, session_id, received_at, mail_from,"
-                     " rcpt_tos, mail_options, rcpt_options, dsn, size, subject, message_id,"
-                     " raw, partial) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
-                     (*row, b""), False))
+        lane.append((_INSERT_PARTIAL, (*row, b""), False))
         seq = 0
         for part in body.parts:  # views of the caller's parts, at most CHUNK each
             view = memoryview(part)
@@ -681,12 +875,13 @@ class Store:
         """A future that resolves once message `mid` is committed: for a large
         one, when its last piece is; otherwise with everything queued so far
         (`barrier`)."""
-        if mid not in self._in_pieces:
-            return self.barrier()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._pieces.append(_Barrier(loop, fut))
-        self._queue.put(_PIECES)
+        if mid not in self._in_pieces:
+            self._submit(_Barrier(loop, fut, mid))
+        else:
+            self._pieces.append(_Barrier(loop, fut, mid))
+            self._queue.put(_PIECES)
         return fut
 
 
@@ -866,9 +1061,18 @@ class Reader:
             return [r[0] for r in self.conn.execute(
                 "SELECT id FROM messages WHERE analysis IS NULL ORDER BY id")]
 
-    def counts(self) -> dict[str, int]:
+    def usage(self) -> dict[str, int]:
+        """Bytes: the database file, its write-ahead log, the pages in use
+        (the rest of the file is free pages, reused before it grows)."""
+        wal = Path(f"{self.path}-wal")
+        return {"file_bytes": self.path.stat().st_size,
+                "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+                "used_bytes": rt.used_bytes(self.conn)}
+
+    def counts(self, tables: Sequence[str] = ("sessions", "messages", "attempts", "events")
+               ) -> dict[str, int]:
         return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                for t in ("sessions", "messages", "attempts", "events")}
+                for t in tables}
 
 
 def _insert_many(conn: sqlite3.Connection, sql: str, rows: list[Any]) -> None:

@@ -144,6 +144,8 @@ def test_feed_shows_history_and_a_new_session_within_a_second(page: Page, serve:
     send(h, rcpt="before@lab.test")  # before the page opens: comes from the history
     open_page(page, h)
     expect(session(page, "rcpt TO:<before@lab.test>")).to_be_visible()
+    # the header says what the store holds and its size
+    expect(page.locator("#store")).to_have_text(re.compile(r"^store \d+\.\d MB, 1 message$"))
 
     send(h, rcpt="bob@lab.test")
     line = page.locator("#feed .line", has_text="rcpt TO:<bob@lab.test>")

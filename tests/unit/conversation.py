@@ -47,6 +47,10 @@ class Conversation:
     requests: list[ss.Request] = field(default_factory=list)
     wire: bytearray = field(default_factory=bytearray)  # everything sent, in order
     t: float = 1_700_000_000.0
+    #: what the store does at a commit: raise this into the session, or
+    #: (hold_commits) nothing yet, the session left waiting
+    commit_error: BaseException | None = None
+    hold_commits: bool = False
 
     def __post_init__(self) -> None:
         if self.engine is None:
@@ -97,6 +101,10 @@ class Conversation:
             elif isinstance(request, ss.Delay):
                 self.t += request.seconds
                 actions = self.session.resume(None)
+            elif isinstance(request, ss.Commit) and self.hold_commits:
+                break
+            elif isinstance(request, ss.Commit) and self.commit_error is not None:
+                actions = self.session.throw(self.commit_error)
             elif isinstance(request, ss.Drip):
                 sent += request.data
                 actions = self.session.resume(None)

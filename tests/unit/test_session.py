@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conversation import Conversation, scenario
 
+from harness.records import NotStored
 from harness.smtp import session as ss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -518,3 +519,35 @@ def test_session_bdat_transaction_is_one_transfer() -> None:
     assert c.session.in_transfer  # between chunks too
     c.feed(b"BDAT 2 LAST\r\nde")
     assert not c.session.in_transfer
+
+
+def test_session_store_that_cannot_write_defers_with_452_and_records_no_acceptance() -> None:
+    """A full disk: the message is not kept, the client is told to try
+    later (452 4.3.1), the pair's attempt says deferred, and the session
+    goes on (the next transaction is taken once the store writes again)."""
+    c = Conversation(commit_error=NotStored("disk full"))
+    c.ehlo()
+    out = c.transaction("a@lab.test", "b@lab.test", "c@lab.test")
+    assert out[-1] == "452 4.3.1 Insufficient system storage"
+    assert [(a.rcpt, a.outcome, a.code, a.enhanced, a.message_id) for a in c.attempts] == [
+        ("b@lab.test", "deferred", 452, "4.3.1", None),
+        ("c@lab.test", "deferred", 452, "4.3.1", None)]
+    assert not any("stored as message" in line.text for line in c.lines)
+    assert any("message not stored: disk full" in line.text for line in c.lines)
+    assert c.cmd("MAIL FROM:<a@lab.test>").startswith("250")  # no transaction left over
+    c.cmd("RSET")
+    c.commit_error = None
+    out = c.transaction("a@lab.test", "d@lab.test")
+    assert out[-1].startswith("250 2.0.0 Ok: queued as 2")
+    assert c.attempts[-1].outcome == "accepted" and c.attempts[-1].message_id == 2
+
+
+def test_session_client_gone_before_the_commit_records_its_pairs_lost_with_the_message() -> None:
+    """The message was handed to the store, the 250 never sent: the sender
+    will try again, and the attempt says so (lost, with the message it left)."""
+    c = Conversation(hold_commits=True)
+    c.ehlo()
+    assert c.transaction("a@lab.test", "b@lab.test")[-1].startswith("354")
+    assert not c.attempts  # no verdict before the commit
+    c.lost()
+    assert [(a.outcome, a.message_id, a.phase) for a in c.attempts] == [("lost", 1, "message")]

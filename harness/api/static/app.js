@@ -532,6 +532,29 @@ for (const b of document.querySelectorAll("#tabs button")) {
   });
 }
 
+// ----------------------------------------------------------------- store
+
+function megabytes(n) {
+  return n >= 1e9 ? `${(n / 1e9).toFixed(1)} GB` : `${(n / 1e6).toFixed(1)} MB`;
+}
+
+async function loadStore() {
+  const s = await api("/api/v1/store");
+  const box = document.getElementById("store");
+  if (s.writable === false) {
+    box.textContent = `store cannot write (disk full?): messages get 452 4.3.1 — ${megabytes(s.disk_free_bytes)} free`;
+    box.title = s.error || "";
+    box.className = "bad";
+    return;
+  }
+  const kept = s.retention && s.retention.summary !== "keeps everything" ? `, ${s.retention.summary}` : "";
+  const n = s.counts.messages;
+  box.textContent = `store ${megabytes(s.used_bytes)}, ${n.toLocaleString()} message${n === 1 ? "" : "s"}${kept}`;
+  box.title = `${s.path}: file ${megabytes(s.file_bytes)}, log ${megabytes(s.wal_bytes)}, ` +
+    `${megabytes(s.disk_free_bytes)} free on its disk`;
+  box.className = "muted";
+}
+
 // ---------------------------------------------------------------- events
 
 const refreshMessages = coalesce(loadMessages);
@@ -539,6 +562,8 @@ const refreshTimelines = coalesce(loadTimelines);
 const refreshNdrs = coalesce(loadNdrs);
 const refreshBounces = coalesce(loadBounces);
 const refreshScenarios = coalesce(loadScenarios);
+const refreshStore = coalesce(loadStore);
+setInterval(refreshStore, 5000);
 
 function connect() {
   const src = new EventSource(withToken("/api/v1/events"));
@@ -553,6 +578,7 @@ function connect() {
       await loadScenarios();
       await loadRecent();
       await loadMessages();
+      await loadStore();
       if (document.getElementById("tab-attempts").classList.contains("active")) await loadTimelines();
       if (document.getElementById("tab-ndrs").classList.contains("active")) await loadNdrs();
     } catch (e) {

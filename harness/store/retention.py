@@ -1,0 +1,133 @@
+"""Retention: how much a long-running store keeps. The oldest messages and
+the sessions they came in go first, in small steps the store's writer takes
+between its commits (never one long transaction that would hold a 250
+back):
+
+- `keep`: the newest N messages;
+- `keep_days`: nothing older than D days;
+- `max_bytes`: the store's pages in use under SIZE (deleted pages are
+  reused, so the file stops growing there; `harness prune --vacuum` gives
+  the space back to the file system).
+
+A session still open is never deleted (its messages may be, under `keep`
+and `max_bytes`: a connection that sends forever must not keep everything);
+what a message leaves behind (its parts, its analysis job) goes with it."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+#: rows deleted per step (a step is one short transaction)
+STEP = 500
+
+
+@dataclass(frozen=True)
+class Retention:
+    keep: int | None = None
+    keep_days: float | None = None
+    max_bytes: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(x is not None for x in (self.keep, self.keep_days, self.max_bytes))
+
+    def describe(self) -> str:
+        parts = []
+        if self.keep is not None:
+            parts.append(f"the newest {self.keep:,} messages")
+        if self.keep_days is not None:
+            parts.append(f"{self.keep_days:g} days")
+        if self.max_bytes is not None:
+            parts.append(f"{self.max_bytes / 1024 / 1024:,.0f} MB")
+        return "keeps " + ", ".join(parts) if parts else "keeps everything"
+
+
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the store's pages in use (its file, less the free pages)."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int((pages - free) * page_size)
+
+
+def _delete_messages(conn: sqlite3.Connection, below: int, want: int | None = None) -> int:
+    """The oldest messages with an id under `below`, up to STEP of them (or,
+    `want` given, as many as it takes to free about that many bytes)."""
+    ids = []
+    freed = 0
+    for mid, size in conn.execute(
+            f"SELECT id, size FROM messages WHERE id < ? ORDER BY id LIMIT {STEP}", (below,)):
+        ids.append(mid)
+        freed += size
+        if want is not None and freed >= want:
+            break
+    if not ids:
+        return 0
+    marks = ",".join("?" * len(ids))
+    for table, column in (("message_parts", "message_id"), ("analysis_queue", "message_id"),
+                          ("relays", "message_id")):
+        conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+    conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
+    return len(ids)
+
+
+def _delete_sessions(conn: sqlite3.Connection, below: int) -> int:
+    """Ended sessions with an id under `below` (no message is left of
+    them: messages go first), up to STEP of them; their transcripts,
+    attempts, relays and bounces with them."""
+    ids = [r[0] for r in conn.execute(
+        f"SELECT id FROM sessions WHERE id < ? AND ended_at IS NOT NULL ORDER BY id"
+        f" LIMIT {STEP}", (below,))]
+    if not ids:
+        return 0
+    marks = ",".join("?" * len(ids))
+    for table in ("events", "attempts", "relays"):
+        conn.execute(f"DELETE FROM {table} WHERE session_id IN ({marks})", ids)
+    conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids)  # bounces: a trigger
+    return len(ids)
+
+
+def _first(conn: sqlite3.Connection, sql: str, params: tuple[object, ...] = ()) -> int | None:
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _oldest_kept_session(conn: sqlite3.Connection) -> int:
+    """Sessions under this id have no message left."""
+    oldest = _first(conn, "SELECT MIN(session_id) FROM messages")
+    if oldest is None:  # no message left: every ended session may go
+        return (_first(conn, "SELECT MAX(id) FROM sessions") or 0) + 1
+    return oldest
+
+
+def step(conn: sqlite3.Connection, policy: Retention, now: float | None = None
+         ) -> tuple[int, int]:
+    """One step of pruning: (messages, sessions) deleted, (0, 0) when
+    nothing is due. The caller commits; it calls again while anything was.
+
+    Ids grow with time (a session's when it starts, a message's when it is
+    stored), so "older than" is "an id under the first one that is not":
+    found from the oldest rows up, a short walk over what is due, never a
+    scan of the whole store."""
+    now = time.time() if now is None else now
+    messages = sessions = 0
+    if policy.keep_days is not None:
+        cutoff = now - policy.keep_days * 86400
+        first_new = _first(conn, "SELECT id FROM messages WHERE received_at >= ? ORDER BY id"
+                                 " LIMIT 1", (cutoff,))
+        messages += _delete_messages(conn, first_new if first_new is not None else 1 << 62)
+        first_new = _first(conn, "SELECT id FROM sessions WHERE started_at >= ? ORDER BY id"
+                                 " LIMIT 1", (cutoff,))
+        sessions += _delete_sessions(conn, min(first_new if first_new is not None else 1 << 62,
+                                               _oldest_kept_session(conn)))
+    if policy.keep is not None and not (messages or sessions):
+        top = _first(conn, "SELECT MAX(id) FROM messages") or 0
+        messages += _delete_messages(conn, top - policy.keep + 1)
+        sessions += _delete_sessions(conn, _oldest_kept_session(conn))
+    if policy.max_bytes is not None and not (messages or sessions):
+        over = used_bytes(conn) - policy.max_bytes
+        if over > 0:
+            messages += _delete_messages(conn, 1 << 62, want=over + policy.max_bytes // 20)
+            sessions += _delete_sessions(conn, _oldest_kept_session(conn))
+    return messages, sessions

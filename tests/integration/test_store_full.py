@@ -1,0 +1,128 @@
+"""A store whose disk fills up, on a real small file system (a tmpfs of a
+few megabytes, mounted by the test): messages are answered 452 4.3.1 and not
+kept, the server says so once and again when it writes again, /readyz is
+503 meanwhile, nothing acknowledged is lost, and the sessions' records held
+while the disk was full are written once it is not."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.store.db import Reader
+
+HARNESS = [sys.executable, "-m", "harness.cli"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the README's test command runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill_up(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    return filler
+
+
+class Serve:
+    def __init__(self, store: Path) -> None:
+        self.proc = subprocess.Popen(
+            [*HARNESS, "serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
+             "--store", str(store)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=store.parent,
+            env={**os.environ, "COLUMNS": "300"})
+        self.lines: list[str] = []
+        self.smtp = self.http = 0
+        self.read_until("Ctrl-C stops")
+
+    def read_until(self, pattern: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(r"listening on [\d.]+:(\d+)", line):
+                self.smtp = int(m.group(1))
+            if m := re.search(r"API on http://[\d.]+:(\d+)", line):
+                self.http = int(m.group(1))
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"serve ended before {pattern!r}: {''.join(self.lines)}")
+
+    def get(self, path: str) -> tuple[int, dict[str, object]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    def send(self, subject: str, size: int = 20_000) -> str:
+        """The reply to the message's data: "250 ..." or "452 ..."."""
+        body = f"Subject: {subject}\r\n\r\n".encode() + b"x" * size + b"\r\n"
+        with smtplib.SMTP("127.0.0.1", self.smtp, local_hostname="client.lab.test") as s:
+            s.ehlo()
+            s.mail("app@lab.test")
+            s.rcpt("user@harness.test")
+            code, text = s.data(body)
+            return f"{code} {text.decode()}"
+
+
+def test_a_full_disk_defers_messages_and_the_server_recovers(small_disk: Path) -> None:
+    store = small_disk / "harness.db"
+    serve = Serve(store)
+    try:
+        assert serve.send("before").startswith("250 2.0.0 Ok: queued as 1")
+        filler = fill_up(small_disk)
+
+        assert serve.send("small") == "452 4.3.1 Insufficient system storage"
+        serve.read_until(r"cannot write .*452 4\.3\.1 until it can")
+        assert serve.send("large", size=3 << 20) == "452 4.3.1 Insufficient system storage"
+        status, ready = serve.get("/readyz")
+        assert status == 503 and "cannot write" in str(ready["problems"])
+        status, info = serve.get("/api/v1/store")  # reads still work
+        assert status == 200 and info["writable"] is False and info["refused_messages"] == 2
+        assert info["counts"] == {"sessions": 1, "messages": 1}
+
+        filler.unlink()
+        status, ready = serve.get("/readyz")  # asked again: one small write
+        assert status == 200, ready
+        assert serve.send("after").startswith("250 2.0.0 Ok: queued as 4")
+        serve.read_until(r"writes again \(2 message\(s\) refused with 452 4\.3\.1")
+    finally:
+        serve.proc.send_signal(signal.SIGINT)
+        out, _ = serve.proc.communicate(timeout=30)
+    assert "2 message(s) refused (452) for want of space" in out
+    with Reader(store) as r:
+        assert [m.subject for m in r.messages()] == ["before", "after"]
+        # the refused sessions' records, held while the disk was full, are there
+        assert [s.id for s in r.sessions()] == [1, 2, 3, 4]
+        attempts = [(a.session_id, a.outcome, a.code) for a in r.attempts()
+                    if a.phase == "message"]
+        assert attempts == [(1, "accepted", 250), (2, "deferred", 452), (3, "deferred", 452),
+                            (4, "accepted", 250)]
+        left = r.conn.execute("SELECT (SELECT COUNT(*) FROM messages WHERE partial = 1),"
+                              " (SELECT COUNT(*) FROM message_parts)").fetchone()
+        assert tuple(left) == (0, 0)  # nothing of the large message left half written
+        assert r.analysis_pending() == []
