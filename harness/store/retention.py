@@ -11,7 +11,9 @@ back):
 
 A session still open is never deleted (its messages may be, under `keep`
 and `max_bytes`: a connection that sends forever must not keep everything);
-what a message leaves behind (its parts, its analysis job) goes with it."""
+nor is a message still being written or waiting for its analysis (whoever
+waits for that analysis gets it; the message goes at a later step). What a
+message leaves behind (its parts, its relays) goes with it."""
 
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def _delete_messages(conn: sqlite3.Connection, below: int, want: int | None = No
     ids = []
     freed = 0
     for mid, size in conn.execute(
-            f"SELECT id, size FROM messages WHERE id < ? ORDER BY id LIMIT {STEP}", (below,)):
+            "SELECT id, size FROM messages WHERE id < ? AND partial IS NULL AND id NOT IN"
+            f" (SELECT message_id FROM analysis_queue) ORDER BY id LIMIT {STEP}", (below,)):
         ids.append(mid)
         freed += size
         if want is not None and freed >= want:
@@ -65,8 +68,7 @@ def _delete_messages(conn: sqlite3.Connection, below: int, want: int | None = No
     if not ids:
         return 0
     marks = ",".join("?" * len(ids))
-    for table, column in (("message_parts", "message_id"), ("analysis_queue", "message_id"),
-                          ("relays", "message_id")):
+    for table, column in (("message_parts", "message_id"), ("relays", "message_id")):
         conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
     conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
     return len(ids)

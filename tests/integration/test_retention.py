@@ -38,6 +38,7 @@ def fill(st: Store, *, sessions: int, per_session: int, t0: float = 1_000.0,
             t += 1
             mid = st.message(MessageDraft(sid, t, "a@x.test", ("b@x.test",), (), (),
                                           Body((b"x" * size,)), "s", None, {}))
+            st.message_analysis(mid, {"ndr": None}, False)  # analysed: free to go
             st.transcript([TranscriptLine(sid, t, "I", "message", f"stored as {mid}", None)])
             st.attempt(AttemptRecord(sid, t, "a@x.test", "b@x.test", "message", 250, "2.0.0",
                                      "250 ok", "accepted", None, mid))
@@ -209,3 +210,18 @@ def test_max_store_size_too_small_is_refused(tmp_path: Path, size: str) -> None:
     run = subprocess.run([*HARNESS, "serve", "--max-store-size", size, "--store",
                           str(tmp_path / "h.db")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "at least 1MiB" in run.stderr
+
+
+def test_a_message_waiting_for_its_analysis_is_kept_until_analysed(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with Store(path) as st:
+        fill(st, sessions=1, per_session=4)
+        st.analysis_job(2, client_ip="127.0.0.1", helo="c", hostname="mx", zone=None)
+    with Store(path, retention=Retention(keep=1)) as st:
+        st.prune_now()
+    assert rows(path, "messages") == [2, 4]  # 2 is waited for
+    with Store(path, retention=Retention(keep=1)) as st:
+        st.message_analysis(2, {"ndr": None}, False)
+        st.sync_barrier()
+        st.prune_now()
+    assert rows(path, "messages") == [4]
