@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         port, store = free_port(), Path(tmp) / "soak.db"
         server = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "harness"), "serve", "--listen", f"{HOST}:{port}",
-             "--http", "127.0.0.1:0", "--store", str(store), "--quiet"],
+             "--http", "127.0.0.1:0", "--store", str(store), "--quiet", *args.serve_arg],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         assert server.stdout is not None
         if "listening on" not in server.stdout.readline():
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 server.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+        if tmp is not None and not args.keep_store:  # gigabytes after a long run
+            shutil.rmtree(tmp, ignore_errors=True)
     loaded = [s for s in samples if s.loading]
     return {
         "config": {"seconds": duration, "size": args.size, "sessions": args.sessions,
@@ -221,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--port", type=int, default=0, help="a harness that runs already")
     p.add_argument("--store", default="", help="its store (with --port)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="an option for the harness it starts (repeat), e.g. "
+                        "--serve-arg=--max-store-size --serve-arg=2GB")
+    p.add_argument("--keep-store", action="store_true",
+                   help="keep the store of the harness it started (deleted by default)")
     p.add_argument("--drain-timeout", type=float, default=120.0)
     p.add_argument("--smtp-source", default="/usr/sbin/smtp-source")
     p.add_argument("--json", type=Path)

@@ -397,6 +397,10 @@ class Store:
             # the database at a commit held that commit (and every 250
             # waiting behind it) for as long as the copy took
             conn.execute("PRAGMA wal_autocheckpoint = 0")
+            # the WAL file is cut back to this when it starts over (it grows
+            # to about 16 * CHECKPOINT_BYTES under sustained load; an idle
+            # store need not keep that)
+            conn.execute(f"PRAGMA journal_size_limit = {4 * CHECKPOINT_BYTES}")
             conn.executescript(SCHEMA + BOUNCES_SCHEMA)
             for table, column, kind in MIGRATIONS:
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
@@ -521,8 +525,8 @@ class Store:
                 if piece[0] == _UNMARK:
                     whole.append(piece[1][0])
             err = self._write(conn, ops, waiters)
+            self._in_pieces.difference_update(whole)  # before anyone waiting is woken
             self._release(waiters, err)
-            self._in_pieces.difference_update(whole)
             self._written += (BATCH_BYTES - budget) + 4096 * len(ops)  # pieces, and pages
             if self._written > CHECKPOINT_BYTES:
                 self._written = 0

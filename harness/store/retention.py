@@ -7,7 +7,8 @@ back):
 - `keep_days`: nothing older than D days;
 - `max_bytes`: the store's pages in use under SIZE (deleted pages are
   reused, so the file stops growing there; `harness prune --vacuum` gives
-  the space back to the file system).
+  the space back to the file system). The write-ahead log beside it comes
+  on top: up to about 300 MB under sustained load, cut back when idle.
 
 A session still open is never deleted (its messages may be, under `keep`
 and `max_bytes`: a connection that sends forever must not keep everything);
@@ -39,9 +40,11 @@ class Retention:
         if self.keep is not None:
             parts.append(f"the newest {self.keep:,} messages")
         if self.keep_days is not None:
-            parts.append(f"{self.keep_days:g} days")
+            d = self.keep_days
+            parts.append(f"the last {d:g} day{'' if d == 1 else 's'}")
         if self.max_bytes is not None:
-            parts.append(f"{self.max_bytes / 1024 / 1024:,.0f} MB")
+            n = self.max_bytes
+            parts.append(f"under {n / 1e9:,.3g} GB" if n >= 1e9 else f"under {n / 1e6:,.3g} MB")
         return "keeps " + ", ".join(parts) if parts else "keeps everything"
 
 
