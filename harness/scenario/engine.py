@@ -17,7 +17,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from threading import Lock
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -172,12 +172,93 @@ class Connection:
     the SMTP session, which the engine reads through `SessionFacts`."""
 
     client: ipaddress.IPv4Address | ipaddress.IPv6Address
-    number: int  # Nth connection from this client
+    number: int  # Nth connection from this client (0 until its Connect decision)
     open: bool = True
     key: str = ""  # the client address as text (the counters' key)
+    counted: bool = False  # its Connect decision counted it
+    shared: bool = False  # ... in a shared book (which counts its closing)
 
     def __post_init__(self) -> None:
         self.key = self.key or str(self.client)
+
+
+class Book(Protocol):
+    """What an engine remembers across connections: attempt counters,
+    first-seen times, connection counts, rule uses, rate buckets, the
+    scenario state. `MemoryBook` keeps it in this process; a shared book
+    (harness.state) reads and writes it in a database, one transaction per
+    decision, so that several processes or hosts decide as one engine."""
+
+    state: str
+
+    @property
+    def attempts(self) -> MutableMapping[tuple[str, str, str], int]:
+        """Per phase and pair (or client): a key not there counts 0."""
+
+    @property
+    def first_seen(self) -> MutableMapping[tuple[str, str, str], float]:
+        """Per client, sender and recipient: when first seen."""
+
+    @property
+    def connections(self) -> MutableMapping[str, int]:
+        """Per client, ever: a key not there counts 0."""
+
+    @property
+    def rule_uses(self) -> MutableMapping[str, int]:
+        """Per rule name: a key not there counts 0."""
+
+    @property
+    def buckets(self) -> MutableMapping[str, tuple[float, float]]:
+        """Rate key -> (tokens, when)."""
+
+    def opened(self, client: str) -> None:
+        """A connection from `client` is open (it counts for the limits)."""
+
+    def closed(self, client: str) -> None:
+        """... and is closed."""
+
+    def active(self, client: str | None = None) -> int:
+        """Connections open now: from `client`, or (None) from anyone."""
+
+
+class MemoryBook:
+    """The book kept in this process (one engine, one process)."""
+
+    def __init__(self) -> None:
+        self.attempts: Counter[tuple[str, str, str]] = Counter()
+        self.first_seen: dict[tuple[str, str, str], float] = {}
+        self.connections: Counter[str] = Counter()
+        self.rule_uses: Counter[str] = Counter()
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.state = INITIAL_STATE
+        #: open connections per client: facts of the sockets, not of a run
+        #: (a reset keeps counting the ones still open)
+        self.open: Counter[str] = Counter()
+
+    def opened(self, client: str) -> None:
+        self.open[client] += 1
+
+    def closed(self, client: str) -> None:
+        self.open[client] -= 1
+        if self.open[client] <= 0:
+            del self.open[client]
+
+    def active(self, client: str | None = None) -> int:
+        return self.open[client] if client is not None else sum(self.open.values())
+
+    def forget(self) -> None:
+        """Everything but the connections open now."""
+        self.attempts.clear()
+        self.first_seen.clear()
+        self.connections.clear()
+        self.rule_uses.clear()
+        self.buckets.clear()
+        self.state = INITIAL_STATE
+
+
+#: matcher keys whose values span connections (a phase with a rule that uses
+#: one is decided against the shared book when there is one)
+SHARED_KEYS = frozenset({"attempt", "first_seen", "state", "connection"})
 
 
 class SessionFacts(Protocol):
@@ -272,50 +353,75 @@ class Engine:
                 Phase.RCPT: limits.recipients_per_message is not None,
             }
             self._limited.update({p: False for p in Phase if p not in self._limited})
+            # The phases decided against a shared book when there is one:
+            # those whose rules read or write what spans connections, the
+            # connect phase when connections are counted, the mail phase
+            # under a rate limit. Any other decision is this process's own.
+            shared: set[Phase] = set()
+            for rule in scenario.rules:
+                keys = {mt.key for mt in rule.when}
+                if keys & SHARED_KEYS or rule.times is not None or rule.set_state is not None:
+                    shared.add(rule.on)
+            if "connection" in self.uses or self._limited[Phase.CONNECT]:
+                shared.add(Phase.CONNECT)
+            if limits.rate is not None:
+                shared.add(Phase.MAIL)
+            self.shared_phases = frozenset(shared)
 
     def reset(self) -> None:
-        """Forget attempts, first-seen times, rule uses and state; reseed."""
+        """Forget attempts, first-seen times, rule uses and state; reseed.
+        (Connections open now keep counting for the limits.)"""
         with self._lock:
-            self.state = INITIAL_STATE
             self.rng = random.Random(self.seed)
-            self.attempts: Counter[tuple[str, ...]] = Counter()
-            self.first_seen: dict[tuple[str, str, str], float] = {}
-            self.connections: Counter[str] = Counter()
-            self.rule_uses: Counter[str] = Counter()
-            self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
-            if not hasattr(self, "active"):
-                # Open connections are facts of the sockets, not of a run:
-                # a reset keeps counting the ones still open.
-                self.active: Counter[str] = Counter()
+            if not hasattr(self, "book"):
+                self.book = MemoryBook()
+            self.book.forget()
+
+    @property
+    def state(self) -> str:
+        """The scenario state (this process's book)."""
+        return self.book.state
 
     # -- events -----------------------------------------------------------
 
     def connect(self, client: str) -> Connection:
+        """A new connection, counted in this process's book (its number, the
+        connections open)."""
         ip = _parse_client(client)
         key = str(ip)
         with self._lock:
-            self.connections[key] += 1
-            self.active[key] += 1
-            return Connection(client=ip, number=self.connections[key], key=key)
+            book = self.book
+            n = book.connections[key] = book.connections[key] + 1
+            book.opened(key)
+            return Connection(client=ip, number=n, key=key, counted=True)
+
+    def uncounted(self, client: str) -> Connection:
+        """A new connection that its Connect decision will count, in the
+        book that decision is made against (a shared one)."""
+        ip = _parse_client(client)
+        return Connection(client=ip, number=0, key=str(ip))
 
     def disconnect(self, conn: Connection) -> None:
         """The connection is closed (counts for the concurrency limits)."""
         with self._lock:
-            if conn.open:
-                conn.open = False
-                key = conn.key
-                self.active[key] -= 1
-                if self.active[key] <= 0:
-                    del self.active[key]
+            if conn.open and conn.counted and not conn.shared:
+                self.book.closed(conn.key)
+            conn.open = False
 
     def decide(self, session: SessionFacts, event: Event) -> Decision:
         """The decision for `event` in `session`, updating the engine's own
         bookkeeping (attempts, first-seen times, rule uses, state, rate
         buckets); the session applies the decision to itself."""
         with self._lock:
-            return self._decide(session, event)
+            return self._decide(session, event, self.book)
 
-    def _decide(self, session: SessionFacts, event: Event) -> Decision:
+    def decide_with(self, session: SessionFacts, event: Event, book: Book) -> Decision:
+        """The decision for `event` against `book` (a shared book, inside
+        the caller's transaction)."""
+        with self._lock:
+            return self._decide(session, event, book)
+
+    def _decide(self, session: SessionFacts, event: Event, book: Book) -> Decision:
         phase = event.phase
         name = _PHASE_NAME[phase]
         now = self.clock()
@@ -323,7 +429,13 @@ class Engine:
         client = conn.key
         mail_from = event.sender if isinstance(event, Mail) else session.mail_from
         sender = mail_from.lower() if mail_from else ""
-        attempts = self.attempts
+        attempts = book.attempts
+        if isinstance(event, Connect) and not conn.counted:
+            conn.counted = True
+            conn.shared = not isinstance(book, MemoryBook)
+            n = book.connections[client] = book.connections[client] + 1
+            conn.number = n
+            book.opened(client)
 
         # Attempt counters: per pair once recipients are known, else per client
         # (connect, helo, ...) or client and sender (mail).
@@ -333,7 +445,7 @@ class Engine:
         if phase in _PAIR_PHASES:
             rcpts = (event.recipient,) if isinstance(event, Rcpt) else tuple(session.rcpts)
             cl, al = [], []
-            first_seen = self.first_seen
+            first_seen = book.first_seen
             for r in rcpts:
                 low = r.lower()
                 key = (name, sender, low)
@@ -350,7 +462,7 @@ class Engine:
             counts = (n,)
 
         if self._limited[phase]:
-            limited = self._limit(session, event, now)
+            limited = self._limit(session, event, now, book)
             if limited is not None:
                 return limited
         if not self._rules[phase]:  # nothing to match: the normal behaviour
@@ -360,7 +472,7 @@ class Engine:
             client=conn.client,
             tls=session.tls,
             connection=conn.number,
-            state=self.state,
+            state=book.state,
             rng=self.rng,
             helo=session.helo,
             auth_user=session.auth_user,
@@ -390,9 +502,10 @@ class Engine:
             facts.size = event.total
         elif isinstance(event, Auth):
             facts.auth_user = event.user
-        return self._match(facts)
+        return self._match(facts, book)
 
-    def _limit(self, session: SessionFacts, event: Event, now: float) -> Decision | None:
+    def _limit(self, session: SessionFacts, event: Event, now: float,
+               book: Book) -> Decision | None:
         """The scenario's server limits, checked before its rules."""
         limits = self.scenario.server.limits
         phase = event.phase
@@ -402,11 +515,11 @@ class Engine:
             return Decision(phase=phase, rule=f"limit {name}", reply=reply, close=close)
 
         if isinstance(event, Connect):
-            total = sum(self.active.values())
-            if limits.max_connections is not None and total > limits.max_connections:
+            if (limits.max_connections is not None
+                    and book.active() > limits.max_connections):
                 return refuse("max_connections", _TOO_MANY_CONNECTIONS, True)
             if (limits.max_connections_per_client is not None
-                    and self.active[conn.key] > limits.max_connections_per_client):
+                    and book.active(conn.key) > limits.max_connections_per_client):
                 return refuse("max_connections_per_client", _TOO_MANY_FROM_YOU, True)
         elif isinstance(event, Mail):
             if (limits.messages_per_connection is not None
@@ -416,30 +529,30 @@ class Engine:
             if rate is not None:
                 key = (f"client {conn.client}" if rate.key == "client"
                        else f"sender {event.sender.lower()}")
-                tokens, then = self.buckets.get(key, (float(rate.messages), now))
+                tokens, then = book.buckets.get(key, (float(rate.messages), now))
                 tokens = min(float(rate.messages),
                              tokens + (now - then) * rate.messages / rate.per)
                 if tokens < 1.0:
-                    self.buckets[key] = (tokens, now)
+                    book.buckets[key] = (tokens, now)
                     if rate.reply is not None:
                         return refuse("rate", rate.reply, rate.reply.code == 421)
                     if rate.key == "client":
                         return refuse("rate", _RATE_CLIENT, True)
                     return refuse("rate", _RATE_SENDER, False)
-                self.buckets[key] = (tokens - 1.0, now)
+                book.buckets[key] = (tokens - 1.0, now)
         elif (isinstance(event, Rcpt) and limits.recipients_per_message is not None
                 and len(session.rcpts) >= limits.recipients_per_message):
             return refuse("recipients_per_message", _TOO_MANY_RECIPIENTS, False)
         return None
 
-    def _match(self, facts: Facts) -> Decision:
+    def _match(self, facts: Facts, book: Book) -> Decision:
         table = self._tables[facts.phase]
         rules, order = table.rules, table.order
         positions = table.candidates(facts) if table.indexed else range(len(rules))
         tested: dict[int, str] = {}
         for pos in positions:
             rule = rules[pos]
-            if rule.times is not None and self.rule_uses[rule.name] >= rule.times:
+            if rule.times is not None and book.rule_uses[rule.name] >= rule.times:
                 tested[pos] = f"retired after {rule.times} use(s)"
                 continue
             reason = None
@@ -454,9 +567,9 @@ class Engine:
             if reason is not None:
                 tested[pos] = reason
                 continue
-            self.rule_uses[rule.name] += 1
+            book.rule_uses[rule.name] = book.rule_uses[rule.name] + 1
             if rule.set_state is not None:
-                self.state = rule.set_state
+                book.state = rule.set_state
             delay = rule.delay.sample(self.rng) if rule.delay is not None else 0.0
             return Decision(
                 phase=facts.phase,
