@@ -452,7 +452,10 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
     name_node: Node = node
     if "name" in keys:
         given = c.scalar(keys["name"], "name")
-        if given is not None:
+        if given is not None and not given.strip():
+            c.error(keys["name"], "name is empty", "leave it out to be called "
+                    f"'rule {index + 1}'")  # found by the loader fuzz target
+        elif given is not None:
             name = given
             name_node = keys["name"]
     if name in names:
@@ -882,6 +885,19 @@ class _DepthLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+_ESCAPE = re.compile(r"\\(?:U([0-9A-Fa-f]{8})|u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
+
+
+def _bad_escape(text: str) -> tuple[int, int]:
+    """Line and column of the first escape beyond Unicode (found by the
+    loader fuzz target; PyYAML raises a bare ValueError for it)."""
+    for found in _ESCAPE.finditer(text):
+        if int(next(g for g in found.groups() if g), 16) > 0x10FFFF:
+            before = text[:found.start()]
+            return before.count("\n") + 1, found.start() - (before.rfind("\n") + 1) + 1
+    return 1, 1
+
+
 def _compose(c: _Collector, text: str) -> Node | None:
     try:
         node = yaml.compose(text, Loader=_DepthLoader)
@@ -899,6 +915,11 @@ def _compose(c: _Collector, text: str) -> Node | None:
         return None
     except yaml.YAMLError as e:
         c.problems.append(Problem(c.path, 1, 1, f"not valid YAML: {e}"))
+        return None
+    except ValueError:  # PyYAML's chr() of a "\UXXXXXXXX" escape past U+10FFFF
+        line, col = _bad_escape(text)
+        c.problems.append(Problem(c.path, line, col, "not valid YAML: an escape names no "
+                                  "Unicode character", "the largest is \\U0010FFFF"))
         return None
     if node is None:
         c.problems.append(Problem(c.path, 1, 1, "the file is empty",
@@ -998,7 +1019,7 @@ def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") 
                                      "levels", "a rule needs no more than six")])
     try:
         text = yaml.safe_dump([_plain(spec)], sort_keys=False, allow_unicode=True)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, UnicodeError) as e:
         raise ScenarioError([Problem(source, 1, 1, f"the rule cannot be read: {e}",
                                      "use strings, numbers, booleans, lists and dicts")]) from e
     root = _compose(c, text)
