@@ -47,3 +47,13 @@ def test_bench_idle_holds_connections_and_delivers(tmp_path: Path) -> None:
     bench("idle.py", "--connections", "300", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["connections"] == 300 and result["rss_after_kib"] > 0
+
+
+def test_bench_fuzz_quick_runs_every_target_and_finds_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "fuzz.json"
+    done = bench("fuzz.py", "--quick", "--quiet", "--json", str(out))
+    assert "| session | 1 | 200 |" in done.stdout
+    result = json.loads(out.read_text())
+    assert {r["target"] for r in result} == {"session", "session-bytes", "loader", "api",
+                                             "render"}
+    assert all(r["inputs"] == 200 and r["findings"] == [] for r in result), result
