@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from harness import __version__
 from harness.errors import HarnessError, ScenarioError
@@ -49,6 +51,18 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 #: Captured HTML: no script, no network, no forms, no navigation of the page.
 MAIL_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
             "font-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+
+
+def _not_a_client_mistake(record: logging.LogRecord) -> bool:
+    """aiohttp logs every request it cannot parse (and answers 400) with a
+    traceback: a client's malformed bytes are not the server's error, and
+    any client could fill the console with them. Handlers' own errors are
+    still logged."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, HttpProcessingError)
+
+
+logging.getLogger("aiohttp.server").addFilter(_not_a_client_mistake)
 
 
 def is_loopback(host: str) -> bool:
