@@ -71,6 +71,7 @@ class LivePrinter:
 
     def __call__(self, line: TranscriptLine) -> None:
         sid, t, direction, _, text, rule = line
+        text = printable(text)  # a client's bytes never drive the operator's terminal
         if direction == "C":
             self.last_command[sid] = text
             return
@@ -349,8 +350,9 @@ def _messages(args: argparse.Namespace) -> int:
         table.add_column(col)
     for m in msgs:
         table.add_row(str(m.id), str(m.session_id), _day(m.received_at),
-                      escape(m.mail_from or "<>"), escape(", ".join(m.rcpt_tos)), str(m.size),
-                      escape(m.subject or ""))
+                      escape(printable(m.mail_from or "<>")),
+                      escape(printable(", ".join(m.rcpt_tos))), str(m.size),
+                      escape(printable(m.subject or "")))
     out.print(table)
     return 0
 
@@ -366,9 +368,10 @@ def _sessions(args: argparse.Namespace) -> int:
         table.add_column(col)
     for s in sessions:
         table.add_row(str(s.id), _day(s.started_at), f"{s.peer_ip}:{s.peer_port}",
-                      escape(s.helo or "-"), escape(", ".join(x or "<>" for x in s.mail_from)),
-                      escape(", ".join(s.rcpt_tos)), str(len(s.message_ids)),
-                      escape(s.end_reason or "open"))
+                      escape(printable(s.helo or "-")),
+                      escape(printable(", ".join(x or "<>" for x in s.mail_from))),
+                      escape(printable(", ".join(s.rcpt_tos))), str(len(s.message_ids)),
+                      escape(printable(s.end_reason or "open")))
     out.print(table)
     return 0
 

@@ -303,8 +303,8 @@ yaml_text: st.SearchStrategy[str] = st.one_of(
     st.builds(lambda v, e: _mutate(_dump({"rules": [v]}, False), e),
               st.dictionaries(st.sampled_from(loader.RULE_KEYS), scenario_value, max_size=6),
               _edits),
-    st.integers(1, 200).map(lambda n: "a: " + "[" * n + "]" * n),
-    st.integers(1, 200).map(lambda n: "".join(f"{'  ' * i}k{i}:\n" for i in range(n))),
+    st.integers(1, 2000).map(lambda n: "a: " + "[" * n + "]" * n),
+    st.integers(1, 600).map(lambda n: "".join(f"{'  ' * i}k{i}:\n" for i in range(n))),
 )
 
 loader_input: st.SearchStrategy[tuple[str, Any, bool]] = st.tuples(

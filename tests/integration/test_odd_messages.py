@@ -147,3 +147,30 @@ def test_odd_message_terminal_output_of_a_real_process(
             assert b"Subject: \\x1b[31mred\\x07" in done.stdout
         if name == "not-utf8-header":
             assert b"Subject: caf\\xe9 \\xff" in done.stdout
+
+
+def test_odd_client_bytes_never_reach_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """A HELO name with terminal escapes (accepted: a name is not checked) is
+    shown escaped by `harness sessions`, `harness show` and the live console."""
+    import io
+    import socket
+
+    from rich.console import Console
+
+    from harness.cli import LivePrinter
+
+    live = io.StringIO()
+    with Harness(keep_store=False) as h:
+        h.ctx.observers.append(LivePrinter(Console(file=live, highlight=False,
+                                                   color_system=None)))
+        with socket.create_connection((h.host, h.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"HELO \x1b[2J\x1b[31mevil\r\nQUIT\r\n")
+            assert f.readline().startswith(b"250") and f.readline().startswith(b"221")
+        h.wait_idle()
+        for args in (["sessions"], ["show", "1"]):
+            assert main([*args, "--store", str(h.store_path)]) == 0
+            out = capsys.readouterr().out
+            assert "\x1b" not in out and "\\x1b[2J\\x1b[31mevil" in out, out
+    assert "\x1b" not in live.getvalue() and "HELO \\x1b[2J" in live.getvalue()
