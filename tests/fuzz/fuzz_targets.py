@@ -396,18 +396,19 @@ _query = st.lists(st.tuples(st.sampled_from(["limit", "rcpt", "mail_from", "toke
     lambda kv: "&".join(f"{k}={v}" for k, v in kv).encode("utf-8", "surrogatepass"))
 
 _probe_body = st.fixed_dictionaries(
-    {}, optional={
+    # a port always: hosts from a zone are dialled on it (25 when absent,
+    # where a machine's own MTA may listen); 1 and 9 are closed on loopback
+    {"port": st.sampled_from([1, 9, 0, -1, 70000, "25", True])}, optional={
         "sender": st.sampled_from(["a@lab.test", "", "<>", "x"]),
         "recipient": st.sampled_from(["b@lab.test", "nobody", "b@nowhere.test", ""]),
         # loopback targets only: a probe dials what it is given
         "mx": st.lists(st.sampled_from(["127.0.0.1:1", "[::1]:1", "localhost", "mx.lab.test",
-                                        "127.0.0.1:99999", "", "not a host", "127.0.0.1"]),
+                                        "127.0.0.1:99999", "", "not a host", "127.0.0.1:9"]),
                        max_size=2),
         "zone": st.sampled_from(["lab.test: {MX: ['10 mx.lab.test']}\n"
                                  "mx.lab.test: {A: [127.0.0.1]}\n", "[", "lab.test: 1",
                                  "server: {tls: {cert: /etc/passwd, key: /etc/shadow}}\n"
                                  "dns: {lab.test: {A: [127.0.0.1]}}\n"]),
-        "port": st.sampled_from([1, 0, -1, 70000, "25", True]),
         "timeouts": st.sampled_from([{"connect": 0.5}, {"x": 1}, {"connect": -1}, []]),
         "send": st.booleans(), "helo": _text, "ca_pem": st.sampled_from(["junk", ""]),
         "dns": st.sampled_from(["scenario", "", 1]), "extra": st.none()})
