@@ -26,6 +26,7 @@ from rich.table import Table
 from harness import __version__
 from harness.errors import HarnessError, ScenarioError
 from harness.records import TranscriptLine
+from harness.render import printable
 from harness.scenario.engine import Engine
 from harness.scenario.library import library_dir, library_names, load, resolve
 from harness.scenario.loader import load_file
@@ -71,6 +72,7 @@ class LivePrinter:
 
     def __call__(self, line: TranscriptLine) -> None:
         sid, t, direction, _, text, rule = line
+        text = printable(text)  # a client's bytes never drive the operator's terminal
         if direction == "C":
             self.last_command[sid] = text
             return
@@ -418,8 +420,9 @@ def _messages(args: argparse.Namespace) -> int:
         table.add_column(col)
     for m in msgs:
         table.add_row(str(m.id), str(m.session_id), _day(m.received_at),
-                      escape(m.mail_from or "<>"), escape(", ".join(m.rcpt_tos)), str(m.size),
-                      escape(m.subject or ""))
+                      escape(printable(m.mail_from or "<>")),
+                      escape(printable(", ".join(m.rcpt_tos))), str(m.size),
+                      escape(printable(m.subject or "")))
     out.print(table)
     return 0
 
@@ -435,9 +438,10 @@ def _sessions(args: argparse.Namespace) -> int:
         table.add_column(col)
     for s in sessions:
         table.add_row(str(s.id), _day(s.started_at), f"{s.peer_ip}:{s.peer_port}",
-                      escape(s.helo or "-"), escape(", ".join(x or "<>" for x in s.mail_from)),
-                      escape(", ".join(s.rcpt_tos)), str(len(s.message_ids)),
-                      escape(s.end_reason or "open"))
+                      escape(printable(s.helo or "-")),
+                      escape(printable(", ".join(x or "<>" for x in s.mail_from))),
+                      escape(printable(", ".join(s.rcpt_tos))), str(len(s.message_ids)),
+                      escape(printable(s.end_reason or "open")))
     out.print(table)
     return 0
 
@@ -454,13 +458,25 @@ def _session_json(s: SessionRecord) -> dict[str, Any]:
     }
 
 
+#: SQLite's largest INTEGER, the largest id a store can hold
+MAX_ID = 2**63 - 1
+
+
+def _store_id(text: str, what: str, original: str) -> int:
+    """A message or session number from the command line: digits, at most
+    the store's largest id (a larger one would overflow SQLite's INTEGER)."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 19 or (
+            int(text) > MAX_ID):
+        raise HarnessError(f"bad id {original!r}: give a session number or m<number> "
+                           f"(a {what} number is at most {MAX_ID})")
+    return int(text)
+
+
 def _show(args: argparse.Namespace) -> int:
     ident = args.id.lower()
     with Reader(args.store) as r:
         if ident.startswith("m"):
-            if not ident[1:].isdigit():
-                raise HarnessError(f"bad id {args.id!r}: give a session number or m<number>")
-            msg = r.message(int(ident[1:]))
+            msg = r.message(_store_id(ident[1:], "message", args.id))
             if msg is None:
                 raise HarnessError(f"no message {ident[1:]} in {args.store}")
             if args.raw:
@@ -471,33 +487,12 @@ def _show(args: argparse.Namespace) -> int:
                 print(json.dumps({**msg.as_dict(raw=True),
                                   "relays": [asdict(x) for x in relays]}, indent=2))
                 return 0
-            out.print(f"[bold]message {msg.id}[/] (session {msg.session_id}, "
-                      f"{_day(msg.received_at)}, {msg.size} bytes)")
-            out.print(f"  from: {escape(msg.mail_from or '<>')} {' '.join(msg.mail_options)}")
-            out.print(f"  to:   {escape(', '.join(msg.rcpt_tos))}")
-            head = (msg.raw or b"").split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-            out.print(escape(head))
-            analysis = msg.analysis or {}
-            if analysis.get("authentication_results"):
-                out.print(f"[dim]Authentication-Results:[/] "
-                          f"{escape(analysis['authentication_results'])}")
-            ndr = analysis.get("ndr")
-            if ndr:
-                out.print(f"[bold]{'delay notice' if ndr.get('is_delay') else 'NDR'}[/] "
-                          f"({escape(str(ndr.get('format')))}): "
-                          + "; ".join(escape(f"{r.get('final_recipient')} {r.get('action')} "
-                                             f"{r.get('status')} {r.get('diagnostic_text') or ''}")
-                                      for r in ndr.get("recipients", []))
-                          + "  [dim](harness explain for what it means)[/]")
-            for x in relays:
-                out.print(f"[{'green' if x.ok else 'red'}]{escape(x.handler)}: "
-                          f"{'ok' if x.ok else 'failed'}[/] {escape(x.status)}")
+            show_message(msg, relays, out)
             return 0
-        if not ident.lstrip("s").isdigit():
-            raise HarnessError(f"bad id {args.id!r}: give a session number or m<number>")
+        sid = _store_id(ident.lstrip("s"), "session", args.id)
         if args.raw:
             raise HarnessError("--raw shows a message's bytes: give m<number>")
-        s = r.session(int(ident.lstrip("s")))
+        s = r.session(sid)
         if s is None:
             raise HarnessError(f"no session {ident.lstrip('s')} in {args.store}")
         if args.json:
@@ -509,20 +504,61 @@ def _show(args: argparse.Namespace) -> int:
         t0 = s.started_at
         for e in s.events:
             rel = f"+{e.t - t0:8.3f}s"
+            text = printable(e.text)  # a client's bytes never drive the terminal
             if e.direction == "C":
-                out.print(f"[dim]{rel}[/] C: {escape(e.text)}")
+                out.print(f"[dim]{rel}[/] C: {escape(text)}")
             elif e.direction == "S":
                 rule = f" [dim]\\[{escape(e.rule)}][/]" if e.rule else ""
-                out.print(f"[dim]{rel}[/] S: [{_style(e.text)}]{escape(e.text)}[/]{rule}")
+                out.print(f"[dim]{rel}[/] S: [{_style(text)}]{escape(text)}[/]{rule}")
             else:
-                out.print(f"[dim]{rel}    {escape(e.text)}[/]")
+                out.print(f"[dim]{rel}    {escape(text)}[/]")
         for mid in s.message_ids:
             m = r.message(mid)
             if m is not None:
-                out.print(f"message {m.id}: from {escape(m.mail_from or '<>')} to "
-                          f"{escape(', '.join(m.rcpt_tos))}, {m.size} bytes, "
-                          f"subject {escape(m.subject or '-')!s}")
+                out.print(f"message {m.id}: from {escape(printable(m.mail_from or '<>'))} to "
+                          f"{escape(printable(', '.join(m.rcpt_tos)))}, {m.size} bytes, "
+                          f"subject {escape(printable(m.subject or '-'))!s}")
     return 0
+
+
+def show_message(msg: Any, relays: Sequence[Any], console: Console) -> None:
+    """`harness show mID`: the envelope, the header block as sent, the parts
+    and the analysis. Whatever the message's bytes, nothing raises and
+    nothing reaches the terminal unescaped: bytes that are not UTF-8 and
+    control characters are printed as \\xNN (harness.render)."""
+    from harness.render import view
+
+    console.print(f"[bold]message {msg.id}[/] (session {msg.session_id}, "
+                  f"{_day(msg.received_at)}, {msg.size} bytes)")
+    console.print(f"  from: {escape(printable(msg.mail_from or '<>'))} "
+                  f"{escape(printable(' '.join(msg.mail_options)))}")
+    console.print(f"  to:   {escape(printable(', '.join(msg.rcpt_tos)))}")
+    raw = msg.raw or b""
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "backslashreplace")
+    console.print(escape(printable(head.replace("\r\n", "\n"))))
+    shown = view(raw)
+    for part in shown.parts:
+        name = f" {part.filename}" if part.filename else ""
+        console.print(f"[dim]part {part.index}: {escape(printable(part.content_type))}"
+                      f"{escape(printable(name))}, {part.size} bytes[/]")
+    for problem in shown.problems:
+        console.print(f"[yellow]{escape(printable(problem))}[/]")
+    analysis = msg.analysis or {}
+    if analysis.get("authentication_results"):
+        console.print(f"[dim]Authentication-Results:[/] "
+                      f"{escape(printable(str(analysis['authentication_results'])))}")
+    ndr = analysis.get("ndr")
+    if ndr:
+        console.print(f"[bold]{'delay notice' if ndr.get('is_delay') else 'NDR'}[/] "
+                      f"({escape(str(ndr.get('format')))}): "
+                      + "; ".join(escape(printable(
+                          f"{r.get('final_recipient')} {r.get('action')} "
+                          f"{r.get('status')} {r.get('diagnostic_text') or ''}"))
+                                  for r in ndr.get("recipients", []))
+                      + "  [dim](harness explain for what it means)[/]")
+    for x in relays:
+        console.print(f"[{'green' if x.ok else 'red'}]{escape(x.handler)}: "
+                      f"{'ok' if x.ok else 'failed'}[/] {escape(printable(x.status))}")
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -18,21 +18,22 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from email import policy
-from email.parser import BytesParser
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from harness import __version__
 from harness.errors import HarnessError, ScenarioError, StoreError
 from harness.records import TranscriptLine
+from harness.render import view
 from harness.scenario.library import library_dir, library_names, load
 from harness.scenario.loader import build_rule, load_text
 from harness.smtp.listener import ListenerContext
@@ -51,6 +52,18 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 #: Captured HTML: no script, no network, no forms, no navigation of the page.
 MAIL_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
             "font-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+
+
+def _not_a_client_mistake(record: logging.LogRecord) -> bool:
+    """aiohttp logs every request it cannot parse (and answers 400) with a
+    traceback: a client's malformed bytes are not the server's error, and
+    any client could fill the console with them. Handlers' own errors are
+    still logged."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, HttpProcessingError)
+
+
+logging.getLogger("aiohttp.server").addFilter(_not_a_client_mistake)
 
 
 def is_loopback(host: str) -> bool:
@@ -118,6 +131,14 @@ def _loopback_name(host: str) -> bool:
     return name == "localhost" or is_loopback(name)
 
 
+def _bearer(header: bytes) -> bytes:
+    """The credentials of `Authorization: Bearer TOKEN`, the scheme in any
+    case (RFC 7235 2.1: auth-scheme is case-insensitive; one or more spaces
+    after it); b"" when the header is not a bearer one."""
+    scheme, _, credentials = header.partition(b" ")
+    return credentials.lstrip(b" ") if scheme.lower() == b"bearer" else b""
+
+
 @web.middleware
 async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
     token: str = request.app[TOKEN_KEY]
@@ -128,7 +149,7 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
         # carry the token in the query instead
         by_query = request.method == "GET" and (
             request.path == "/api/v1/events" or request.path.endswith(("/raw", "/html")))
-        ok = hmac.compare_digest(given, f"Bearer {token}".encode()) or (
+        ok = hmac.compare_digest(_bearer(given), token.encode()) or (
             by_query and hmac.compare_digest(query, token.encode()))
         # health checks and the page itself (no data in it) stay open
         if not ok and request.path not in ("/livez", "/readyz", "/", "/app.js", "/app.css"):
@@ -191,13 +212,41 @@ async def read(request: web.Request, fn: Callable[[Reader], Any], *,
     return await asyncio.to_thread(run)
 
 
-def int_param(request: web.Request, name: str, default: int | None = None) -> int | None:
+#: The largest id the store can hold (SQLite's INTEGER is 64-bit signed):
+#: a larger one in a request is a 400, never an overflow inside the query.
+MAX_ID = 2**63 - 1
+#: The largest `limit` a list takes (0: no limit), as the OpenAPI document says.
+MAX_LIMIT = 100_000
+#: How deep a JSON body may nest (objects and arrays): a scenario rule needs
+#: five or six levels; deeper is refused before anything walks it.
+MAX_DEPTH = 32
+#: Request bodies above this size get 413 (aiohttp's client_max_size).
+MAX_BODY = 1024**2
+
+
+def _bad_request(title: str, status: int = 400) -> web.HTTPException:
+    """A 400, 413 or 422 problem to raise from a helper."""
+    text = json.dumps({"status": status, "title": title})
+    kind = "application/problem+json"
+    if status == 413:
+        return web.HTTPRequestEntityTooLarge(MAX_BODY, 0, text=text, content_type=kind)
+    if status == 422:
+        return web.HTTPUnprocessableEntity(text=text, content_type=kind)
+    return web.HTTPBadRequest(text=text, content_type=kind)
+
+
+def int_param(request: web.Request, name: str, default: int | None = None, *,
+              maximum: int | None = None) -> int | None:
+    """A whole number from the path or the query: 0 to `maximum` (ids: up
+    to MAX_ID; `limit`: up to MAX_LIMIT); anything else is a 400."""
     raw = request.match_info.get(name, request.query.get(name))
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()):
-        raise web.HTTPBadRequest(text=json.dumps({"status": 400, "title": f"{name} is a number"}),
-                                 content_type="application/problem+json")
+    top = maximum if maximum is not None else MAX_LIMIT if name == "limit" else MAX_ID
+    digits = raw.lstrip("0") if raw.isascii() else raw
+    # the length first: int() of thousands of digits is slow, then refused
+    if not (raw.isascii() and raw.isdigit()) or len(digits) > len(str(top)) or int(raw) > top:
+        raise _bad_request(f"{name} is a whole number from 0 to {top}")
     return int(raw)
 
 
@@ -229,13 +278,40 @@ def scenario_json(s: Any) -> dict[str, Any]:
             "rules": [rule_json(r) for r in s.rules]}
 
 
+def json_depth(value: Any) -> int:
+    """How deep objects and arrays nest in a decoded JSON value (a scalar: 0),
+    walked without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:  # deeper is refused anyway: no need to walk on
+                stack.extend((x, depth) for x in item)
+    return deepest
+
+
 async def body_json(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object: over MAX_BODY bytes 413, not JSON (UTF-8,
+    RFC 8259) 400, nested deeper than MAX_DEPTH 422, not an object 400."""
     try:
-        data = await request.json()
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _bad_request(f"the request body is over {MAX_BODY} bytes", 413) from None
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except RecursionError:  # the decoder's own guard, far past MAX_DEPTH
+        raise _bad_request(f"the body nests deeper than {MAX_DEPTH} levels", 422) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise web.HTTPBadRequest(
             text=json.dumps({"status": 400, "title": "the body is not JSON"}),
             content_type="application/problem+json") from None
+    if json_depth(data) > MAX_DEPTH:
+        raise _bad_request(f"the body nests deeper than {MAX_DEPTH} levels", 422)
     if not isinstance(data, dict):
         raise web.HTTPBadRequest(
             text=json.dumps({"status": 400, "title": "the body must be a JSON object"}),
@@ -325,7 +401,8 @@ async def activate(request: web.Request) -> web.Response:
     _, ctx = listener(request)
     data = await body_json(request)
     if isinstance(data.get("yaml"), str):
-        scenario = load_text(data["yaml"], "<api>", default_name="api")
+        # a scenario from a request cannot name files on the server
+        scenario = load_text(data["yaml"], "<api>", default_name="api", allow_files=False)
     elif isinstance(data.get("name"), str):
         name = data["name"]
         if name not in library_names():
@@ -405,28 +482,13 @@ async def session_show(request: web.Request) -> web.Response:
 
 
 def _parts(raw: bytes) -> dict[str, Any]:
-    msg = BytesParser(policy=policy.default).parsebytes(raw)
-    headers = [[k, str(v)] for k, v in msg.items()]
-    parts = []
-    text = html = None
-    for i, part in enumerate(msg.walk()):
-        if part.is_multipart():
-            continue
-        ctype = part.get_content_type()
-        entry = {"index": i, "content_type": ctype,
-                 "filename": part.get_filename(), "size": len(part.get_payload(decode=True)
-                                                               or b"")}
-        parts.append(entry)
-        try:
-            content = part.get_content()
-        except (LookupError, ValueError, AssertionError):
-            continue
-        if ctype == "text/plain" and text is None and isinstance(content, str):
-            text = content
-        elif ctype == "text/html" and html is None and isinstance(content, str):
-            html = content
-    return {"headers": headers, "parts": parts, "text": text, "has_html": html is not None,
-            "html": html}
+    """The message view's headers, parts, text and HTML (harness.render:
+    never an error, whatever the bytes; what could not be shown is said in
+    problems)."""
+    v = view(raw)
+    return {"headers": [[k, x] for k, x in v.headers],
+            "parts": [p.as_dict() for p in v.parts], "text": v.text,
+            "has_html": v.html is not None, "html": v.html, "problems": v.problems}
 
 
 @routes.get("/api/v1/messages")
@@ -619,7 +681,7 @@ def _static(name: str, content_type: str) -> Handler:
 
 def make_app(listeners: list[ListenerContext], store_path: Path, token: str = ""
              ) -> web.Application:
-    app = web.Application(middlewares=[security], client_max_size=1024**2)
+    app = web.Application(middlewares=[security], client_max_size=MAX_BODY)
     app[CTX_KEY] = listeners
     app[STORE_KEY] = store_path
     app[TOKEN_KEY] = token

@@ -91,7 +91,8 @@ async def run(request: web.Request) -> web.Response:
     zone = None
     dns = data.get("dns")
     if data.get("zone"):
-        zone = await asyncio.to_thread(load_zone_text, data["zone"], "<zone>")
+        zone = await asyncio.to_thread(load_zone_text, data["zone"], "<zone>",
+                                       allow_files=False)  # a request names no server file
         dns = "<zone>"
     sender = "" if data["sender"].strip() in ("", "<>") else data["sender"].strip()
     port = 25 if data.get("port") is None else data["port"]

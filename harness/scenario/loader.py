@@ -93,11 +93,25 @@ WHEN_PHASES: dict[str, frozenset[m.Phase]] = {
 }
 
 
+#: How deep a scenario's YAML may nest (mappings and lists): the deepest
+#: part of the format (a rule's header pattern) is seven levels down. Deeper
+#: text is refused at the first node too deep, before PyYAML's composer
+#: (which recurses once per level) can run out of stack.
+MAX_DEPTH = 32
+
+#: Why a scenario that came over the API (or from any caller that says
+#: allow_files=False) may not name a file: the answer would tell the caller
+#: whether the file exists and what is in it.
+FILES_REFUSED = ("file paths are only for scenarios loaded from the CLI or a config, "
+                 "not for one sent over the API")
+
+
 class _Collector:
     """Problems of one file, and helpers that read nodes into values."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, allow_files: bool = True) -> None:
         self.path = path
+        self.allow_files = allow_files
         self.problems: list[Problem] = []
 
     def error(self, node: Node | None, message: str, hint: str | None = None) -> None:
@@ -438,7 +452,10 @@ def _rule(c: _Collector, node: Node, index: int, names: dict[str, Node]) -> m.Ru
     name_node: Node = node
     if "name" in keys:
         given = c.scalar(keys["name"], "name")
-        if given is not None:
+        if given is not None and not given.strip():
+            c.error(keys["name"], "name is empty", "leave it out to be called "
+                    f"'rule {index + 1}'")  # found by the loader fuzz target
+        elif given is not None:
             name = given
             name_node = keys["name"]
     if name in names:
@@ -660,13 +677,17 @@ def _tls(c: _Collector, node: Node) -> m.Tls:
             text = c.scalar(keys[key], f"tls {key}")
             if text is None:
                 continue
+            if not c.allow_files:  # refused before any look at the file system
+                c.error(keys[key], f"tls {key} names a file on the server", FILES_REFUSED
+                        + "; use tls: {certificate: ...} to have one made")
+                continue
             path = Path(text) if Path(text).is_absolute() else base / text
             if not path.is_file():
                 c.error(keys[key], f"tls {key} file {text} does not exist",
                         f"looked at {path}")
                 continue
             kw[key] = str(path)
-    if ("cert" in keys) != ("key" in keys):
+    if ("cert" in keys) != ("key" in keys) and c.allow_files:
         c.error(node, "tls needs both cert and key, or neither")
     if "certificate" in keys:
         kind = c.word(keys["certificate"], "tls certificate", tuple(x.value for x in m.CertKind))
@@ -847,9 +868,52 @@ def _scenario(c: _Collector, root: Node, default_name: str) -> m.Scenario | None
                       path=c.path)
 
 
+class _TooDeepError(yaml.MarkedYAMLError):
+    """YAML nested deeper than MAX_DEPTH (raised by the composer below)."""
+
+
+class _DepthLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a bound on nesting: its composer recurses
+    once per level, so a text of thousands of `[` would end in RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _TooDeepError(problem=f"nested deeper than {MAX_DEPTH} levels",
+                                    problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+_ESCAPE = re.compile(r"\\(?:U([0-9A-Fa-f]{8})|u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
+
+
+def _bad_escape(text: str) -> tuple[int, int]:
+    """Line and column of the first escape beyond Unicode (found by the
+    loader fuzz target; PyYAML raises a bare ValueError for it)."""
+    for found in _ESCAPE.finditer(text):
+        if int(next(g for g in found.groups() if g), 16) > 0x10FFFF:
+            before = text[:found.start()]
+            return before.count("\n") + 1, found.start() - (before.rfind("\n") + 1) + 1
+    return 1, 1
+
+
 def _compose(c: _Collector, text: str) -> Node | None:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_DepthLoader)
+    except _TooDeepError as e:
+        mark = e.problem_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        c.problems.append(Problem(c.path, line, col, f"the text is {e.problem}",
+                                  "a scenario needs no more than seven"))
+        return None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -859,15 +923,24 @@ def _compose(c: _Collector, text: str) -> Node | None:
     except yaml.YAMLError as e:
         c.problems.append(Problem(c.path, 1, 1, f"not valid YAML: {e}"))
         return None
+    except ValueError:  # PyYAML's chr() of a "\UXXXXXXXX" escape past U+10FFFF
+        line, col = _bad_escape(text)
+        c.problems.append(Problem(c.path, line, col, "not valid YAML: an escape names no "
+                                  "Unicode character", "the largest is \\U0010FFFF"))
+        return None
     if node is None:
         c.problems.append(Problem(c.path, 1, 1, "the file is empty",
                                   "a scenario needs at least a summary or rules"))
     return node
 
 
-def load_text(text: str, path: str = "<string>", default_name: str | None = None) -> m.Scenario:
-    """Parse scenario YAML; raises ScenarioError listing every problem."""
-    c = _Collector(path)
+def load_text(text: str, path: str = "<string>", default_name: str | None = None, *,
+              allow_files: bool = True) -> m.Scenario:
+    """Parse scenario YAML; raises ScenarioError listing every problem.
+
+    `allow_files=False` (the API's scenarios) refuses every key that names a
+    file on this machine (tls cert and key) without looking at the file."""
+    c = _Collector(path, allow_files=allow_files)
     root = _compose(c, text)
     scenario = _scenario(c, root, default_name or Path(path).stem) if root is not None else None
     if c.problems or scenario is None:
@@ -887,7 +960,8 @@ def load_file(path: str | Path) -> m.Scenario:
     return load_text(text, str(p), default_name=p.stem)
 
 
-def load_zone_text(text: str, path: str = "<string>") -> dict[str, dict[str, tuple[str, ...]]]:
+def load_zone_text(text: str, path: str = "<string>", *, allow_files: bool = True
+                   ) -> dict[str, dict[str, tuple[str, ...]]]:
     """A DNS zone in the scenario `dns:` format, for `harness probe --dns
     ZONE.yaml`: either a scenario file (its dns: section; the rest is
     checked too) or the mapping alone (`lab.test: {MX: [10 mx1.lab.test]}`).
@@ -895,12 +969,13 @@ def load_zone_text(text: str, path: str = "<string>") -> dict[str, dict[str, tup
     raised together, positioned, as for a scenario."""
     from harness.analysis.dns import zone_problems
 
-    c = _Collector(path)
+    c = _Collector(path, allow_files=allow_files)
     root = _compose(c, text)
     zone: dict[str, dict[str, tuple[str, ...]]] = {}
     if root is not None and isinstance(root, MappingNode) and any(
             isinstance(k, ScalarNode) and k.value == "dns" for k, _ in root.value):
-        zone = {k: dict(v) for k, v in load_text(text, path).dns.items()}
+        zone = {k: dict(v) for k, v in load_text(text, path,
+                                                 allow_files=allow_files).dns.items()}
         node = next(v for k, v in root.value if k.value == "dns")
     elif root is not None:
         zone = _dns(c, root)
@@ -946,9 +1021,12 @@ def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") 
     The values are written out as YAML and read back through the same code,
     so a rule added in code or over the API is validated like one in a file."""
     c = _Collector(source)
+    if _depth(spec) > MAX_DEPTH:  # also a value that contains itself
+        raise ScenarioError([Problem(source, 1, 1, f"the rule nests deeper than {MAX_DEPTH} "
+                                     "levels", "a rule needs no more than six")])
     try:
         text = yaml.safe_dump([_plain(spec)], sort_keys=False, allow_unicode=True)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, UnicodeError) as e:
         raise ScenarioError([Problem(source, 1, 1, f"the rule cannot be read: {e}",
                                      "use strings, numbers, booleans, lists and dicts")]) from e
     root = _compose(c, text)
@@ -958,6 +1036,23 @@ def build_rule(spec: dict[str, Any], *, index: int = 0, source: str = "<code>") 
     if c.problems or rule is None:
         raise ScenarioError(c.problems or [Problem(source, 1, 1, "not a rule")])
     return rule
+
+
+def _depth(value: Any) -> int:
+    """How deep mappings and lists nest in Python values, walked without
+    recursion and no further than one level past MAX_DEPTH."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            item = [*item.keys(), *item.values()]
+        if isinstance(item, (list, tuple)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend((x, depth) for x in item)
+    return deepest
 
 
 def _plain(value: Any) -> Any:

@@ -264,11 +264,15 @@ class _Chunk:
 class _Part:
     """Wait for up to `limit` bytes of a body (faults part-way through DATA)."""
 
-    __slots__ = ("got", "limit")
+    __slots__ = ("got", "limit", "tail")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.got = 0
+        # issue 11 (hardening, for the lead's review): the last bytes seen, so
+        # a terminator split across reads, or an empty message (".\r\n"
+        # right after the DATA line's CRLF), is seen; found by the fuzz target
+        self.tail = b"\r\n"
 
 
 _Input = _Line | _Body | _Chunk | _Part
@@ -633,9 +637,10 @@ class ServerSession:
             return b"".join(need.parts) if need.left == 0 else _MORE
         assert isinstance(need, _Part)
         n = min(need.limit - need.got, len(buf) - pos)
-        piece = buf[pos:pos + n]
+        piece = need.tail + buf[pos:pos + n]
         self._consume(pos + n)
         need.got += n
+        need.tail = bytes(piece[-4:])  # issue 11 (hardening): see _Part
         if need.got >= need.limit or b"\r\n.\r\n" in piece:
             return need.got
         return _MORE

@@ -58,3 +58,13 @@ def test_bench_soak_short_samples_and_draws(tmp_path: Path) -> None:
     assert result["messages"] > 0 and result["drained_after_s"] is not None
     assert result["rss_peak_mb"] > 0 and result["worker_rss_peak_mb"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_fuzz_quick_runs_every_target_and_finds_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "fuzz.json"
+    done = bench("fuzz.py", "--quick", "--quiet", "--json", str(out))
+    assert "| session | 1 | 200 |" in done.stdout
+    result = json.loads(out.read_text())
+    assert {r["target"] for r in result} == {"session", "session-bytes", "loader", "api",
+                                             "render"}
+    assert all(r["inputs"] == 200 and r["findings"] == [] for r in result), result
