@@ -417,9 +417,11 @@ class Engine:
 
     def decide_with(self, session: SessionFacts, event: Event, book: Book) -> Decision:
         """The decision for `event` against `book` (a shared book, inside
-        the caller's transaction)."""
-        with self._lock:
-            return self._decide(session, event, book)
+        the caller's transaction, in the caller's thread). Without the
+        engine's lock: the book is the transaction's, and this process's own
+        decisions must not wait behind its database round trips (what else
+        is read, the rules and the RNG, is safe to share)."""
+        return self._decide(session, event, book)
 
     def _decide(self, session: SessionFacts, event: Event, book: Book) -> Decision:
         phase = event.phase

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -19,7 +20,9 @@ from harness.errors import HarnessError
 from harness.records import TranscriptLine
 from harness.scenario import engine as ev
 from harness.scenario.engine import Connection, Decision, Engine
-from harness.scenario.model import Rule, Scenario, TlsMode
+from harness.scenario.model import Phase, Rule, Scenario, TlsMode
+from harness.scenario.values import parse_reply
+from harness.smtp.session import Consult
 from harness.smtp.tls import server_context
 from harness.store.db import Store
 
@@ -27,11 +30,16 @@ if TYPE_CHECKING:
     from harness.analyst import Analyst
     from harness.smtp.session import ServerSession
     from harness.smtp.transport import SmtpTransport
+    from harness.state.shared import SharedState
 
 #: Sees every transcript line as it happens (the console, the page).
 Observer = Callable[[TranscriptLine], None]
 
 JOURNAL_LIMIT = 50_000
+
+#: the reply when the shared state cannot be reached: the sender tries again
+_STATE_UNAVAILABLE = parse_reply("451 4.3.0 Temporary failure: the server's shared state is "
+                                 "unavailable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +101,9 @@ class ListenerContext:
     handler_runner: Any = None
     #: where rules' bounce: reports are sent (HOST, PORT); see outbound.py
     bounce_via: tuple[str, int] | None = None
+    #: the book several processes or hosts share (harness.state); None: this
+    #: process's own
+    shared: SharedState | None = None
     #: the loop serving this listener (set when it starts listening)
     loop: asyncio.AbstractEventLoop | None = None
     _base: Scenario | None = None
@@ -119,19 +130,64 @@ class ListenerContext:
     def uses(self) -> frozenset[str]:
         return self.engine.uses
 
+    @property
+    def namespace(self) -> str:
+        """Whose rows of the shared book this listener reads: its
+        scenario's (hosts serving one scenario share its state)."""
+        return self.engine.scenario.name
+
     def connect(self, client: str) -> Connection:
+        if self.shared is not None and Phase.CONNECT in self.engine.shared_phases:
+            return self.engine.uncounted(client)  # its Connect decision counts it
         return self.engine.connect(client)
 
     def disconnect(self, conn: Connection) -> None:
+        if conn.shared and self.shared is not None:
+            if conn.open:
+                conn.open = False
+                self.shared.closed(self.namespace, conn.key).add_done_callback(
+                    self._shared_done)
+            return
         self.engine.disconnect(conn)
 
-    def decide(self, session: ServerSession, event: ev.Event) -> Decision:
+    def _shared_done(self, fut: concurrent.futures.Future[Any]) -> None:
+        error = fut.exception()
+        if error is not None:
+            self.errors.append(error)
+
+    def decide(self, session: ServerSession, event: ev.Event) -> Decision | Consult:
         """The engine's decision, noted in the journal when a rule decided it
         or nearly did (the normal behaviour with no rule in question says
         nothing a verification or a near-miss report could use; the
-        transcript has it)."""
+        transcript has it). One the shared book must make is asked for."""
         engine = self.engine
-        d = engine.decide(session, event)
+        if self.shared is not None and event.phase in engine.shared_phases:
+            return Consult(event)
+        return self._decided(session, engine.decide(session, event))
+
+    def consult(self, session: ServerSession, event: ev.Event) -> asyncio.Future[Decision]:
+        """The decision of the shared book (in its thread; call it on the
+        loop). A book that cannot be reached defers (451 4.3.0), recorded."""
+        assert self.shared is not None
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Decision] = loop.create_future()
+        asked = self.shared.decide(self.namespace, self.engine, session, event)
+
+        def done(fut: concurrent.futures.Future[Decision]) -> None:
+            error = fut.exception()
+            if error is not None:
+                self.errors.append(error)
+                d = Decision(phase=event.phase, rule="shared state unavailable",
+                             reply=_STATE_UNAVAILABLE)
+            else:
+                d = self._decided(session, fut.result())
+            if not out.done():
+                out.set_result(d)
+        asked.add_done_callback(lambda fut: loop.call_soon_threadsafe(done, fut))
+        return out
+
+    def _decided(self, session: ServerSession, d: Decision) -> Decision:
+        engine = self.engine
         if d.rule is not None or d.misses:
             self.journal.append(JournalEntry(
                 session.id, engine.clock(), d.phase.value, session.last_command, d.rule,
@@ -187,6 +243,8 @@ class ListenerContext:
                 self.engine.use(self.base)
                 self.prepare_tls()
             self.engine.reset()
+            if self.shared is not None:
+                self.shared.reset(self.namespace).result(30)
             self.journal.clear()
         self._announce()
 

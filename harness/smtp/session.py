@@ -183,6 +183,14 @@ class Commit(Request):
     or with an exception when the store could not write."""
 
 
+@dataclass(frozen=True, slots=True)
+class Consult(Request):
+    """Decide `event` against the shared book (several processes or hosts
+    serve the scenario): resume with the Decision."""
+
+    event: ev.Event
+
+
 # ----------------------------------------------------- what requests return
 
 
@@ -226,7 +234,7 @@ class Decider(Protocol):
 
     def connect(self, client: str) -> Connection: ...
     def disconnect(self, conn: Connection) -> None: ...
-    def decide(self, session: ServerSession, event: ev.Event) -> Decision: ...
+    def decide(self, session: ServerSession, event: ev.Event) -> Decision | Consult: ...
 
 
 # ------------------------------------------------------------- input needs
@@ -803,8 +811,13 @@ class ServerSession:
 
     # ---------------------------------------------------- decisions played
 
-    def _decide(self, event: ev.Event) -> Decision:
-        return self._decider.decide(self, event)
+    def _decide(self, event: ev.Event) -> Generator[Consult, Decision, Decision]:
+        """The decider's decision; one that needs the shared book is asked
+        for (Consult) and waited for."""
+        d = self._decider.decide(self, event)
+        if isinstance(d, Consult):
+            d = yield d
+        return d
 
     def _play(self, d: Decision) -> Step:
         """A decision's delay, then its connection fault (which ends the
@@ -888,7 +901,7 @@ class ServerSession:
         self._phase = Phase.CONNECT
         self._note(f"connection from {self.peer[0]}:{self.peer[1]} "
                    f"(scenario {self._scenario_name})")
-        d = self._decide(ev.Connect())
+        d = yield from self._decide(ev.Connect())
         yield from self._play(d)
         yield from self._answer(d, f"220 {self.server.hostname} {self.server.greeting}")
         if d.reply is not None and not d.reply.is_positive:
@@ -944,7 +957,7 @@ class ServerSession:
         if not arg:
             self._error(f"501 5.5.4 Syntax: {'EHLO' if extended else 'HELO'} hostname")
             return
-        d = self._decide(ev.Helo(name=arg, extended=extended))
+        d = yield from self._decide(ev.Helo(name=arg, extended=extended))
         yield from self._play(d)
         if d.reply is not None and not d.reply.is_positive:
             yield from self._answer(d, "")
@@ -1009,7 +1022,7 @@ class ServerSession:
         if not self._tls_available or self.server.starttls is TlsMode.OFF:
             self._error("502 5.5.1 STARTTLS not offered")
             return
-        d = self._decide(ev.StartTls())
+        d = yield from self._decide(ev.StartTls())
         yield from self._play(d)
         if d.fault is Fault.TLS_FAIL:
             self._reply(["220 2.0.0 Ready to start TLS"], d.rule)
@@ -1082,7 +1095,7 @@ class ServerSession:
             self._error("501 5.7.0 Authentication cancelled")
             return
         user, valid = got
-        d = self._decide(ev.Auth(mechanism=mechanism, user=user, valid=valid))
+        d = yield from self._decide(ev.Auth(mechanism=mechanism, user=user, valid=valid))
         yield from self._play(d)
         self.used["auth"] = mechanism
         positive = d.reply.is_positive if d.reply is not None else valid
@@ -1203,7 +1216,7 @@ class ServerSession:
             spf = outcome.result
             self._note(f"SPF {outcome.result} for {outcome.domain} from {outcome.client_ip}"
                        + (f" ({outcome.mechanism})" if outcome.mechanism else ""))
-        d = self._decide(ev.Mail(sender=address, size=mail.size, spf=spf))
+        d = yield from self._decide(ev.Mail(sender=address, size=mail.size, spf=spf))
         yield from self._play(d)
         if d.accepts:
             self.transaction = Transaction(mail_from=address, params=mail,
@@ -1229,7 +1242,7 @@ class ServerSession:
             self.used["dsn_rcpt"] = True
         self._envelope(self.rcpt_tos, address)
         tx.rcpt_commands += 1
-        d = self._decide(ev.Rcpt(recipient=address))
+        d = yield from self._decide(ev.Rcpt(recipient=address))
         if not d.accepts:
             # a verdict on this pair now: record it before playing it (a
             # fault ends the conversation)
@@ -1273,7 +1286,7 @@ class ServerSession:
         if arg:
             self._error("501 5.5.4 Syntax: DATA")
             return
-        d = self._decide(ev.Data())
+        d = yield from self._decide(ev.Data())
         if not d.accepts:
             self._refuse_transaction(d)
         if d.fault in _ENDING_FAULTS and d.after_bytes is not None:
@@ -1338,7 +1351,7 @@ class ServerSession:
             tx.chunks = []
         tx.chunks.append(chunk)
         tx.chunks_size += size
-        d = self._decide(ev.Bdat(size=size, last=last, total=tx.chunks_size))
+        d = yield from self._decide(ev.Bdat(size=size, last=last, total=tx.chunks_size))
         if not d.accepts:
             self._attempts(tx.rcpts, d, phase=d.phase.value)
             tx.rcpts = []
@@ -1382,8 +1395,9 @@ class ServerSession:
         if self._decider.uses & {"dkim", "dmarc"}:
             auth = yield CheckMessage(content.whole(), tx.mail_from)
             self._note(f"Authentication-Results: {auth.authentication_results}")
-        d = self._decide(ev.Message(content=content, dkim=auth.dkim_result if auth else None,
-                                    dmarc=auth.dmarc.result if auth else None))
+        d = yield from self._decide(ev.Message(
+            content=content, dkim=auth.dkim_result if auth else None,
+            dmarc=auth.dmarc.result if auth else None))
         # Durable before any 2xx: wait for the commit that carries the
         # message. The attempts are recorded after it: a client gone
         # meanwhile has its recipients recorded as lost (with the message);
@@ -1445,14 +1459,14 @@ class ServerSession:
         if arg:
             self._error("501 5.5.4 Syntax: RSET")
             return
-        d = self._decide(ev.Rset())
+        d = yield from self._decide(ev.Rset())
         yield from self._play(d)
         if d.accepts:
             self.transaction = None
         yield from self._answer(d, "250 2.0.0 Ok")
 
     def _noop(self, arg: str | None) -> Step:
-        d = self._decide(ev.Noop())
+        d = yield from self._decide(ev.Noop())
         yield from self._play(d)
         yield from self._answer(d, "250 2.0.0 Ok")
 
@@ -1461,12 +1475,12 @@ class ServerSession:
             self._error("501 5.5.4 Syntax: VRFY <address>")
             return
         found = px.parse_path(arg)
-        d = self._decide(ev.Vrfy(argument=found[0] if found else arg))
+        d = yield from self._decide(ev.Vrfy(argument=found[0] if found else arg))
         yield from self._play(d)
         yield from self._answer(d, "252 2.0.0 Cannot VRFY user, but will accept message")
 
     def _quit(self, arg: str | None) -> Step:
-        d = self._decide(ev.Quit())
+        d = yield from self._decide(ev.Quit())
         yield from self._play(d)
         self.end_reason = "quit"
         yield from self._answer(d, "221 2.0.0 Bye")

@@ -285,6 +285,9 @@ class SmtpTransport(asyncio.Protocol):
         if isinstance(request, ss.Commit):
             # the message just handed over, durable (a large one: all its pieces)
             self.ctx.store.durable(self._stored_mid).add_done_callback(self._committed)
+        elif isinstance(request, ss.Consult):
+            assert self.session is not None
+            self.ctx.consult(self.session, request.event).add_done_callback(self._consulted)
         elif isinstance(request, ss.Delay):
             self._later = loop.call_later(request.seconds, self._resume, None)
         elif isinstance(request, ss.Drip):
@@ -311,6 +314,9 @@ class SmtpTransport(asyncio.Protocol):
             return
         self._run(self.session.throw(error))
         self._resume_reading()
+
+    def _consulted(self, fut: asyncio.Future[Any]) -> None:
+        self._resume(fut.result())  # never fails: a book out of reach is a 451 decision
 
     def _committed(self, fut: asyncio.Future[None]) -> None:
         error = fut.exception()
