@@ -107,6 +107,12 @@ class Analyst:
             self._poke_scheduled = True
             self.store.barrier().add_done_callback(self._committed)
 
+    def arrived(self, mid: int) -> None:
+        """A message another process stored (a worker), its job committed
+        with it: the worker is told now."""
+        self.pending.add(mid)
+        self._poke()
+
     def _committed(self, fut: asyncio.Future[None]) -> None:
         self._poke_scheduled = False
         if not fut.cancelled() and fut.exception() is None:

@@ -391,7 +391,8 @@ async def listeners_list(request: web.Request) -> web.Response:
     listeners: list[ListenerContext] = request.app[CTX_KEY]
     for i, c in enumerate(listeners):
         out.append({"index": i, "address": c.name, "scenario": scenario_json(c.scenario),
-                    "state": c.engine.state, "active_connections": len(c.active),
+                    "state": await c.current_state(),
+                    "active_connections": c.open_connections(),
                     "implicit_tls": c.implicit_tls})
     return web.json_response(out)
 
@@ -443,7 +444,7 @@ async def remove_rule(request: web.Request) -> web.Response:
 async def reset(request: web.Request) -> web.Response:
     index, ctx = listener(request)
     ctx.reset()
-    return web.json_response({"reset": index, "state": ctx.engine.state})
+    return web.json_response({"reset": index, "state": await ctx.current_state()})
 
 
 @routes.get("/api/v1/scenarios")

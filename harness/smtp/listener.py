@@ -104,6 +104,14 @@ class ListenerContext:
     #: the book several processes or hosts share (harness.state); None: this
     #: process's own
     shared: SharedState | None = None
+    #: queue stored messages' analysis jobs though no analyst runs here (a
+    #: worker process: the primary's analyst takes them)
+    queue_analysis: bool = False
+    #: told of every change made through the control surface, as
+    #: (operation, arguments): the primary passes them on to its workers
+    on_control: list[Callable[[str, tuple[Any, ...]], None]] = field(default_factory=list)
+    #: connections open in worker processes, by worker (the primary's view)
+    remote_active: dict[int, int] = field(default_factory=dict)
     #: the loop serving this listener (set when it starts listening)
     loop: asyncio.AbstractEventLoop | None = None
     _base: Scenario | None = None
@@ -200,6 +208,16 @@ class ListenerContext:
 
     # ------------------------------------------------ the control surface
 
+    def open_connections(self) -> int:
+        """Connections being served now (here, and by workers)."""
+        return len(self.active) + sum(self.remote_active.values())
+
+    async def current_state(self) -> str:
+        """The scenario state (from the shared book, when there is one)."""
+        if self.shared is None:
+            return self.engine.state
+        return await asyncio.wrap_future(self.shared.state(self.namespace))
+
     def use(self, scenario: Scenario) -> None:
         """Serve `scenario` from the next decision on (counters and state
         carry on; connections already open keep their server settings).
@@ -209,6 +227,7 @@ class ListenerContext:
             self.engine.use(scenario)
             self._base = scenario
             self.prepare_tls()
+        self._tell("use", scenario)
         self._announce()
 
     def add_rule(self, rule: Rule, *, position: Literal["first", "last"] = "first") -> None:
@@ -219,6 +238,7 @@ class ListenerContext:
                 raise HarnessError(f"a rule named {rule.name!r} exists already")
             rules = (rule, *current.rules) if position == "first" else (*current.rules, rule)
             self.engine.use(replace(current, rules=rules))
+        self._tell("add_rule", rule, position)
         self._announce()
 
     def remove_rule(self, name: str) -> None:
@@ -228,6 +248,7 @@ class ListenerContext:
             if len(rules) == len(current.rules):
                 raise HarnessError(f"no rule named {name!r}")
             self.engine.use(replace(current, rules=rules))
+        self._tell("remove_rule", name)
         self._announce()
 
     def reset(self, *, to_base: bool = False, scenario: Scenario | None = None) -> None:
@@ -246,7 +267,15 @@ class ListenerContext:
             if self.shared is not None:
                 self.shared.reset(self.namespace).result(30)
             self.journal.clear()
+        self._tell("reset", to_base, scenario)
         self._announce()
+
+    def _tell(self, operation: str, *args: Any) -> None:
+        for cb in self.on_control:
+            try:
+                cb(operation, args)
+            except Exception as e:  # a relay must not break the control surface
+                self.errors.append(e)
 
     def _announce(self) -> None:
         loop = self.loop

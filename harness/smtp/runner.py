@@ -96,7 +96,9 @@ async def close_connections(ctx: ListenerContext, *, abort: bool, grace: float) 
 
 
 async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: int = 2525,
-                         backlog: int = BACKLOG) -> Listener:
+                         backlog: int = BACKLOG, reuse_port: bool = False) -> Listener:
+    """Listen for SMTP on host:port (`reuse_port`: beside other processes
+    on the same address, SO_REUSEPORT: the kernel spreads connections)."""
     loop = asyncio.get_running_loop()
     ctx.loop = loop
     ctx.store.attach(loop)
@@ -104,6 +106,7 @@ async def start_listener(ctx: ListenerContext, host: str = "127.0.0.1", port: in
     try:
         server = await loop.create_server(
             lambda: SmtpTransport(ctx), host, port, reuse_address=True,
+            reuse_port=reuse_port or None,
             ssl=ctx.tls_context() if ctx.implicit_tls else None,
             ssl_handshake_timeout=30 if ctx.implicit_tls else None, backlog=backlog)
     except OSError as e:

@@ -11,6 +11,7 @@ Runs once per listener at start, never on the event loop while serving."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -44,7 +45,10 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+@functools.cache
 def lab_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The lab CA of this process (made once: every certificate it signs,
+    and the harness-ca.pem a sender is told to trust, agree)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder()
@@ -95,6 +99,30 @@ def make_certificate(hostname: str, kind: CertKind = CertKind.SELF_SIGNED) -> Ma
     return Material(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), ca_pem)
 
 
+#: certificates made in this process, by host name and kind: made once, and
+#: handed to the worker processes that serve the same listener (one
+#: certificate, one lab CA, whichever worker a connection lands on)
+_MADE: dict[tuple[str, CertKind], Material] = {}
+
+
+def certificate(hostname: str, kind: CertKind = CertKind.SELF_SIGNED) -> Material:
+    """This process's certificate for `hostname` of `kind` (made once)."""
+    found = _MADE.get((hostname, kind))
+    if found is None:
+        found = _MADE[(hostname, kind)] = make_certificate(hostname, kind)
+    return found
+
+
+def made() -> dict[tuple[str, CertKind], Material]:
+    """The certificates made so far (for the workers)."""
+    return dict(_MADE)
+
+
+def adopt(materials: dict[tuple[str, CertKind], Material]) -> None:
+    """Use these certificates (the primary's) rather than make new ones."""
+    _MADE.update(materials)
+
+
 def server_context(tls: Tls, hostname: str, ca_dir: Path | None = None) -> ssl.SSLContext:
     """The SSL context a listener presents; writes the lab CA to `ca_dir`."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -107,7 +135,7 @@ def server_context(tls: Tls, hostname: str, ca_dir: Path | None = None) -> ssl.S
         if tls.cert and tls.key:
             ctx.load_cert_chain(tls.cert, tls.key)
             return ctx
-        material = make_certificate(hostname, tls.certificate)
+        material = certificate(hostname, tls.certificate)
         # ssl loads certificates from files only: a private temporary file.
         with tempfile.NamedTemporaryFile(suffix=".pem") as f:
             f.write(material.cert_pem + material.key_pem)

@@ -248,11 +248,12 @@ class SmtpTransport(asyncio.Protocol):
             if isinstance(request, ss.StoreMessage):
                 self._flush_records()  # the transcript before the message
                 mid = self._stored_mid = store.message(request.draft)
-                if ctx.analyst is not None:  # its analysis job, in the same commit
+                if ctx.analyst is not None or ctx.queue_analysis:  # in the same commit
                     store.analysis_job(mid, client_ip=session.connection.key,
                                        helo=session.helo_seen, hostname=session.server.hostname,
                                        zone=ctx.scenario.dns if ctx.dns == "scenario" else None)
-                    ctx.analyst.queued(mid)
+                    if ctx.analyst is not None:
+                        ctx.analyst.queued(mid)
                 actions = session.resume(mid)
                 continue
             self._flush()

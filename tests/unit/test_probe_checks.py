@@ -27,7 +27,7 @@ from harness.errors import ScenarioError
 from harness.probe.client import ProbeError, parse_target
 from harness.scenario.loader import load_zone_text
 from harness.scenario.model import CertKind
-from harness.smtp.tls import make_certificate
+from harness.smtp.tls import lab_ca, make_certificate
 
 ZONE = {
     "lab.test": {"SOA": ["ns1.lab.test hostmaster.lab.test 7 3600 600 86400 300"],
@@ -201,6 +201,7 @@ def test_expired_self_signed_and_untrusted_certificates_say_why() -> None:
     _, other_ca = cert(CertKind.CA_SIGNED)
     r = check_certificate([der], other_ca, name="mx.lab.test", name_source="mx", now=NOW)
     assert r.self_signed and r.chain_error == "self-signed, and not one of the trusted roots"
+    lab_ca.cache_clear()  # a lab CA of its own: not the one other_ca holds
     der, _ = cert(CertKind.CA_SIGNED)
     r = check_certificate([der], other_ca, name=None, name_source=None, now=NOW, trust="ca.pem")
     assert r.chain_error is not None and r.chain_error.startswith(
