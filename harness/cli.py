@@ -83,7 +83,7 @@ class LivePrinter:
             elif text.startswith("session ended"):
                 self.last_command.pop(sid, None)
                 self.console.print(f"[dim]{_when(t)} #{sid} {escape(text)}[/]")
-            elif text.startswith("connection from"):
+            elif text.startswith(("connection from", "served by")):
                 self.console.print(f"[dim]{_when(t)} #{sid}[/] {escape(text)}")
             return
         if len(text) > 3 and text[3] == "-":
@@ -192,8 +192,24 @@ async def _serve(args: argparse.Namespace) -> int:
     # Load every scenario before anything listens: a bad file starts nothing.
     scenarios = [load(spec.scenario or args.scenario) for spec in specs]
     bounce_via = _bounce_via(args.bounce_via)
-    store = Store(args.store, retention=_retention(args)).open()
+    workers = _workers(args.workers)
+    farm: Any = None
+    shared: Any = None
+    if workers > 1:
+        # several processes on one store: ids reserved in blocks, and the
+        # scenarios' state in the shared book (harness.state)
+        from harness.state import open_shared
+
+        store = Store(args.store, retention=_retention(args), shared=True).open()
+        try:
+            shared = await asyncio.to_thread(open_shared, args.store)
+        except BaseException:
+            store.close()
+            raise
+    else:
+        store = Store(args.store, retention=_retention(args)).open()
     loop = asyncio.get_running_loop()
+    store.attach(loop)
 
     def health(line: str) -> None:  # from the store's writer thread
         with contextlib.suppress(RuntimeError):
@@ -201,6 +217,7 @@ async def _serve(args: argparse.Namespace) -> int:
     store.on_health = health
     printer = LivePrinter(out)
     listeners: list[Listener] = []
+    contexts: list[ListenerContext] = []  # with --workers: the workers serve them
     api: Any = None
     # one analyst for the store, its worker a process of its own: what
     # waited at the last stop (or crash) is taken up first
@@ -211,7 +228,11 @@ async def _serve(args: argparse.Namespace) -> int:
             await api.stop()
         for listener in listeners:
             await listener.close()
+        if farm is not None:
+            await farm.stop()
         await analyst.stop(drain=ANALYSIS_DRAIN)
+        if shared is not None:
+            await asyncio.to_thread(shared.close)
         store.close()
 
     try:
@@ -229,8 +250,23 @@ async def _serve(args: argparse.Namespace) -> int:
             ctx.analyst = analyst
             if not args.quiet:
                 ctx.observers.append(printer)
-            listeners.append(await start_listener(ctx, spec.host, spec.port,
-                                                  backlog=args.backlog))
+            if workers == 1:
+                listeners.append(await start_listener(ctx, spec.host, spec.port,
+                                                      backlog=args.backlog))
+            else:  # the workers serve it; this context is the page's and the console's
+                ctx.shared, ctx.loop = shared, loop
+                ctx.prepare_tls()
+                contexts.append(ctx)
+        if workers > 1:
+            from harness.smtp.workers import Farm, ListenerPlan
+
+            farm = Farm(contexts, [ListenerPlan(x.host, x.port, x.implicit_tls,
+                                                x.proxy_protocol, x.forward) for x in specs],
+                        count=workers, store=str(args.store), seed=args.seed, dns=args.dns,
+                        bounce_via=bounce_via, backlog=args.backlog, loop=args.loop,
+                        ca_dir=str(Path(args.store).parent),
+                        say=lambda line: err.print(f"[yellow]{escape(line)}[/]"))
+            await farm.start()
     except BaseException:
         await shut()
         raise
@@ -239,7 +275,8 @@ async def _serve(args: argparse.Namespace) -> int:
         from harness.smtp.runner import parse_hostport
 
         http_host, http_port = parse_hostport(args.http, 8025)
-        api = ApiServer([x.ctx for x in listeners], Path(args.store), http_host, http_port,
+        api = ApiServer([x.ctx for x in listeners] or contexts, Path(args.store), http_host,
+                        http_port,
                         token=args.api_token)
         try:
             await api.start()
@@ -247,16 +284,21 @@ async def _serve(args: argparse.Namespace) -> int:
             api = None
             await shut()
             raise
-    for spec, listener in zip(specs, listeners, strict=True):
-        h, p = listener.address
-        hops = [str(f) for f in (listener.ctx.scenario.forward,) if f is not None]
+    served = ([(x.ctx, x.address) for x in listeners] if farm is None
+              else list(zip(contexts, farm.addresses, strict=True)))
+    for spec, (ctx, (h, p)) in zip(specs, served, strict=True):
+        hops = [str(f) for f in (ctx.scenario.forward,) if f is not None]
         hops += ["{}:{}".format(*spec.forward)] if spec.forward else []
         extras = [x for x in ("implicit TLS" if spec.implicit_tls else "",
                               "PROXY protocol" if spec.proxy_protocol else "",
-                              f"forwarding to {', '.join(hops)}" if hops else "") if x]
+                              f"forwarding to {', '.join(hops)}" if hops else "",
+                              f"{workers} worker processes" if farm is not None else "") if x]
         out.print(f"SMTP Harness {__version__} listening on {h}:{p} "
-                  f"(scenario {listener.ctx.scenario.name}"
+                  f"(scenario {ctx.scenario.name}"
                   + "".join(f", {x}" for x in extras) + ")")
+    if farm is not None:
+        out.print(f"workers: pids {' '.join(str(p) for p in farm.pids)}; scenario state "
+                  f"shared in {shared.where}")
     if api is not None:
         out.print(f"web page and API on http://{api.host}:{api.port}/"
                   + (f" (token {api.token})" if api.token else ""))
@@ -287,9 +329,21 @@ async def _serve(args: argparse.Namespace) -> int:
                  if store.refused else "")
               + (f"; {waiting} message(s) wait for their analysis (done at the next start)"
                  if waiting else ""))
-    for e in [*(e for x in listeners for e in x.ctx.errors), *analyst.errors]:
+    if farm is not None and farm.restarts:
+        out.print(f"{farm.restarts} worker(s) were started again after they ended")
+    for e in [*(e for x in listeners for e in x.ctx.errors),
+              *(e for c in contexts for e in c.errors), *analyst.errors]:
         err.print(f"[red]error while serving:[/] {type(e).__name__}: {escape(str(e))}")
     return 0
+
+
+def _workers(text: str) -> int:
+    """--workers N or auto (one per core)."""
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise HarnessError(f"--workers: a number from 1 to 64, or auto (got {text!r})")
+    return int(text)
 
 
 def _retention(args: argparse.Namespace) -> Retention:
@@ -696,6 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backlog", type=int, default=4096, metavar="N",
                     help="connections the kernel queues before they are accepted (bursts; "
                          "capped by net.core.somaxconn)")
+    sp.add_argument("--workers", default="1", metavar="N",
+                    help="serve the listeners from N processes (auto: one per core); "
+                         "stateful scenarios (greylisting, attempt counts, limits) behave "
+                         "as with one, their state shared through a file beside the store")
     sp.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                     help="the event loop: uvloop when installed (auto), or asyncio's own")
     sp.add_argument("--forward", default=None, metavar="HOST:PORT",

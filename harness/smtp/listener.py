@@ -112,6 +112,9 @@ class ListenerContext:
     on_control: list[Callable[[str, tuple[Any, ...]], None]] = field(default_factory=list)
     #: connections open in worker processes, by worker (the primary's view)
     remote_active: dict[int, int] = field(default_factory=dict)
+    #: which worker process this is ("worker 1, pid 4242"; None: the only one):
+    #: said in each session's transcript
+    worker: str | None = None
     #: the loop serving this listener (set when it starts listening)
     loop: asyncio.AbstractEventLoop | None = None
     _base: Scenario | None = None

@@ -188,6 +188,8 @@ class SmtpTransport(asyncio.Protocol):
         tls = self._tls_info()
         sid = ctx.store.session_started(listener=ctx.name, peer_ip=peer[0], peer_port=peer[1],
                                         scenario=scenario.name, t=ctx.engine.clock())
+        if ctx.worker is not None:
+            notes = (*notes, f"served by {ctx.worker}")
         self.session = ss.ServerSession(
             session_id=sid, server=scenario.server, decider=ctx, clock=ctx.engine.clock,
             peer=peer, scenario=scenario.name, tls=tls,

@@ -187,7 +187,8 @@ async def _work(plan: WorkerPlan, sock: socket.socket) -> None:
                                   implicit_tls=lp.implicit_tls,
                                   proxy_protocol=lp.proxy_protocol,
                                   ca_dir=Path(plan.ca_dir) if plan.ca_dir else None,
-                                  dns=plan.dns, shared=shared, queue_analysis=True)
+                                  dns=plan.dns, shared=shared, queue_analysis=True,
+                                  worker=f"worker {plan.index}, pid {os.getpid()}")
             if current is not base:
                 ctx.engine.use(current)  # rules added since the last switch
             if lp.forward is not None:
