@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from harness.analysis.summary import HEAD, LARGE, Analyzer
+from harness.errors import StoreError
 from harness.store import Location, location
 from harness.store.dialect import dialect
 
@@ -53,6 +54,7 @@ class Worker:
         self.analyzer = Analyzer()
         self.zones: dict[int, dict[str, Any]] = {}
         self._reclaim_at = 0.0
+        self._lost = False
         self._claim = (
             "UPDATE analysis_queue SET claimed_by = ? WHERE claimed_by IS NULL AND message_id IN"
             " (SELECT message_id FROM analysis_queue WHERE claimed_by IS NULL"
@@ -100,17 +102,33 @@ class Worker:
         return mids
 
     def batch(self) -> Iterator[str]:
-        """Result lines for the next jobs claimed (none: nothing to claim)."""
-        mids = sorted(self.claim())
-        if not mids:
+        """Result lines for the next jobs claimed (none: nothing to claim,
+        or the store cannot take a claim now: a read-only or full store, a
+        lost connection, made again at the next batch)."""
+        try:
+            if self._lost:
+                self._reconnect()
+            mids = sorted(self.claim())
+            if not mids:
+                return
+            jobs = self.db.execute(
+                "SELECT q.message_id, q.client_ip, q.helo, q.hostname, q.zone_id, m.mail_from,"
+                " m.size FROM analysis_queue q JOIN messages m ON m.id = q.message_id"
+                f" WHERE q.message_id IN ({','.join('?' * len(mids))}) ORDER BY q.message_id",
+                mids).fetchall()
+            lines = [self.one(mid, client_ip, helo or "", hostname, zone_id, mail_from, size)
+                     for mid, client_ip, helo, hostname, zone_id, mail_from, size in jobs]
+        except (self.dialect.Error, StoreError) as e:
+            self._lost = self._lost or self.dialect.lost(e) or isinstance(e, StoreError)
             return
-        jobs = self.db.execute(
-            "SELECT q.message_id, q.client_ip, q.helo, q.hostname, q.zone_id, m.mail_from,"
-            " m.size FROM analysis_queue q JOIN messages m ON m.id = q.message_id"
-            f" WHERE q.message_id IN ({','.join('?' * len(mids))}) ORDER BY q.message_id",
-            mids).fetchall()
-        for mid, client_ip, helo, hostname, zone_id, mail_from, size in jobs:
-            yield self.one(mid, client_ip, helo or "", hostname, zone_id, mail_from, size)
+        yield from lines
+
+    def _reconnect(self) -> None:
+        """The connection went (PostgreSQL): again, with the owner lock."""
+        self.db.close()
+        self.db = self.dialect.connect("worker")
+        self.dialect.retake_owner(self.db, self.owner)
+        self._lost = False
 
     def _raw(self, mid: int, size: int, take: int) -> bytes:
         """The first `take` bytes of a message: from its row, or from its

@@ -448,6 +448,9 @@ class Store:
         self.given_up = 0  # records dropped when more than HOLD_MAX were held
         self.pruned = 0  # messages retention deleted
         self.reconnects = 0  # connections to the store made again after it went away
+        self._pruning = rt.Pruning()
+        self._vacuumer: threading.Thread | None = None
+        self._vacuum_due = threading.Event()
         self._prune_due = bool(self.retention)
         self._prune_at = 0.0  # not before (monotonic): a step finding nothing waits a while
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -646,11 +649,15 @@ class Store:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self._closing = True
         if self._checkpointer is not None:
-            self._closing = True
             self._checkpoint_due.set()
             self._checkpointer.join()
             self._checkpointer = None
+        if self._vacuumer is not None:
+            self._vacuum_due.set()
+            self._vacuumer.join()
+            self._vacuumer = None
         self._unlock()
 
     def __enter__(self) -> Store:
@@ -903,8 +910,12 @@ class Store:
                 db.commit()
                 self._prune_at = time.monotonic() + PRUNE_EVERY
                 return False
-            messages, sessions = rt.step(db, self.retention, exact=self.shared)
+            messages, sessions = rt.step(db, self.retention, exact=self.shared,
+                                         pruning=self._pruning)
             db.commit()
+            if self._pruning.vacuum_due:
+                self._pruning.vacuum_due = False
+                self._vacuum()
         except Exception as e:
             db.rollback()
             self._prune_due = False
@@ -919,6 +930,35 @@ class Store:
         if not n:
             self._prune_at = time.monotonic() + PRUNE_EVERY
         return n > 0
+
+    def _vacuum(self) -> None:
+        """PostgreSQL: a VACUUM of the tables retention deleted from, so
+        that new rows reuse the space; in a thread of its own, beside the
+        writer's commits (it may take a while on a large store)."""
+        if self._vacuumer is None:
+            self._vacuumer = threading.Thread(target=self._vacuums, name="harness-vacuum",
+                                              daemon=True)
+            self._vacuumer.start()
+        self._vacuum_due.set()
+
+    def _vacuums(self) -> None:
+        db: Db | None = None
+        try:
+            while True:
+                self._vacuum_due.wait()
+                self._vacuum_due.clear()
+                if self._closing:
+                    return
+                try:
+                    db = db or self.dialect.connect("writer")
+                    self.dialect.vacuum(db)
+                except Exception:  # autovacuum does it in the end
+                    if db is not None:
+                        db.close()
+                    db = None
+        finally:
+            if db is not None:
+                db.close()
 
     def _tell(self, line: str) -> None:
         if self.on_health is not None:

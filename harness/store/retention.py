@@ -9,8 +9,12 @@ back):
   reused, so the file stops growing there; `harness prune --vacuum` gives
   the space back to the file system). The write-ahead log beside it comes
   on top: up to about 300 MB under sustained load, cut back when idle.
-  PostgreSQL: pg_total_relation_size of the store's tables (space VACUUM
-  has freed for reuse counts until a VACUUM gives back a table's end).
+  PostgreSQL: pg_total_relation_size of the store's tables. A deleted
+  row's space is not given back there but reused (once VACUUM has been
+  through; the store asks for one after each such step), so the size
+  counted is the tables' size less what retention deleted that new
+  messages have not taken up yet (`Pruning`): the tables stop growing at
+  about SIZE.
 
 A session still open is never deleted (its messages may be, under `keep`
 and `max_bytes`: a connection that sends forever must not keep everything);
@@ -24,7 +28,7 @@ the store's `Db`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,15 +60,29 @@ class Retention:
         return "keeps " + ", ".join(parts) if parts else "keeps everything"
 
 
+@dataclass
+class Pruning:
+    """What a writer's retention remembers between steps (PostgreSQL's
+    max_bytes): bytes it deleted that new messages have not reused yet
+    (`credit`), the highest message id seen, and whether a VACUUM is due
+    (deleted rows' space is reused only after one)."""
+
+    credit: int = 0
+    last_id: int | None = None
+    vacuum_due: bool = False
+    deleted: list[int] = field(default_factory=list)  # (for the tests: bytes per step)
+
+
 def used_bytes(db: Db) -> int:
     """Bytes of the store's data in use (SQLite: its file, less the free
     pages; PostgreSQL: its tables' total relation size)."""
     return db.dialect.used_bytes(db)
 
 
-def _delete_messages(db: Db, below: int, want: int | None = None) -> int:
+def _delete_messages(db: Db, below: int, want: int | None = None) -> tuple[int, int]:
     """The oldest messages with an id under `below`, up to STEP of them (or,
-    `want` given, as many as it takes to free about that many bytes)."""
+    `want` given, as many as it takes to free about that many bytes): how
+    many, and their bytes."""
     ids = []
     freed = 0
     for mid, size in db.execute(
@@ -75,12 +93,12 @@ def _delete_messages(db: Db, below: int, want: int | None = None) -> int:
         if want is not None and freed >= want:
             break
     if not ids:
-        return 0
+        return 0, 0
     marks = ",".join("?" * len(ids))
     for table, column in (("message_parts", "message_id"), ("relays", "message_id")):
         db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
     db.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
-    return len(ids)
+    return len(ids), freed
 
 
 def _delete_sessions(db: Db, below: int) -> int:
@@ -112,8 +130,8 @@ def _oldest_kept_session(db: Db) -> int:
     return oldest
 
 
-def step(db: Db, policy: Retention, now: float | None = None, *, exact: bool = False
-         ) -> tuple[int, int]:
+def step(db: Db, policy: Retention, now: float | None = None, *, exact: bool = False,
+         pruning: Pruning | None = None) -> tuple[int, int]:
     """One step of pruning: (messages, sessions) deleted, (0, 0) when
     nothing is due. The caller commits; it calls again while anything was.
 
@@ -122,14 +140,15 @@ def step(db: Db, policy: Retention, now: float | None = None, *, exact: bool = F
     found from the oldest rows up, a short walk over what is due, never a
     scan of the whole store. `exact`: ids have gaps (a shared store's
     writers reserve them in blocks), so the newest N are counted down
-    from the top instead of subtracted from the highest id."""
+    from the top instead of subtracted from the highest id. `pruning`:
+    the writer's memory between steps (PostgreSQL's sizes need it)."""
     now = time.time() if now is None else now
     messages = sessions = 0
     if policy.keep_days is not None:
         cutoff = now - policy.keep_days * 86400
         first_new = _first(db, "SELECT id FROM messages WHERE received_at >= ? ORDER BY id"
                                  " LIMIT 1", (cutoff,))
-        messages += _delete_messages(db, first_new if first_new is not None else 1 << 62)
+        messages += _delete_messages(db, first_new if first_new is not None else 1 << 62)[0]
         first_new = _first(db, "SELECT id FROM sessions WHERE started_at >= ? ORDER BY id"
                                  " LIMIT 1", (cutoff,))
         sessions += _delete_sessions(db, min(first_new if first_new is not None else 1 << 62,
@@ -141,11 +160,33 @@ def step(db: Db, policy: Retention, now: float | None = None, *, exact: bool = F
             below = 0 if nth is None else nth + 1
         else:
             below = (_first(db, "SELECT MAX(id) FROM messages") or 0) - policy.keep + 1
-        messages += _delete_messages(db, below)
+        messages += _delete_messages(db, below)[0]
         sessions += _delete_sessions(db, _oldest_kept_session(db))
     if policy.max_bytes is not None and not (messages or sessions):
         over = used_bytes(db) - policy.max_bytes
+        if db.dialect.postgres:
+            over -= _reused(db, pruning or Pruning())
         if over > 0:
-            messages += _delete_messages(db, 1 << 62, want=over + policy.max_bytes // 20)
+            n, freed = _delete_messages(db, 1 << 62, want=over + policy.max_bytes // 20)
+            messages += n
+            if db.dialect.postgres and pruning is not None and n:
+                pruning.credit += freed
+                pruning.vacuum_due = True
+                pruning.deleted.append(freed)
             sessions += _delete_sessions(db, _oldest_kept_session(db))
     return messages, sessions
+
+
+def _reused(db: Db, pruning: Pruning) -> int:
+    """PostgreSQL: bytes deleted by earlier steps whose space new messages
+    have not taken up yet (what they brought since the last look counts
+    as taken up). On the first look, where the messages end."""
+    if pruning.last_id is None:
+        pruning.last_id = _first(db, "SELECT MAX(id) FROM messages") or 0
+        return pruning.credit
+    row = db.execute("SELECT COALESCE(SUM(size), 0), MAX(id) FROM messages WHERE id > ?",
+                     (pruning.last_id,)).fetchone()
+    if row[1] is not None:
+        pruning.last_id = int(row[1])
+    pruning.credit = max(0, pruning.credit - int(row[0]))
+    return pruning.credit
