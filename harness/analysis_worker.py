@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from harness.analysis.summary import HEAD, LARGE, Analyzer
 from harness.errors import StoreError
 from harness.store import Location, location
-from harness.store.dialect import dialect
+from harness.store.dialect import Db, Owner, dialect
 
 #: jobs claimed from the queue at a time (their bytes are read one by one)
 BATCH = 64
@@ -45,59 +45,79 @@ class Worker:
 
     def __init__(self, store: Location) -> None:
         self.dialect = dialect(location(store))
-        self.db = self.dialect.connect("worker")
-        try:
-            self.owner = self.dialect.take_owner(self.db)
-        except BaseException:
-            self.db.close()
-            raise
+        self.db: Db | None = None
+        self.owner: Owner | None = None
         self.analyzer = Analyzer()
         self.zones: dict[int, dict[str, Any]] = {}
         self._reclaim_at = 0.0
-        self._lost = False
+        # a store that cannot take its owner token now (read-only, out of
+        # reach): it is asked again at the first batch
+        with contextlib.suppress(self.dialect.Error, StoreError):
+            self._setup()
         self._claim = (
             "UPDATE analysis_queue SET claimed_by = ? WHERE claimed_by IS NULL AND message_id IN"
             " (SELECT message_id FROM analysis_queue WHERE claimed_by IS NULL"
             f" ORDER BY message_id LIMIT ?{self.dialect.claim_lock}) RETURNING message_id")
 
     def close(self) -> None:
-        self.db.close()  # PostgreSQL: its owner lock goes with its connection
-        self.dialect.release_owner(self.owner)
+        if self.db is not None:
+            self.db.close()  # PostgreSQL: its owner lock goes with its connection
+        if self.owner is not None:
+            self.dialect.release_owner(self.owner)
+
+    def _setup(self) -> tuple[Db, Owner]:
+        """The connection and the owner token (made again after a lost
+        connection: the same token, its lock taken again)."""
+        if self.db is None:
+            db = self.dialect.connect("worker")
+            try:
+                if self.owner is not None:
+                    self.dialect.retake_owner(db, self.owner)
+            except BaseException:
+                db.close()
+                raise
+            self.db = db
+        if self.owner is None:
+            self.owner = self.dialect.take_owner(self.db)
+        return self.db, self.owner
 
     def _zone(self, zone_id: int | None) -> dict[str, Any] | None:
         if zone_id is None:
             return None
         zone = self.zones.get(zone_id)
         if zone is None:
-            row = self.db.execute("SELECT json FROM zones WHERE id = ?", (zone_id,)).fetchone()
+            row = self._setup()[0].execute("SELECT json FROM zones WHERE id = ?",
+                                           (zone_id,)).fetchone()
             zone = self.zones[zone_id] = json.loads(row[0]) if row else {}
         return zone
 
     def claim(self) -> list[int]:
         """Up to BATCH jobs nobody has, taken for this worker; when there
         are none, the claims of workers that are gone are let go first."""
-        token = self.owner.token
+        db, owner = self._setup()
+        token = owner.token
         mids = self._take(token)
         if mids or time.monotonic() < self._reclaim_at:
             return mids
         self._reclaim_at = time.monotonic() + RECLAIM_EVERY
-        tokens = {r[0] for r in self.db.execute(
+        tokens = {r[0] for r in db.execute(
             "SELECT DISTINCT claimed_by FROM analysis_queue WHERE claimed_by IS NOT NULL"
             " AND claimed_by <> ?", (token,))}
-        dead = sorted(tokens - self.dialect.live_owners(self.db, tokens))
+        dead = sorted(tokens - self.dialect.live_owners(db, tokens))
         if not dead:
             return []
-        self.db.execute("UPDATE analysis_queue SET claimed_by = NULL WHERE claimed_by IN"
+        db.execute("UPDATE analysis_queue SET claimed_by = NULL WHERE claimed_by IN"
                         f" ({','.join('?' * len(dead))})", dead)
         return self._take(token)
 
     def _take(self, token: int) -> list[int]:
-        self.db.begin()  # SQLite: the write lock first (a read turned write can fail busy)
+        db, _ = self._setup()
+        db.begin()  # SQLite: the write lock first (a read turned write can fail busy)
         try:
-            mids = [r[0] for r in self.db.execute(self._claim, (token, BATCH)).fetchall()]
-            self.db.commit()
+            mids = [r[0] for r in db.execute(self._claim, (token, BATCH)).fetchall()]
+            db.commit()
         except BaseException:
-            self.db.rollback()
+            db.rollback()
             raise
         return mids
 
@@ -106,12 +126,11 @@ class Worker:
         or the store cannot take a claim now: a read-only or full store, a
         lost connection, made again at the next batch)."""
         try:
-            if self._lost:
-                self._reconnect()
+            db, _ = self._setup()
             mids = sorted(self.claim())
             if not mids:
                 return
-            jobs = self.db.execute(
+            jobs = db.execute(
                 "SELECT q.message_id, q.client_ip, q.helo, q.hostname, q.zone_id, m.mail_from,"
                 " m.size FROM analysis_queue q JOIN messages m ON m.id = q.message_id"
                 f" WHERE q.message_id IN ({','.join('?' * len(mids))}) ORDER BY q.message_id",
@@ -119,27 +138,23 @@ class Worker:
             lines = [self.one(mid, client_ip, helo or "", hostname, zone_id, mail_from, size)
                      for mid, client_ip, helo, hostname, zone_id, mail_from, size in jobs]
         except (self.dialect.Error, StoreError) as e:
-            self._lost = self._lost or self.dialect.lost(e) or isinstance(e, StoreError)
+            if self.db is not None and self.dialect.lost(e):
+                self.db.close()
+                self.db = None
             return
         yield from lines
-
-    def _reconnect(self) -> None:
-        """The connection went (PostgreSQL): again, with the owner lock."""
-        self.db.close()
-        self.db = self.dialect.connect("worker")
-        self.dialect.retake_owner(self.db, self.owner)
-        self._lost = False
 
     def _raw(self, mid: int, size: int, take: int) -> bytes:
         """The first `take` bytes of a message: from its row, or from its
         parts when it was stored in parts (harness.store.db.CHUNK)."""
-        row = self.db.execute("SELECT substr(raw, 1, ?) FROM messages WHERE id = ?",
-                              (take, mid)).fetchone()
+        db, _ = self._setup()
+        row = db.execute("SELECT substr(raw, 1, ?) FROM messages WHERE id = ?",
+                         (take, mid)).fetchone()
         raw = bytes(row[0]) if row and row[0] is not None else b""
         if raw or not size:
             return raw
         out = bytearray()
-        for (data,) in self.db.execute(
+        for (data,) in db.execute(
                 "SELECT data FROM message_parts WHERE message_id = ? ORDER BY seq", (mid,)):
             out += data
             if len(out) >= take:

@@ -154,6 +154,9 @@ MIGRATIONS = (("sessions", "mail_from", "TEXT"), ("sessions", "rcpt_tos", "TEXT"
               ("messages", "partial", "INTEGER"),
               # the analysis worker (owner token) that took the job
               ("analysis_queue", "claimed_by", "INTEGER"))
+#: the tables' version, written on a PostgreSQL store (a writer finding it
+#: there touches no table's definition): one more with each change above
+SCHEMA_VERSION = 1
 #: after the migrations: a large message left half written is found at once
 INDEXES = ("CREATE INDEX IF NOT EXISTS messages_partial ON messages(partial)"
            " WHERE partial IS NOT NULL",)
@@ -494,7 +497,14 @@ class Store:
             self._unlock()
             raise
         try:
-            self._prepare(db)
+            for attempt in range(3):  # another host's writer in the way: again
+                try:
+                    self._prepare(db)
+                    break
+                except Exception as e:
+                    if attempt == 2 or not self.dialect.transient(e):
+                        raise
+                    db.rollback()
         except BaseException as e:
             db.close()
             self._unlock()
@@ -556,16 +566,18 @@ class Store:
             # to about 16 * CHECKPOINT_BYTES under sustained load; an idle
             # store need not keep that)
             db.execute(f"PRAGMA journal_size_limit = {4 * CHECKPOINT_BYTES}")
-        else:
-            db.begin()
-        d.apply_schema(db, d.schema())
-        for table, column, kind in MIGRATIONS:
-            if column not in d.columns(db, table):
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        for statement in INDEXES:
-            db.execute(statement)
-        if d.postgres:
-            db.commit()
+        # PostgreSQL: only when the tables are not there yet, or are of an
+        # older version (CREATE INDEX IF NOT EXISTS and CREATE OR REPLACE
+        # TRIGGER lock tables that other hosts' writers are writing)
+        with d.schema_lock(db):
+            if not d.schema_ready(db, SCHEMA_VERSION):
+                d.apply_schema(db, d.schema())
+                for table, column, kind in MIGRATIONS:
+                    if column not in d.columns(db, table):
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                for statement in INDEXES:
+                    db.execute(statement)
+                d.mark_schema(db, SCHEMA_VERSION)
         if self.shared:
             self.owner = d.take_owner(db)
             self._partial = self.owner.token
@@ -844,7 +856,8 @@ class Store:
                     if self._cannot_write(e2):
                         return self._refuse(ops[i:], e2, waiters)
                     err = self.error = e2
-            return err
+            if err is not None:
+                return err
         if self.retention and any(op[0] in _PRUNE_AFTER for op in ops):
             self._prune_due = True
         if ops and isinstance(self.error, StoreFull):  # written again
@@ -1474,6 +1487,10 @@ def _insert_many(db: Db, sql: str, rows: list[Any]) -> None:
     m = _VALUES.match(sql)
     assert m is not None, sql
     head, one, tail = m.groups()
+    if "DO UPDATE" in tail:
+        # one statement may not update a row twice (PostgreSQL): of rows
+        # for the same key (the first column), the last, as one by one
+        rows = list({row[0]: row for row in rows}.values())
     i = 0
     while i < len(rows):
         n = 1 << min((len(rows) - i).bit_length() - 1, 6)  # 64 rows at most

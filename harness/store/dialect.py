@@ -22,7 +22,7 @@ import fcntl
 import os
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +125,18 @@ class Dialect(ABC):
 
     @abstractmethod
     def apply_schema(self, db: Db, statements: list[str]) -> None: ...
+
+    def schema_lock(self, db: Db) -> contextlib.AbstractContextManager[None]:
+        """While held, no other writer makes or changes the tables."""
+        return contextlib.nullcontext()
+
+    def schema_ready(self, db: Db, version: int) -> bool:
+        """The tables are there, of this version: nothing to make."""
+        return False
+
+    def mark_schema(self, db: Db, version: int) -> None:
+        """Write down that the tables are of this version."""
+        return None
 
     @abstractmethod
     def columns(self, db: Db, table: str) -> set[str]: ...
@@ -434,10 +446,34 @@ class Postgres(Dialect):
         out += TRIGGERS["postgresql"]
         return out
 
-    def apply_schema(self, db: Db, statements: list[str]) -> None:
+    @contextlib.contextmanager
+    def _schema_lock(self, db: Db) -> Iterator[None]:
         # one writer at a time makes the tables (CREATE ... IF NOT EXISTS
-        # racing another is an error in PostgreSQL)
-        db.raw.execute("SELECT pg_advisory_xact_lock(%s, 0)", (ADVISORY_NS,))
+        # racing another is an error in PostgreSQL); each statement is its
+        # own transaction, holding no lock while it waits for the next
+        db.raw.execute("SELECT pg_advisory_lock(%s, 0)", (ADVISORY_NS,))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                db.raw.execute("SELECT pg_advisory_unlock(%s, 0)", (ADVISORY_NS,))
+
+    def schema_lock(self, db: Db) -> contextlib.AbstractContextManager[None]:
+        return self._schema_lock(db)
+
+    @staticmethod
+    def _mark(version: int) -> str:
+        return f"SMTP Harness capture store, schema {version}"
+
+    def schema_ready(self, db: Db, version: int) -> bool:
+        row = db.raw.execute(
+            "SELECT obj_description(to_regclass('sessions'), 'pg_class')").fetchone()
+        return bool(row and row[0] == self._mark(version))
+
+    def mark_schema(self, db: Db, version: int) -> None:
+        db.raw.execute(f"COMMENT ON TABLE sessions IS '{self._mark(version)}'")
+
+    def apply_schema(self, db: Db, statements: list[str]) -> None:
         for statement in statements:
             db.raw.execute(statement)
 

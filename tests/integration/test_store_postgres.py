@@ -107,7 +107,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def writer_backends(pg: PgCluster, url: str) -> str:
     """pg_terminate_backend of the harness writers' connections to one database."""
-    return (f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname ="
+    # (with a timeout: returns once the backend is gone, not when it was told)
+    return (f"SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname ="
             f" '{dbname(url)}' AND application_name = 'harness-writer'")
 
 
@@ -248,10 +249,11 @@ def test_a_read_only_database_defers_with_452_and_recovers(
     pg_cluster.psql(f"ALTER DATABASE {db} SET default_transaction_read_only = off")
     pg_cluster.psql(writer_backends(pg_cluster, pg_url))
     status, ready = s.get("/readyz")  # asked again: one small write
-    assert status == 200, ready
+    assert status == 200, (ready, s.stop())
     assert s.send("after").startswith("250 2.0.0 Ok: queued as")
     s.read_until(r"writes again \(1 message\(s\) refused with 452 4\.3\.1")
-    s.stop()
+    out = s.stop()
+    assert "analysis worker exited" not in out  # it waited for the store too
     with Reader(pg_url) as r:
         assert [m.subject for m in r.messages()] == ["before", "after"]
         outcomes = [(a.outcome, a.code) for a in r.attempts() if a.phase == "message"]
