@@ -9,18 +9,24 @@ Its results come back here and are written by the store's writer, with
 everything else; nothing of a message is held in this process for it.
 
 `pending` is the ids still waiting; `idle()` waits until there are none,
-`analysed(mid)` until one is done."""
+`analysed(mid)` until one is done. On a shared store (several writers or
+hosts; always PostgreSQL) other processes queue jobs and other analysts do
+them: the queue is read every POLL_EVERY seconds, jobs queued elsewhere
+join `pending` (the worker claims those nobody has claimed) and jobs done
+elsewhere leave it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
+from harness.store import is_postgres
 from harness.store.db import Reader, Store
 
 log = logging.getLogger("harness.analysis")
@@ -28,6 +34,8 @@ log = logging.getLogger("harness.analysis")
 Mode = Literal["process", "thread"]
 #: seconds before a worker that died is started again
 RESTART_DELAY = 1.0
+#: seconds between looks at a shared store's queue
+POLL_EVERY = 0.5
 
 
 class Analyst:
@@ -50,6 +58,14 @@ class Analyst:
         self._wake = threading.Event()  # thread mode: more work, or stop
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: queued here, their commit not seen yet; and queued since the
+        #: last barrier was asked for
+        self._uncommitted: set[int] = set()
+        self._to_commit: list[int] = []
+        self._fresh = False  # committed jobs the worker has not been told of
+        self._done_lately: set[int] = set()  # analysed here since the last poll
+        self._poller: asyncio.Task[None] | None = None
+        self._poll_reader: Reader | None = None
 
     # -------------------------------------------------------------- life
 
@@ -57,14 +73,16 @@ class Analyst:
         """Read back what waits (after a crash, or from an older store), and
         start the worker."""
         self._loop = asyncio.get_running_loop()
-        path = self.store.path
+        where = self.store.location
 
         def waiting() -> list[int]:
-            with Reader(path) as r:
+            with Reader(where) as r:
                 return r.analysis_pending()
 
         await self.store.barrier()  # the queue as this store's writer made it at open
         self.pending.update(await asyncio.to_thread(waiting))
+        if self.store.shared:
+            self._poller = self._loop.create_task(self._poll())
         if self.mode == "process":
             await self._spawn()
         else:
@@ -78,6 +96,14 @@ class Analyst:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.idle(), drain)
         self._stopping = True
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._poll_reader is not None:
+            await asyncio.to_thread(self._poll_reader.close)
+            self._poll_reader = None
         if self._proc is not None:
             proc = self._proc
             if proc.stdin is not None:
@@ -101,11 +127,14 @@ class Analyst:
         worker is told once the commit that carries it is done, whatever
         becomes of the session (a client that resets at once included)."""
         self.pending.add(mid)
+        self._uncommitted.add(mid)
         if self.store.writes_in_pieces(mid):  # a large message: when it is whole
-            self.store.durable(mid).add_done_callback(self._committed)
-        elif not self._poke_scheduled:
-            self._poke_scheduled = True
-            self.store.barrier().add_done_callback(self._committed)
+            self.store.durable(mid).add_done_callback(
+                lambda fut: self._committed((mid,), fut))
+        else:
+            self._to_commit.append(mid)
+            if not self._poke_scheduled:
+                self._await_commit()
 
     def arrived(self, mid: int) -> None:
         """A message another process stored (a worker), its job committed
@@ -113,14 +142,27 @@ class Analyst:
         self.pending.add(mid)
         self._poke()
 
-    def _committed(self, fut: asyncio.Future[None]) -> None:
-        self._poke_scheduled = False
+    def _await_commit(self) -> None:
+        """One barrier at a time for the jobs queued since the last."""
+        mids, self._to_commit = self._to_commit, []
+        self._poke_scheduled = True
+
+        def done(fut: asyncio.Future[None]) -> None:
+            self._poke_scheduled = False
+            self._committed(mids, fut)
+            if self._to_commit:
+                self._await_commit()
+        self.store.barrier().add_done_callback(done)
+
+    def _committed(self, mids: Iterable[int], fut: asyncio.Future[None]) -> None:
+        self._uncommitted.difference_update(mids)
         if not fut.cancelled() and fut.exception() is None:
             self._poke()
 
     def forget(self) -> None:
         """The store was emptied (Harness.reset): nothing waits any more."""
         self.pending.clear()
+        self._uncommitted.clear()
         for futures in (*self._waiters.values(), self._idle):
             for fut in futures:
                 if not fut.done():
@@ -129,12 +171,17 @@ class Analyst:
         self._idle.clear()
 
     def _poke(self) -> None:
+        """Tell the worker there may be jobs to claim (a busy one: when it
+        is idle again)."""
         if self.mode == "thread":
             self._wake.set()
         elif self._worker_idle and self._proc is not None and self._proc.stdin is not None:
             self._worker_idle = False
+            self._fresh = False
             with contextlib.suppress(ConnectionError, RuntimeError):
                 self._proc.stdin.write(b"more\n")
+        else:
+            self._fresh = True
 
     def _result(self, line: str) -> None:
         """One result line of the worker: written with the store's writer."""
@@ -142,6 +189,7 @@ class Analyst:
         mid = int(mid_text)
         self.store.message_analysis(mid, analysis.rstrip("\n"), is_ndr == "1")
         self.analysed_count += 1
+        self._done_lately.add(mid)
         self._done(mid)
 
     def not_stored(self, mid: int) -> None:
@@ -151,6 +199,7 @@ class Analyst:
 
     def _done(self, mid: int) -> None:
         self.pending.discard(mid)
+        self._uncommitted.discard(mid)
         for fut in self._waiters.pop(mid, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -188,9 +237,15 @@ class Analyst:
     # ------------------------------------------------------ process worker
 
     async def _spawn(self) -> None:
+        from harness.analysis_worker import STORE_ENV
+
+        where = self.store.location
+        env = None
+        if is_postgres(where):  # the URL (its password) stays off the process list
+            env = {**os.environ, STORE_ENV: str(where)}
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "harness.analysis_worker", str(self.store.path),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "harness.analysis_worker", "-" if env else str(where),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             limit=1 << 26)  # a result line can be long (an NDR's every recipient)
         self._worker_idle = False
         self._reader = asyncio.get_running_loop().create_task(self._read(self._proc))
@@ -204,7 +259,7 @@ class Analyst:
             line = raw.decode("utf-8")
             if line == "idle\n":
                 self._worker_idle = True
-                if self.pending:  # queued while it was looking
+                if self._fresh:  # committed while it was looking
                     self._poke()
                 continue
             try:
@@ -224,12 +279,47 @@ class Analyst:
         if not self._stopping:
             await self._spawn()
 
+    # ------------------------------------------------- a shared store's queue
+
+    async def _poll(self) -> None:
+        """Every POLL_EVERY seconds: the queue as the store has it. Jobs
+        that left it (analysed by another host's worker) leave `pending`;
+        jobs other writers queued join it; the worker is told to claim."""
+        while True:
+            await asyncio.sleep(POLL_EVERY)
+            before = self.pending - self._uncommitted
+            done_before, self._done_lately = self._done_lately, set()
+            try:
+                waiting = set(await asyncio.to_thread(self._waiting))
+            except Exception as e:  # the store out of reach: looked at again later
+                log.debug("analysis queue not read: %s", e)
+                continue
+            gone = (before - waiting) & self.pending
+            new = waiting - self.pending - done_before - self._done_lately
+            for mid in gone:
+                self._done(mid)
+            self.pending.update(new)
+            if waiting:
+                self._poke()
+            if gone or new:
+                self._changed()
+
+    def _waiting(self) -> list[int]:
+        if self._poll_reader is None:
+            self._poll_reader = Reader(self.store.location)
+        try:
+            return self._poll_reader.analysis_pending()
+        except Exception:
+            self._poll_reader.close()
+            self._poll_reader = None
+            raise
+
     # ------------------------------------------------------- thread worker
 
     def _thread_main(self) -> None:
         from harness.analysis_worker import Worker
 
-        worker = Worker(self.store.path)
+        worker = Worker(self.store.location)
         loop = self._loop
         assert loop is not None
         try:

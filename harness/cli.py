@@ -30,6 +30,7 @@ from harness.render import printable
 from harness.scenario.engine import Engine
 from harness.scenario.library import library_dir, library_names, load, resolve
 from harness.scenario.loader import load_file
+from harness.store import display, is_postgres, local_dir, location
 from harness.store.db import DEFAULT_PATH, Reader, SessionRecord, Store
 from harness.store.retention import Retention
 
@@ -139,7 +140,9 @@ def _config(path: Path, args: argparse.Namespace) -> list[ListenerSpec]:
     unknown = set(data) - {"listeners", "store", "seed", "bounce_via"}
     if unknown:
         raise HarnessError(f"{path}: unknown keys {', '.join(sorted(map(str, unknown)))}")
-    if "store" in data:
+    if "store" in data and is_postgres(str(data["store"])):  # a database URL, as it is
+        args.store = str(data["store"])
+    elif "store" in data:
         args.store = (path.parent / str(data["store"])) if not Path(
             str(data["store"])).is_absolute() else Path(str(data["store"]))
     if "seed" in data:
@@ -241,7 +244,7 @@ async def _serve(args: argparse.Namespace) -> int:
             ctx = ListenerContext(engine=Engine(scenario, seed=args.seed), store=store,
                                   implicit_tls=spec.implicit_tls,
                                   proxy_protocol=spec.proxy_protocol,
-                                  ca_dir=Path(args.store).parent, dns=args.dns)
+                                  ca_dir=local_dir(args.store), dns=args.dns)
             if spec.forward is not None:
                 from harness.smtp.handlers import Forward
 
@@ -275,7 +278,7 @@ async def _serve(args: argparse.Namespace) -> int:
         from harness.smtp.runner import parse_hostport
 
         http_host, http_port = parse_hostport(args.http, 8025)
-        api = ApiServer([x.ctx for x in listeners] or contexts, Path(args.store), http_host,
+        api = ApiServer([x.ctx for x in listeners] or contexts, args.store, http_host,
                         http_port,
                         token=args.api_token)
         try:
@@ -304,7 +307,7 @@ async def _serve(args: argparse.Namespace) -> int:
                   + (f" (token {api.token})" if api.token else ""))
     if bounce_via is not None:
         out.print(f"rules' bounces are sent via {bounce_via[0]}:{bounce_via[1]}")
-    out.print(f"store {args.store}" + (f" ({store.retention.describe()})"
+    out.print(f"store {display(args.store)}" + (f" ({store.retention.describe()})"
                                        if store.retention else "")
               + (f", seed {args.seed}" if args.seed is not None else "")
               + ("" if args.quiet else "; Ctrl-C stops"))
@@ -323,7 +326,8 @@ async def _serve(args: argparse.Namespace) -> int:
     with Reader(args.store) as r:
         c = r.counts()
         waiting = len(r.analysis_pending())
-    out.print(f"stopped: {c['sessions']} sessions, {c['messages']} messages in {args.store}"
+    out.print(f"stopped: {c['sessions']} sessions, {c['messages']} messages in "
+              f"{display(args.store)}"
               + (f"; {store.pruned:,} older message(s) pruned" if store.pruned else "")
               + (f"; {store.refused:,} message(s) refused (452) for want of space"
                  if store.refused else "")
@@ -371,7 +375,7 @@ def _prune(args: argparse.Namespace) -> int:
     if not policy and not args.vacuum:
         raise HarnessError("say what to keep: --keep N, --keep-days D or --max-store-size "
                            "SIZE (and --vacuum to give the space back to the disk)")
-    if not args.store.exists():
+    if not is_postgres(args.store) and not Path(args.store).exists():
         raise HarnessError(f"no store at {args.store}")
     with Reader(args.store) as r:
         before = r.usage()
@@ -380,6 +384,12 @@ def _prune(args: argparse.Namespace) -> int:
     with Reader(args.store) as r:
         after, counts = r.usage(), r.counts()
     mb = 1024 * 1024
+    if is_postgres(args.store):  # tables, not a file; VACUUM: their space is reused
+        out.print(f"pruned {pruned:,} message(s) ({policy.describe()}): "
+                  f"{counts['messages']:,} messages, {counts['sessions']:,} sessions left; "
+                  f"tables {before['used_bytes'] / mb:,.1f} MB -> "
+                  f"{after['used_bytes'] / mb:,.1f} MB")
+        return 0
     out.print(f"pruned {pruned:,} message(s) ({policy.describe()}): "
               f"{counts['messages']:,} messages, {counts['sessions']:,} sessions left; "
               f"in use {before['used_bytes'] / mb:,.1f} MB -> {after['used_bytes'] / mb:,.1f} MB"
@@ -532,7 +542,7 @@ def _show(args: argparse.Namespace) -> int:
         if ident.startswith("m"):
             msg = r.message(_store_id(ident[1:], "message", args.id))
             if msg is None:
-                raise HarnessError(f"no message {ident[1:]} in {args.store}")
+                raise HarnessError(f"no message {ident[1:]} in {display(args.store)}")
             if args.raw:
                 sys.stdout.buffer.write(msg.raw or b"")
                 return 0
@@ -548,7 +558,7 @@ def _show(args: argparse.Namespace) -> int:
             raise HarnessError("--raw shows a message's bytes: give m<number>")
         s = r.session(sid)
         if s is None:
-            raise HarnessError(f"no session {ident.lstrip('s')} in {args.store}")
+            raise HarnessError(f"no session {ident.lstrip('s')} in {display(args.store)}")
         if args.json:
             print(json.dumps(_session_json(s), indent=2))
             return 0
@@ -680,6 +690,7 @@ def _lab(args: argparse.Namespace) -> int:
         verdicts.append(run_lab(s, mta=args.mta, speed=args.speed, window=args.window,
                                 settings=settings, seed=args.seed,
                                 keep=args.keep / s.name if args.keep else None,
+                                store=args.store,
                                     progress=None if args.quiet else
                                     (lambda m: err.print(f"[dim]{escape(m)}[/]"))))
     if args.json:
@@ -712,8 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def store_opt(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--store", type=Path, default=DEFAULT_PATH,
-                        help=f"the capture store (SQLite), default {DEFAULT_PATH}")
+        sp.add_argument("--store", type=location, default=DEFAULT_PATH,
+                        help=f"the capture store: an SQLite file (default {DEFAULT_PATH}) or "
+                             "a postgresql://USER@HOST/DB URL")
 
     def retention_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--keep", type=int, default=None, metavar="N",
@@ -787,6 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--html", type=Path, default=None, help="write the HTML report here")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--store", type=location, default=None, metavar="STORE",
+                    help="record the harness under test in this store (a file, or a "
+                         "postgresql:// URL); each run is judged on its own sessions")
     sp.add_argument("--keep", type=Path, default=None, metavar="DIR",
                     help="keep each run in DIR/SCENARIO: the MTA's log, the harness's store "
                          "(and the collector's) and lab.json, for harness evidence")
@@ -796,8 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "what the harness recorded")
     sp.add_argument("files", nargs="+", metavar="FILE",
                     help="logs and exports; each file's kind is recognised from its content")
-    sp.add_argument("--store", action="append", type=Path, default=None,
-                    help=f"a capture store (default {DEFAULT_PATH}); give it twice for a "
+    sp.add_argument("--store", action="append", type=location, default=None,
+                    help=f"a capture store, a file or a postgresql:// URL (default "
+                         f"{DEFAULT_PATH}); give it twice for a "
                          "lab's harness.db and collector.db")
     sp.add_argument("--tz", default=None, metavar="ZONE",
                     help="the zone of times written without one (syslog, Exim, PowerShell "

@@ -61,6 +61,7 @@ from harness.analysis.evidence.capture import (
 )
 from harness.analysis.evidence.lineup import KINDS, Lineup, LineupOptions, line_up
 from harness.errors import HarnessError
+from harness.store import Location, display, is_postgres
 from harness.store.db import Reader
 
 SCHEMA = "harness.evidence/1"
@@ -106,9 +107,11 @@ def parse_tz(text: str | None) -> tzinfo:
                            "name such as Europe/Berlin") from e
 
 
-def read_lab_info(store: Path) -> dict[str, Any] | None:
-    """The lab.json beside a store, or None."""
-    path = store.parent / LAB_INFO
+def read_lab_info(store: Location) -> dict[str, Any] | None:
+    """The lab.json beside a store (a file), or None."""
+    if is_postgres(store):
+        return None
+    path = Path(store).parent / LAB_INFO
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -179,7 +182,7 @@ def capture_from_reader(r: Reader, label: str, clock: LabClock | None = None) ->
                                 r.messages(raw=True), clock)
 
 
-def load_capture(path: Path, label: str) -> tuple[Capture, dict[str, Any] | None]:
+def load_capture(path: Location, label: str) -> tuple[Capture, dict[str, Any] | None]:
     """A store's records (read-only), and the lab.json beside it."""
     info = read_lab_info(path)
     with Reader(path) as r:
@@ -214,7 +217,7 @@ def read_file(path: Path, options: ReadOptions) -> EvidenceFile:
                                                       now=options.now or now))
 
 
-def lineup_for(files: Sequence[EvidenceFile], stores: Sequence[Path], *,
+def lineup_for(files: Sequence[EvidenceFile], stores: Sequence[Location], *,
                retry_interval: float | None = None, window: float | None = None
                ) -> tuple[Lineup, list[dict[str, Any]]]:
     """Read the stores and line the files up with them."""
@@ -223,12 +226,13 @@ def lineup_for(files: Sequence[EvidenceFile], stores: Sequence[Path], *,
     used: set[str] = set()
     for i, store in enumerate(stores):
         # the first store needs no name; others are named after their file
-        label = "" if i == 0 else (store.stem if store.stem not in used else f"store{i + 1}")
+        stem = "" if is_postgres(store) else Path(store).stem
+        label = "" if i == 0 else (stem if stem and stem not in used else f"store{i + 1}")
         used.add(label)
         cap, info = load_capture(store, label)
         captures.append(cap)
         clock = _clock(info)
-        infos.append({"path": str(store), "label": label,
+        infos.append({"path": display(store), "label": label,
                       "clock": {"t0": clock.t0, "speed": clock.speed} if clock else None})
         if retry_interval is None and info and isinstance(info.get("retry_interval"),
                                                           int | float):
@@ -353,9 +357,9 @@ def evidence_command(args: Any, out: Console, err: Console) -> int:
         raise HarnessError("; ".join(str(p) for f in files for p in f.problems))
     from harness.store.db import DEFAULT_PATH
 
-    stores = [Path(s) for s in (args.store or [DEFAULT_PATH])]
+    stores: list[Location] = list(args.store or [DEFAULT_PATH])
     for s in stores:
-        if not s.exists():
+        if not is_postgres(s) and not Path(s).exists():
             raise HarnessError(f"no store at {s} (give --store PATH; harness lab --keep DIR "
                                "keeps a lab run's store)")
     lineup, infos = lineup_for(files, stores, retry_interval=retry, window=args.window)

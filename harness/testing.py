@@ -6,7 +6,10 @@
         h.verify(rule="greylist", count=1)
 
 SMTP runs on an ephemeral loopback port in the harness's own event loop (a
-thread), with a temporary store unless one is given; `async with` works too
+thread), with a temporary store unless one is given (a path, or a
+postgresql:// URL: a database other hosts may share, so the harness then
+reads back, and `reset()` deletes, only the sessions it served itself, and
+what they left); `async with` works too
 (the server still has its own loop, so a test's loop never waits on it).
 `handlers=` passes each accepted message on, once stored, to aiosmtpd-style
 handlers (`handle_DATA(server, session, envelope)`), e.g. aiosmtpd's Proxy.
@@ -35,6 +38,7 @@ from harness.scenario.loader import build_rule, load_file, load_text
 from harness.scenario.model import Scenario
 from harness.smtp.listener import JournalEntry, ListenerContext
 from harness.smtp.runner import Listener, close_connections, start_listener
+from harness.store import Location, is_postgres
 from harness.store.db import Attempt, MessageRecord, Reader, Relay, SessionRecord, Store
 
 T = TypeVar("T")
@@ -67,11 +71,27 @@ def _scenario(spec: str | Path | Scenario | None) -> Scenario:
     return load(spec)
 
 
+class _OwnStore(Store):
+    """A store that remembers the sessions this harness started (a shared
+    store holds other writers' too)."""
+
+    def __init__(self, location: Location) -> None:
+        super().__init__(location)
+        self.started: set[int] = set()
+
+    def session_started(self, *, listener: str, peer_ip: str, peer_port: int,
+                        scenario: str, t: float | None = None) -> int:
+        sid = super().session_started(listener=listener, peer_ip=peer_ip,
+                                      peer_port=peer_port, scenario=scenario, t=t)
+        self.started.add(sid)
+        return sid
+
+
 class Harness:
     """A running SMTP Harness; use as a context manager (sync or async)."""
 
     def __init__(self, scenario: str | Path | Scenario | None = None, *,
-                 host: str = "127.0.0.1", port: int = 0, store: str | Path | None = None,
+                 host: str = "127.0.0.1", port: int = 0, store: Location | None = None,
                  seed: int | None = None, clock: Callable[[], float] | None = None,
                  implicit_tls: bool = False, proxy_protocol: bool = False,
                  keep_store: bool = False, http: bool = False,
@@ -80,19 +100,22 @@ class Harness:
         first = _scenario(scenario)
         self._bind = (host, port)
         self._tmp: str | None = None
-        if store is None:
+        if store is None or is_postgres(store):  # (a database: a folder for the CA)
             self._tmp = tempfile.mkdtemp(prefix="harness-")
-            store = Path(self._tmp) / "harness.db"
-        self.store_path = Path(store)
+        if store is None:
+            store = Path(self._tmp or ".") / "harness.db"
+        #: the store: an SQLite file's Path, or a postgresql:// URL
+        self.store_location: Location = store if is_postgres(store) else Path(store)
         self.keep_store = keep_store
         self.seed = seed
         self._offset = 0.0
         self._clock = clock or time.time
         self.engine = Engine(first, seed=seed, clock=self.now)
-        self.store = Store(self.store_path)
+        self.store = _OwnStore(self.store_location)
+        ca_dir = Path(self._tmp) if is_postgres(store) and self._tmp else Path(store).parent
         self.ctx = ListenerContext(engine=self.engine, store=self.store,
                                    implicit_tls=implicit_tls, proxy_protocol=proxy_protocol,
-                                   ca_dir=self.store_path.parent,
+                                   ca_dir=ca_dir,
                                    handlers=list(handlers))
         # analyses in a thread: starts at once, and tests send little
         self.analyst = Analyst(self.store, mode="thread", errors=self.ctx.errors)
@@ -133,7 +156,7 @@ class Harness:
                 if self._http:
                     from harness.api.app import ApiServer
 
-                    self._api = ApiServer([self.ctx], self.store_path, self._bind[0], 0,
+                    self._api = ApiServer([self.ctx], self.store_location, self._bind[0], 0,
                                           token=self._api_token)
                     self._loop.run_until_complete(self._api.start())
             except BaseException as e:
@@ -248,7 +271,11 @@ class Harness:
         self._offset = 0.0
         if self._loop is not None:
             self._call(self._forget_analyses())
-        self.store.clear()
+        if self.store.shared:  # others' captures stay
+            self.store.clear(session_ids=self.store.started.copy())
+            self.store.started.clear()
+        else:
+            self.store.clear()
         self.store.sync_barrier()
         self.store.error = None
 
@@ -268,29 +295,48 @@ class Harness:
 
     # -- queries ----------------------------------------------------------
 
+    @property
+    def store_path(self) -> Path:
+        """The SQLite file of the store (a PostgreSQL store has none: see
+        `store_location`)."""
+        if not isinstance(self.store_location, Path):
+            raise HarnessError("this harness's store is a database, not a file: "
+                               "use store_location")
+        return self.store_location
+
+    def _own(self) -> list[int] | None:
+        """The sessions to read: this harness's own on a shared store, else
+        all of them (None)."""
+        return sorted(self.store.started.copy()) if self.store.shared else None
+
     def _read(self, fn: Callable[[Reader], T]) -> T:
         self.store.sync_barrier()
         if self.store.error is not None:
             raise HarnessError(f"store write failed: {self.store.error}")
-        with Reader(self.store_path) as r:
+        with Reader(self.store_location) as r:
             return fn(r)
 
     def messages(self, *, rcpt: str | None = None, raw: bool = True) -> list[MessageRecord]:
-        return self._read(lambda r: r.messages(rcpt=rcpt, raw=raw))
+        own = self._own()
+        return self._read(lambda r: r.messages(rcpt=rcpt, raw=raw, session_ids=own))
 
     def sessions(self) -> list[SessionRecord]:
-        return self._read(lambda r: r.sessions(with_events=True))
+        own = self._own()
+        return self._read(lambda r: r.sessions(with_events=True, session_ids=own))
 
     def attempts(self, *, rcpt: str | None = None, mail_from: str | None = None
                  ) -> list[Attempt]:
         """Delivery attempts (one pair's verdict on one connection), oldest
         first, each with `interval` since the pair's previous attempt."""
-        return self._read(lambda r: r.attempts(rcpt=rcpt, mail_from=mail_from))
+        own = self._own()
+        return self._read(lambda r: r.attempts(rcpt=rcpt, mail_from=mail_from,
+                                               session_ids=own))
 
     def relays(self, message_id: int | None = None) -> list[Relay]:
         """What the handlers (forward:) did with stored messages; call
         `wait_idle()` first to see the ones still under way."""
-        return self._read(lambda r: r.relays(message_id))
+        own = self._own()
+        return self._read(lambda r: r.relays(message_id, session_ids=own))
 
     @property
     def journal(self) -> list[JournalEntry]:

@@ -37,12 +37,13 @@ from harness.render import view
 from harness.scenario.library import library_dir, library_names, load
 from harness.scenario.loader import build_rule, load_text
 from harness.smtp.listener import ListenerContext
+from harness.store import display, is_postgres
 from harness.store.db import MessageRecord, Reader, StoreFull
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CTX_KEY = web.AppKey("listeners", list[ListenerContext])
-STORE_KEY = web.AppKey("store_path", Path)
+STORE_KEY: web.AppKey[Path | str] = web.AppKey("store_path")  # a file, or a postgresql:// URL
 TOKEN_KEY = web.AppKey("token", str)
 
 #: The page may load its own script and style, and talk to this origin only.
@@ -356,10 +357,11 @@ async def store_info(request: web.Request) -> web.Response:
     path = request.app[STORE_KEY]
 
     def measure(r: Reader) -> dict[str, Any]:
-        return {**r.usage(), "disk_free_bytes": shutil.disk_usage(path.parent).free,
+        free = None if is_postgres(path) else shutil.disk_usage(Path(path).parent).free
+        return {**r.usage(), "disk_free_bytes": free,  # (a database server's: not known)
                 "counts": r.counts(("sessions", "messages"))}
 
-    out: dict[str, Any] = {"path": str(path), **await read(request, measure)}
+    out: dict[str, Any] = {"path": display(path), **await read(request, measure)}
     if listeners:
         store = listeners[0].store
         keep = store.retention
@@ -680,7 +682,7 @@ def _static(name: str, content_type: str) -> Handler:
     return handler
 
 
-def make_app(listeners: list[ListenerContext], store_path: Path, token: str = ""
+def make_app(listeners: list[ListenerContext], store_path: Path | str, token: str = ""
              ) -> web.Application:
     app = web.Application(middlewares=[security], client_max_size=MAX_BODY)
     app[CTX_KEY] = listeners
@@ -708,7 +710,7 @@ def make_app(listeners: list[ListenerContext], store_path: Path, token: str = ""
 class ApiServer:
     """The API and page on HOST:PORT in the running loop."""
 
-    def __init__(self, listeners: list[ListenerContext], store_path: Path, host: str,
+    def __init__(self, listeners: list[ListenerContext], store_path: Path | str, host: str,
                  port: int, token: str | None = None) -> None:
         if token is None and not is_loopback(host):
             token = secrets.token_urlsafe(24)

@@ -27,6 +27,7 @@ from harness.lab.base import LabMta, QueueEntry
 from harness.lab.postfix import PostfixLab
 from harness.records import Outcome as AttemptOutcome
 from harness.scenario.model import Outcome, Scenario, Send
+from harness.store import Location
 from harness.store.db import Attempt
 from harness.testing import Harness
 
@@ -118,10 +119,12 @@ def run_postfix(scenario: Scenario, **kw: Any) -> Verdict:
 def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             window: float = 20.0, settings: dict[str, str] | None = None,
             seed: int | None = 1, progress: Callable[[str], None] | None = None,
-            keep: Path | None = None) -> Verdict:
+            keep: Path | None = None, store: Location | None = None) -> Verdict:
     """Send the scenario's test message through a private MTA (postfix or
     exim) relaying to a harness with the scenario, and judge what it did.
-    `keep`: a folder for the run's MTA log, stores and lab.json (evidence)."""
+    `keep`: a folder for the run's MTA log, stores and lab.json (evidence).
+    `store`: where the harness under test records (a postgresql:// URL:
+    judged on this run's sessions only; other records stay)."""
     from harness.lab.evidence import LOG_NAME, keep_dir, lab_evidence  # (evidence)
 
     kept = keep_dir(keep) if keep else None
@@ -135,7 +138,8 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
     clock = _Clock(speed)
     started = time.monotonic()
     with Harness(scenario, seed=seed, clock=clock,
-                 store=kept / "harness.db" if kept else None) as target, \
+                 store=store if store is not None else kept / "harness.db" if kept else None
+                 ) as target, \
             Harness("accept", clock=clock,
                     store=kept / "collector.db" if kept else None) as collector:
         lab_settings = {**(POSTFIX_LAB if mta == "postfix" else {}), **(settings or {})}

@@ -176,7 +176,7 @@ async def _work(plan: WorkerPlan, sock: socket.socket) -> None:
     tls.adopt(plan.certificates)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     relay = _Relay(writer)
-    store = Store(plan.store, shared=True)  # type: ignore[call-arg]  # (shared: the store's)
+    store = Store(plan.store, shared=True)
     await asyncio.to_thread(store.open)
     shared = await asyncio.to_thread(open_shared, plan.store)
     listeners: list[Listener] = []

@@ -1,5 +1,6 @@
 """Sent bounces in the capture store: the `bounces` table, kept apart from
-db.py (which adds this SCHEMA to its own, and nothing else).
+db.py (whose dialects add this TABLE and the TRIGGERS to their schema, and
+nothing else).
 
 One row per report a rule's `bounce:` produced, written once its fate is
 known: sent (with the next hop's reply), failed (with the error), skipped
@@ -13,38 +14,51 @@ loop); reads take a `Reader`."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from harness.store.db import Reader, Store
 
-SCHEMA = """
+#: the table ({...}: column types, as in db.SCHEMA)
+TABLE = """
 CREATE TABLE IF NOT EXISTS bounces (
-    id INTEGER PRIMARY KEY,
-    session_id INTEGER NOT NULL,
-    message_id INTEGER,           -- the accepted message the report is about
+    id {serial},
+    session_id {bigint} NOT NULL,
+    message_id {bigint},          -- the accepted message the report is about
     rule TEXT,
     kind TEXT NOT NULL,           -- dsn | exchange | autoreply | arf
     status TEXT,                  -- the enhanced status code reported (dsn, exchange)
     recipients TEXT NOT NULL,     -- JSON list: whom the report is about
     mail_to TEXT,                 -- the envelope recipient: the original sender
     via TEXT,                     -- the next hop, HOST:PORT
-    scheduled_at REAL NOT NULL,
-    done_at REAL,
+    scheduled_at {real} NOT NULL,
+    done_at {real},
     outcome TEXT NOT NULL,        -- sent | failed | skipped | cancelled
     reply TEXT,                   -- the next hop's reply to the message (sent)
     error TEXT,                   -- why it failed, was skipped or cancelled
     subject TEXT,
-    raw BLOB                      -- the report as built (NULL when skipped)
+    raw {blob}                    -- the report as built (NULL when skipped)
 );
 CREATE INDEX IF NOT EXISTS bounces_session ON bounces(session_id, id);
-CREATE TRIGGER IF NOT EXISTS bounces_follow_sessions AFTER DELETE ON sessions
+"""
+
+#: a session's bounces go with it, in each database's words
+TRIGGERS = {
+    "sqlite": ["""CREATE TRIGGER IF NOT EXISTS bounces_follow_sessions AFTER DELETE ON sessions
 BEGIN
     DELETE FROM bounces WHERE session_id = OLD.id;
-END;
-"""
+END"""],
+    "postgresql": [
+        """CREATE OR REPLACE FUNCTION harness_bounces_follow() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM bounces WHERE session_id = OLD.id;
+    RETURN OLD;
+END $$""",
+        """CREATE OR REPLACE TRIGGER bounces_follow_sessions AFTER DELETE ON sessions
+FOR EACH ROW EXECUTE FUNCTION harness_bounces_follow()"""],
+}
 
 OUTCOMES = ("sent", "failed", "skipped", "cancelled")
 
@@ -120,14 +134,16 @@ def bounces(reader: Reader, *, session_id: int | None = None, raw: bool = False,
         sql += " LIMIT ?"
         params.append(limit)
     try:
-        rows = reader.conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as e:
-        if "no such table" in str(e):
+        rows = reader.execute(sql, params).fetchall()
+    except reader.dialect.Error as e:
+        if reader.dialect.missing_table(e):
             return []
         raise
     out = []
     for row in reversed(rows):
         d = dict(row)
         d["recipients"] = json.loads(d["recipients"])
+        if d.get("raw") is not None:
+            d["raw"] = bytes(d["raw"])
         out.append(BounceRecord(**d))
     return out

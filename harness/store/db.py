@@ -1,17 +1,27 @@
-"""The capture store: SQLite in WAL mode, one writer thread, grouped commits.
+"""The capture store: one writer thread, grouped commits, a durable barrier
+before the 250; SQLite (WAL, the embedded default) or PostgreSQL.
 
 The event loop never touches the database. It hands writes to `Store` methods
 that only append to a queue; a writer thread drains the queue, runs everything
-pending in one transaction and commits it (synchronous=FULL, so a commit is
-on disk). Under load many sessions' writes share one commit. A caller that
-must not answer before its data is durable (the 250 after the final dot)
-awaits the future `store_message` returns: it resolves after the commit that
-carried the message, and carries every earlier write too (the queue is FIFO).
+pending in one transaction and commits it (SQLite synchronous=FULL, a
+PostgreSQL commit: on disk either way). Under load many sessions' writes
+share one commit. A caller that must not answer before its data is durable
+(the 250 after the final dot) awaits the future `durable(mid)` returns: it
+resolves after the commit that carried the message, and carries every
+earlier write too (the queue is FIFO).
 
-Readers (CLI, tests, API) open their own connections; WAL lets them read
-while the writer writes. IDs are allocated in memory by the one writer
-process, so the loop never waits for an INSERT to learn an ID; a lock file
-keeps a second writer off the same store."""
+Readers (CLI, tests, API) open their own connections; WAL (or PostgreSQL)
+lets them read while the writer writes. What differs between the two
+databases is in dialect.py; this file is the one writer and reader.
+
+IDs (sessions, messages, attempts, zones) are handed out without asking the
+database on the event loop. A single writer (the default for an SQLite
+file) counts in memory from the store's highest id, and a lock file keeps a
+second writer off the store. A shared store (`shared=True`; always for
+PostgreSQL) has several writers, processes or hosts: each reserves small
+blocks of ids from the database ahead of need (a counters table in SQLite,
+sequences in PostgreSQL), refilled by its writer thread before they run
+out, so ids stay unique and roughly in time order."""
 
 from __future__ import annotations
 
@@ -33,16 +43,20 @@ from typing import Any
 
 from harness.errors import StoreError
 from harness.records import AttemptRecord, MessageDraft, NotStored, Outcome, TranscriptLine
+from harness.store import Location, is_postgres
 from harness.store import retention as rt
-from harness.store.bounces import SCHEMA as BOUNCES_SCHEMA
+from harness.store.dialect import ID_TABLES, Db, Dialect, Owner, dialect
 
 DEFAULT_PATH = Path(".harness") / "harness.db"
 
+#: the tables, for SQLite and PostgreSQL both: dialect.py fills in the
+#: column types the two spell differently ({pk}: an id the writer gives,
+#: {serial}: one the database gives)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
-    id INTEGER PRIMARY KEY,
-    started_at REAL NOT NULL,
-    ended_at REAL,
+    id {pk},
+    started_at {real} NOT NULL,
+    ended_at {real},
     listener TEXT NOT NULL,
     peer_ip TEXT NOT NULL,
     peer_port INTEGER NOT NULL,
@@ -57,9 +71,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     rcpt_tos TEXT             -- JSON list: each RCPT TO address the client gave
 );
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    session_id INTEGER NOT NULL REFERENCES sessions(id),
-    t REAL NOT NULL,
+    id {serial},
+    session_id {bigint} NOT NULL REFERENCES sessions(id),
+    t {real} NOT NULL,
     direction TEXT NOT NULL,  -- 'C' client, 'S' server, 'I' info (faults, delays)
     phase TEXT,
     text TEXT NOT NULL,
@@ -67,26 +81,26 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_session ON events(session_id, id);
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
-    session_id INTEGER NOT NULL REFERENCES sessions(id),
-    received_at REAL NOT NULL,
+    id {pk},
+    session_id {bigint} NOT NULL REFERENCES sessions(id),
+    received_at {real} NOT NULL,
     mail_from TEXT NOT NULL,
     rcpt_tos TEXT NOT NULL,   -- JSON list
     mail_options TEXT NOT NULL,
     rcpt_options TEXT NOT NULL,   -- JSON list: each accepted RCPT's parameters as sent
     dsn TEXT,                     -- JSON: RET, ENVID, NOTIFY, ORCPT decoded (RFC 3461)
-    size INTEGER NOT NULL,
+    size {bigint} NOT NULL,
     subject TEXT,
     message_id TEXT,
     is_ndr INTEGER,               -- NULL until analysed; 1 for a bounce/delay notice
     analysis TEXT,                -- JSON: the parsed NDR, SPF/DKIM/DMARC results
-    raw BLOB NOT NULL
+    raw {blob} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_session ON messages(session_id);
 CREATE TABLE IF NOT EXISTS attempts (
-    id INTEGER PRIMARY KEY,
-    session_id INTEGER NOT NULL REFERENCES sessions(id),
-    t REAL NOT NULL,
+    id {pk},
+    session_id {bigint} NOT NULL REFERENCES sessions(id),
+    t {real} NOT NULL,
     mail_from TEXT NOT NULL,
     rcpt TEXT NOT NULL,
     phase TEXT NOT NULL,      -- where the verdict was reached
@@ -95,47 +109,57 @@ CREATE TABLE IF NOT EXISTS attempts (
     reply TEXT,
     outcome TEXT NOT NULL,    -- accepted | deferred | rejected | dropped | reset | hang | lost
     rule TEXT,
-    message_id INTEGER
+    message_id {bigint}
 );
 CREATE INDEX IF NOT EXISTS attempts_rcpt ON attempts(rcpt, t);
 CREATE TABLE IF NOT EXISTS relays (
-    id INTEGER PRIMARY KEY,
-    message_id INTEGER NOT NULL REFERENCES messages(id),
-    session_id INTEGER NOT NULL REFERENCES sessions(id),
-    t REAL NOT NULL,
+    id {serial},
+    message_id {bigint} NOT NULL REFERENCES messages(id),
+    session_id {bigint} NOT NULL REFERENCES sessions(id),
+    t {real} NOT NULL,
     handler TEXT NOT NULL,    -- "forward to HOST:PORT", or a handler's class name
     ok INTEGER NOT NULL,
     status TEXT NOT NULL      -- the next hop's reply, or what went wrong
 );
 CREATE INDEX IF NOT EXISTS relays_message ON relays(message_id);
 CREATE TABLE IF NOT EXISTS analysis_queue (  -- messages stored, not analysed yet
-    message_id INTEGER PRIMARY KEY,
+    message_id {bigint} PRIMARY KEY,
     client_ip TEXT NOT NULL,
     helo TEXT,
     hostname TEXT NOT NULL,       -- the receiving server's name (Authentication-Results)
-    zone_id INTEGER               -- zones.id: the scenario's DNS; NULL: the system's
+    zone_id {bigint}              -- zones.id: the scenario's DNS; NULL: the system's
 );
 CREATE TABLE IF NOT EXISTS message_parts (  -- the bytes of a message over CHUNK, in order
-    id INTEGER PRIMARY KEY,
-    message_id INTEGER NOT NULL REFERENCES messages(id),
+    id {serial},
+    message_id {bigint} NOT NULL REFERENCES messages(id),
     seq INTEGER NOT NULL,
-    data BLOB NOT NULL
+    data {blob} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS message_parts_message ON message_parts(message_id, seq);
 CREATE TABLE IF NOT EXISTS zones (   -- the scenario dns: zones analyses look things up in
-    id INTEGER PRIMARY KEY,
+    id {pk},
     json TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS health (  -- one row the writer rewrites to see whether it can write
     id INTEGER PRIMARY KEY CHECK (id = 1),
-    t REAL NOT NULL
+    t {real} NOT NULL
 );
 """
 
 #: Columns added since the first release: (table, column, type), added to an
 #: older store when it is opened for writing.
 MIGRATIONS = (("sessions", "mail_from", "TEXT"), ("sessions", "rcpt_tos", "TEXT"),
-              ("messages", "partial", "INTEGER"))  # 1 while a large message is written
+              # a large message being written: its writer's owner token (1: a
+              # single writer's); NULL once whole
+              ("messages", "partial", "INTEGER"),
+              # the analysis worker (owner token) that took the job
+              ("analysis_queue", "claimed_by", "INTEGER"))
+#: the tables' version, written on a PostgreSQL store (a writer finding it
+#: there touches no table's definition): one more with each change above
+SCHEMA_VERSION = 1
+#: after the migrations: a large message left half written is found at once
+INDEXES = ("CREATE INDEX IF NOT EXISTS messages_partial ON messages(partial)"
+           " WHERE partial IS NOT NULL",)
 
 #: messages over this many bytes are written in pieces of this size
 CHUNK = 1 << 20
@@ -143,27 +167,37 @@ CHUNK = 1 << 20
 BATCH_BYTES = 2 << 20
 #: the checkpointer copies the WAL into the database after about this much
 CHECKPOINT_BYTES = 16 << 20
+#: the partial mark of a single writer's large messages (a shared store's
+#: writers mark theirs with their owner token)
+SINGLE_WRITER = 1
 _PART = "INSERT INTO message_parts (message_id, seq, data) VALUES (?, ?, ?)"
 _PIECES = object()  # in the queue: large messages' pieces wait in their lane
 _UNMARK = "UPDATE messages SET partial = NULL WHERE id = ?"  # a large message is whole
 _PRUNE = object()  # in the queue: retention has another step to take
-_PROBE = "INSERT OR REPLACE INTO health (id, t) VALUES (1, ?)"
+_REFILL = object()  # in the queue: a shared store's ids are running low
+_PROBE = "INSERT INTO health (id, t) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET t = excluded.t"
 _INSERT_PARTIAL = (
     "INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
     " rcpt_options, dsn, size, subject, message_id, raw, partial)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)")
-_QUEUE_JOB = ("INSERT OR REPLACE INTO analysis_queue (message_id, client_ip, helo, hostname,"
-              " zone_id) VALUES (?, ?, ?, ?, ?)")
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_QUEUE_JOB = ("INSERT INTO analysis_queue (message_id, client_ip, helo, hostname, zone_id)"
+              " VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET"
+              " client_ip = excluded.client_ip, helo = excluded.helo,"
+              " hostname = excluded.hostname, zone_id = excluded.zone_id, claimed_by = NULL")
 _DROP_PARTIAL_PARTS = ("DELETE FROM message_parts WHERE message_id IN"
-                       " (SELECT id FROM messages WHERE partial = 1)")
-_DROP_PARTIAL = "DELETE FROM messages WHERE partial = 1"
+                       " (SELECT id FROM messages WHERE partial = ?)")
+_DROP_PARTIAL = "DELETE FROM messages WHERE partial = ?"
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
     " rcpt_options, dsn, size, subject, message_id, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
     " ?, ?)")
+#: a message's analysis is done: retention may take it now
+_DEQUEUE = "DELETE FROM analysis_queue WHERE message_id = ?"
 #: the writes that store a message (its row, its parts, its analysis job):
 #: what a full disk refuses is dropped, its client told 452
 _MESSAGE_WRITES = frozenset({_INSERT_MESSAGE, _INSERT_PARTIAL, _PART, _UNMARK, _QUEUE_JOB})
+#: writes after which retention may find something to delete
+_PRUNE_AFTER = _MESSAGE_WRITES | {_DEQUEUE}
 
 _Op = tuple[str, Sequence[Any]] | tuple[str, Iterable[Sequence[Any]], bool]
 
@@ -247,16 +281,6 @@ class SessionRecord:
         return d
 
 
-def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    if readonly:
-        uri = f"file:{path}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    else:
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    return conn
-
-
 @dataclass(frozen=True, slots=True)
 class _PruneAll:
     vacuum: bool
@@ -272,18 +296,9 @@ class _Barrier:
 
 
 class StoreFull(StoreError, NotStored):
-    """The store cannot write: its disk is full, or its file is read-only or
-    gone. Messages are answered 452 4.3.1 until it can again."""
-
-
-#: SQLite's result codes (and their extended forms) for a store that cannot
-#: write for want of space or of a writable file: not the data's fault
-_DISK_TROUBLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
-
-
-def _disk_trouble(e: BaseException) -> bool:
-    return (isinstance(e, sqlite3.OperationalError)
-            and str(getattr(e, "sqlite_errorname", "")).startswith(_DISK_TROUBLE))
+    """The store cannot write: its disk is full, its file or server
+    read-only, gone or out of reach. Messages are answered 452 4.3.1 until
+    it can again."""
 
 
 #: records (sessions, transcripts, attempts) kept in memory while the disk is
@@ -291,6 +306,8 @@ def _disk_trouble(e: BaseException) -> bool:
 HOLD_MAX = 200_000
 #: seconds between retention's looks when its last look found nothing due
 PRUNE_EVERY = 0.5
+#: seconds between attempts to connect again to a store that went away
+RECONNECT_EVERY = 1.0
 
 
 #: a string JSON writes as it is between quotes: printable ASCII, no quote or backslash
@@ -331,12 +348,98 @@ def _resolve(futures: list[tuple[asyncio.Future[None], BaseException | None]]) -
             fut.set_exception(StoreError(f"store write failed: {err}"))
 
 
-class Store:
-    """Capture store. `open()` for the writer side (serve), `reader()` to query."""
+class _Counter:
+    """Ids of one table counted in memory: the store's only writer."""
 
-    def __init__(self, path: str | Path = DEFAULT_PATH, *,
-                 retention: rt.Retention | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, first: int) -> None:
+        self.next = first
+
+    def take(self) -> int:
+        n = self.next
+        self.next += 1
+        return n
+
+
+class _Reserve:
+    """Ids of one table reserved in the database ahead of need (a shared
+    store): `take()` never waits for the database while the writer thread
+    keeps the reserve topped up. The block asked for doubles (up to MAX)
+    when the reserve ran low before the last refill came: under load a
+    refill is rare, and at rest ids stay close to time order."""
+
+    MIN, MAX = 16, 1024
+    #: seconds take() waits, once the reserve is empty, for the writer
+    STARVED_WAIT = 1.0
+
+    def __init__(self, table: str, wake: Callable[[], None], emergency: Callable[[], int]
+                 ) -> None:
+        self.table = table
+        self.block = self.MIN
+        self.wanted = False
+        self.starved = 0  # takes that found the reserve empty
+        self._ids: collections.deque[int] = collections.deque()
+        self._filled = threading.Condition()
+        self._wake = wake
+        self._emergency = emergency
+
+    def take(self) -> int:
+        try:
+            n = self._ids.popleft()
+        except IndexError:
+            n = self._starved()
+        if not self.wanted and len(self._ids) <= self.block // 2:
+            self.wanted = True
+            self._wake()
+        return n
+
+    def _starved(self) -> int:
+        # A burst faster than the refills, or a store that cannot be
+        # reached: wait a moment for the writer, then take an id no other
+        # writer can have (negative, from this writer's owner token)
+        # rather than hold the event loop any longer.
+        self.starved += 1
+        deadline = time.monotonic() + self.STARVED_WAIT
+        with self._filled:
+            while True:
+                try:
+                    return self._ids.popleft()
+                except IndexError:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return self._emergency()
+                self.wanted = True
+                self._wake()
+                self._filled.wait(left)
+
+    def want(self) -> int:
+        """How many to reserve now (the writer's thread)."""
+        if len(self._ids) < self.block // 4 and self.block < self.MAX:
+            self.block *= 2
+        return self.block
+
+    def fill(self, ids: Sequence[int]) -> None:
+        with self._filled:
+            self._ids.extend(ids)
+            self.wanted = False
+            self._filled.notify_all()
+
+
+class Store:
+    """Capture store. `open()` for the writer side (serve), `Reader` to query.
+
+    `location`: an SQLite file's path, or a postgresql:// URL. `shared`:
+    other writers (processes, hosts) write to the same store at the same
+    time; always so for PostgreSQL."""
+
+    def __init__(self, location: Location = DEFAULT_PATH, *,
+                 retention: rt.Retention | None = None, shared: bool = False) -> None:
+        self.dialect: Dialect = dialect(location)
+        self.location: Location = location if is_postgres(location) else Path(location)
+        #: the SQLite file (None for PostgreSQL)
+        self.path: Path | None = None if self.dialect.postgres else Path(location)
+        self.display = self.dialect.display
+        self.shared = shared or self.dialect.postgres
         self.retention = retention or rt.Retention()
         #: told (from the writer's thread) when the store stops or starts
         #: again being able to write: a line for a console
@@ -347,6 +450,10 @@ class Store:
         self.refused = 0  # messages not stored (452) since the store was opened
         self.given_up = 0  # records dropped when more than HOLD_MAX were held
         self.pruned = 0  # messages retention deleted
+        self.reconnects = 0  # connections to the store made again after it went away
+        self._pruning = rt.Pruning()
+        self._vacuumer: threading.Thread | None = None
+        self._vacuum_due = threading.Event()
         self._prune_due = bool(self.retention)
         self._prune_at = 0.0  # not before (monotonic): a step finding nothing waits a while
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -364,10 +471,16 @@ class Store:
         self._closing = False
         self._written = 0  # bytes committed since the last checkpoint was asked for
         self._lockfile: int | None = None
-        self._next_session = 1
-        self._next_message = 1
-        self._next_attempt = 1
-        self._next_zone = 1
+        self._db: Db | None = None  # the writer's connection (None: lost, not made again)
+        self._lost: BaseException | None = None  # why it was lost
+        self._connect_at = 0.0  # not before (monotonic): the next attempt to connect
+        self._committing = False  # COMMIT sent: a connection lost now leaves it unknown
+        #: this writer's owner token (a shared store), and the lock that
+        #: tells the others it is alive
+        self.owner: Owner | None = None
+        self._partial = SINGLE_WRITER
+        self._ids: dict[str, _Counter | _Reserve] = {}
+        self._emergency = 0
         self._zones: dict[str, int] = {}
         self.commits = 0  # how many transactions the writer committed
         self.error: BaseException | None = None
@@ -375,73 +488,155 @@ class Store:
     # -- lifecycle --------------------------------------------------------
 
     def open(self) -> Store:
-        """Create or open the database, take the writer lock, start the writer."""
+        """Create or open the database, take the writer lock (a single
+        writer) or an owner token (a shared store), start the writer."""
+        self._lock()
+        try:
+            db = self.dialect.connect("writer")
+        except BaseException:
+            self._unlock()
+            raise
+        try:
+            for attempt in range(3):  # another host's writer in the way: again
+                try:
+                    self._prepare(db)
+                    break
+                except Exception as e:
+                    if attempt == 2 or not self.dialect.transient(e):
+                        raise
+                    db.rollback()
+        except BaseException as e:
+            db.close()
+            self._unlock()
+            if isinstance(e, StoreError) or not isinstance(e, Exception):
+                raise
+            raise StoreError(f"cannot open store {self.display}: {e}") from e
+        self._db = db
+        self._thread = threading.Thread(target=self._writer, name="harness-store", daemon=True)
+        self._thread.start()
+        if self.retention:
+            self._queue.put(_PRUNE)  # what is due already goes first
+        if not self.dialect.postgres:
+            self._checkpointer = threading.Thread(target=self._checkpoints,
+                                                  name="harness-checkpoint", daemon=True)
+            self._checkpointer.start()
+        return self
+
+    def _lock(self) -> None:
+        """SQLite: a single writer locks the store's lock file for itself;
+        shared writers lock it together (each keeps the single one out)."""
+        if self.path is None:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(f"{self.path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
             raise StoreError(f"cannot create store {self.path}: {e.strerror}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             raise StoreError(
                 f"store {self.path} is in use by another harness serve (use --store PATH)"
+                if not self.shared else
+                f"store {self.path} is in use by a harness serve that does not share it"
             ) from e
         self._lockfile = fd
-        try:
-            conn = _connect(self.path)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+
+    def _unlock(self) -> None:
+        if self.owner is not None:
+            self.dialect.release_owner(self.owner)
+        if self._lockfile is not None:
+            os.close(self._lockfile)
+            self._lockfile = None
+
+    def _prepare(self, db: Db) -> None:
+        """The schema (made or brought up to date), this writer's owner
+        token, what a crash left (half-written large messages, unqueued
+        analyses), and the ids."""
+        d = self.dialect
+        if not d.postgres:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
             # checkpoints are the checkpointer thread's: copying the WAL into
             # the database at a commit held that commit (and every 250
             # waiting behind it) for as long as the copy took
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            db.execute("PRAGMA wal_autocheckpoint = 0")
             # the WAL file is cut back to this when it starts over (it grows
             # to about 16 * CHECKPOINT_BYTES under sustained load; an idle
             # store need not keep that)
-            conn.execute(f"PRAGMA journal_size_limit = {4 * CHECKPOINT_BYTES}")
-            conn.executescript(SCHEMA + BOUNCES_SCHEMA)
-            for table, column, kind in MIGRATIONS:
-                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            db.execute(f"PRAGMA journal_size_limit = {4 * CHECKPOINT_BYTES}")
+        # PostgreSQL: only when the tables are not there yet, or are of an
+        # older version (CREATE INDEX IF NOT EXISTS and CREATE OR REPLACE
+        # TRIGGER lock tables that other hosts' writers are writing)
+        with d.schema_lock(db):
+            if not d.schema_ready(db, SCHEMA_VERSION):
+                d.apply_schema(db, d.schema())
+                for table, column, kind in MIGRATIONS:
+                    if column not in d.columns(db, table):
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                for statement in INDEXES:
+                    db.execute(statement)
+                d.mark_schema(db, SCHEMA_VERSION)
+        if self.shared:
+            self.owner = d.take_owner(db)
+            self._partial = self.owner.token
+        db.begin()
+        try:
             # A large message whose writing a crash cut short was never
-            # acknowledged: it goes (its client will send it again).
-            conn.execute("DELETE FROM message_parts WHERE message_id IN"
-                         " (SELECT id FROM messages WHERE partial = 1)")
-            conn.execute("DELETE FROM messages WHERE partial = 1")
+            # acknowledged: it goes (its client will send it again). A
+            # shared store's others may be writing theirs: only the marks
+            # of writers no longer alive go.
+            marks = [r[0] for r in db.execute(
+                "SELECT DISTINCT partial FROM messages WHERE partial IS NOT NULL")]
+            if self.shared and marks:
+                marks = sorted(set(marks) - d.live_owners(db, marks))
+            for mark in marks:
+                db.execute(_DROP_PARTIAL_PARTS, (mark,))
+                db.execute(_DROP_PARTIAL, (mark,))
             # Messages stored before the analysis queue existed (or whose
             # job a store of an older version lost) are queued now.
-            conn.execute(
+            db.execute(
                 "INSERT INTO analysis_queue (message_id, client_ip, helo, hostname, zone_id)"
                 " SELECT m.id, s.peer_ip, s.helo, 'mx.harness.test', NULL FROM messages m"
                 " JOIN sessions s ON s.id = m.session_id WHERE m.analysis IS NULL"
-                " AND m.id NOT IN (SELECT message_id FROM analysis_queue)")
-            for row in conn.execute("SELECT id, json FROM zones"):
-                self._zones[row[1]] = row[0]
-            for table, attr in (("zones", "_next_zone"), ("sessions", "_next_session"),
-                                ("messages", "_next_message"),
-                                ("attempts", "_next_attempt")):
-                (top,) = conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()
-                setattr(self, attr, top + 1)
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot open store {self.path}: {e}") from e
-        self._thread = threading.Thread(target=self._writer, args=(conn,),
-                                        name="harness-store", daemon=True)
-        self._thread.start()
-        if self.retention:
-            self._queue.put(_PRUNE)  # what is due already goes first
-        self._checkpointer = threading.Thread(target=self._checkpoints,
-                                              name="harness-checkpoint", daemon=True)
-        self._checkpointer.start()
-        return self
+                " AND NOT EXISTS (SELECT 1 FROM analysis_queue q WHERE q.message_id = m.id)"
+                " ON CONFLICT DO NOTHING")
+            for zid, text in db.execute("SELECT id, json FROM zones"):
+                self._zones[text] = zid
+            tops = {}
+            if not self.shared:
+                for table in ID_TABLES:
+                    tops[table] = db.one(f"SELECT COALESCE(MAX(id), 0) FROM {table}")
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+        if not self.shared:
+            self._ids = {t: _Counter(top + 1) for t, top in tops.items()}
+            return
+        reserves = {t: _Reserve(t, self._wake_refill, self._emergency_id) for t in ID_TABLES}
+        got = d.reserve(db, {t: r.block for t, r in reserves.items()})
+        for table, ids in got.items():
+            reserves[table].fill(ids)
+        self._ids = dict(reserves)
+
+    def _wake_refill(self) -> None:
+        self._queue.put(_REFILL)
+
+    def _emergency_id(self) -> int:
+        """An id when the reserve ran dry and the store gave no more (it
+        cannot be reached): negative, unique by this writer's token."""
+        assert self.owner is not None
+        self._emergency += 1
+        return -((self.owner.token << 32) + self._emergency)
 
     def _checkpoints(self) -> None:
         """Copies the WAL into the database (PASSIVE: beside the writer's
         commits, never holding them) each time it has grown by
         CHECKPOINT_BYTES; at the end, all of it, and the WAL emptied."""
-        conn = _connect(self.path)
+        assert self.path is not None
+        conn = self.dialect.connect("writer").raw
         wal = Path(f"{self.path}-wal")
         try:
             while not self._closing:
@@ -466,14 +661,16 @@ class Store:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self._closing = True
         if self._checkpointer is not None:
-            self._closing = True
             self._checkpoint_due.set()
             self._checkpointer.join()
             self._checkpointer = None
-        if self._lockfile is not None:
-            os.close(self._lockfile)
-            self._lockfile = None
+        if self._vacuumer is not None:
+            self._vacuum_due.set()
+            self._vacuumer.join()
+            self._vacuumer = None
+        self._unlock()
 
     def __enter__(self) -> Store:
         return self.open()
@@ -483,7 +680,7 @@ class Store:
 
     # -- the writer thread -----------------------------------------------
 
-    def _writer(self, conn: sqlite3.Connection) -> None:
+    def _writer(self) -> None:
         # with a time limit to keep, the writer wakes now and then to prune
         wait = 60.0 if self.retention.keep_days is not None else None
         while True:
@@ -511,8 +708,9 @@ class Store:
                     waiters.append(item)
                 elif isinstance(item, _PruneAll):
                     prune_all.append(item)
-                elif item is not _PIECES and item is not _PRUNE:
+                elif item is not _PIECES and item is not _PRUNE and item is not _REFILL:
                     ops.append(item)
+            self._refill()
             budget = BATCH_BYTES
             whole: list[int] = []
             while self._pieces and budget > 0:
@@ -524,7 +722,7 @@ class Store:
                 budget -= _piece_bytes(piece)
                 if piece[0] == _UNMARK:
                     whole.append(piece[1][0])
-            err = self._write(conn, ops, waiters)
+            err = self._write(ops, waiters)
             self._in_pieces.difference_update(whole)  # before anyone waiting is woken
             self._release(waiters, err)
             self._written += (BATCH_BYTES - budget) + 4096 * len(ops)  # pieces, and pages
@@ -535,68 +733,151 @@ class Store:
                 self._queue.put(_PIECES)  # more pieces: another turn, after what comes
             for job in prune_all:
                 self._prune_due = bool(self.retention)
-                while self._prune_due and self._prune(conn):
+                while self._prune_due and self._prune():
                     pass
-                if job.vacuum:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("VACUUM")
-                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                if job.vacuum and self._db is not None:
+                    with contextlib.suppress(Exception):
+                        self.dialect.vacuum(self._db)
                 job.result.append(self.pruned)
                 job.done.set()
             if (self._prune_due and not stop and time.monotonic() >= self._prune_at
-                    and self._prune(conn)):
+                    and self._prune()):
                 self._queue.put(_PRUNE)  # more to prune: another step, after what comes
             if stop:
-                conn.close()
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
                 return
 
-    def _write(self, conn: sqlite3.Connection, ops: list[Any],
-               waiters: list[_Barrier | threading.Event]) -> BaseException | None:
+    def _refill(self) -> None:
+        """A shared store's reserves of ids running low: more, in a short
+        transaction of their own (SQLite) or from the sequences."""
+        wants = {t: r.want() for t, r in self._ids.items()
+                 if isinstance(r, _Reserve) and r.wanted}
+        if not wants or not self._connected():
+            return
+        assert self._db is not None
+        try:
+            got = self.dialect.reserve(self._db, wants)
+        except Exception as e:  # tried again at the next turn
+            self._db.rollback()
+            if self.dialect.lost(e):
+                self._drop(e)
+            return
+        for table, ids in got.items():
+            reserve = self._ids[table]
+            assert isinstance(reserve, _Reserve)
+            reserve.fill(ids)
+
+    def _connected(self) -> bool:
+        """The writer has a connection, or has just made one again (not
+        more often than every RECONNECT_EVERY seconds)."""
+        if self._db is not None:
+            return True
+        now = time.monotonic()
+        if now < self._connect_at:
+            return False
+        self._connect_at = now + RECONNECT_EVERY
+        try:
+            db = self.dialect.connect("writer")
+            if self.owner is not None:
+                self.dialect.retake_owner(db, self.owner)
+        except Exception as e:
+            self._lost = e
+            return False
+        self._db = db
+        self.reconnects += 1
+        return True
+
+    def _drop(self, e: BaseException) -> None:
+        """The connection is gone: made again at the next write."""
+        if self._db is not None:
+            self._db.close()
+        self._db = None
+        self._lost = e
+        self._connect_at = 0.0
+
+    def _try(self, ops: list[Any]) -> BaseException | None:
+        """Commit `ops`: None, or why not. A connection found gone before
+        the COMMIT was sent is made again and the commit tried once more
+        (nothing of it was written); gone while the COMMIT was on its way,
+        whether it took is unknown: the error, and its messages refused."""
+        for again in (False, True):
+            if not self._connected():
+                self._lost = self._lost or StoreError("the store cannot be reached")
+                return self._lost
+            db = self._db
+            assert db is not None
+            try:
+                self._commit(db, ops)
+                return None
+            except Exception as e:  # the database's errors, or a text it cannot take
+                db.rollback()
+                if not self.dialect.lost(e):
+                    return e
+                sent = self._committing
+                self._drop(e)
+                if sent or again:
+                    return e
+                self._connect_at = 0.0
+                self._tell(f"store {self.display}: the connection was lost ({_line(e)});"
+                           " connecting again")
+        raise AssertionError("unreachable")
+
+    def _cannot_write(self, e: BaseException) -> bool:
+        return (self.dialect.disk_trouble(e) or self.dialect.lost(e)
+                or (self._db is None and e is self._lost))
+
+    def _write(self, ops: list[Any], waiters: list[_Barrier | threading.Event]
+               ) -> BaseException | None:
         """Commit `ops` (after what a full disk held back). Returns the error
         the commit's waiters get, or None."""
         if self._held:
             ops = self._held + ops
             self._held = []
-        try:
-            self._commit(conn, ops)
-        except Exception as e:  # sqlite3.Error, or UnicodeEncodeError for bad text
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            if _disk_trouble(e):
-                return self._refuse(ops, e, waiters)
+        if not ops:
+            return None
+        err = self._try(ops)
+        if err is not None:
+            if self._cannot_write(err):
+                return self._refuse(ops, err, waiters)
             # One bad row must not take the batch's other writes (other
-            # sessions', other messages') down with it: again, one by one,
-            # with text made storable.
-            err: BaseException | None = None
+            # sessions', other messages') down with it: again with text
+            # made storable, then one by one.
+            ops = [_storable(op, self.dialect.postgres) for op in ops]
+            err = self._try(ops)
+        if err is not None:
+            if self._cannot_write(err):
+                return self._refuse(ops, err, waiters)
+            err = None
             for i, op in enumerate(ops):
-                try:
-                    self._commit(conn, [_storable(op)])
-                except Exception as e2:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    if _disk_trouble(e2):
+                e2 = self._try([op])
+                if e2 is not None:
+                    if self._cannot_write(e2):
                         return self._refuse(ops[i:], e2, waiters)
                     err = self.error = e2
-            return err
-        if ops and self._message_ops(ops):
-            self._prune_due = bool(self.retention)
+            if err is not None:
+                return err
+        if self.retention and any(op[0] in _PRUNE_AFTER for op in ops):
+            self._prune_due = True
         if ops and isinstance(self.error, StoreFull):  # written again
             self.error = None
-            self._tell(f"store {self.path} writes again ({self.refused:,} message(s) "
+            self._tell(f"store {self.display} writes again ({self.refused:,} message(s) "
                        "refused with 452 4.3.1 while it could not)")
         return None
 
-    @staticmethod
-    def _message_ops(ops: list[Any]) -> bool:
-        return any(op[0] in _MESSAGE_WRITES for op in ops)
-
     def _refuse(self, ops: list[Any], e: BaseException,
                 waiters: list[_Barrier | threading.Event]) -> StoreFull:
-        """The disk refused a commit: its messages (and any large message
-        still being written) are not stored, and their clients are told so;
-        the other records are held and written with the next commit."""
+        """The store refused a commit (a full disk, a read-only server, a
+        lost connection): its messages (and any large message still being
+        written) are not stored, and their clients are told so; the other
+        records are held and written with the next commit."""
         failed = {op[1][0] for op in ops if op[0] in _MESSAGE_WRITES and op[0] != _UNMARK}
         keep = [op for op in ops if op[0] not in _MESSAGE_WRITES]
+        if self._committing:
+            # the connection went while the COMMIT was on its way: it may
+            # have been written; written again, a row already there stays
+            keep = [_idempotent(op) for op in keep]
         had_pieces = bool(self._in_pieces)
         while self._pieces:  # large messages in flight: not stored either
             piece = self._pieces.popleft()
@@ -606,16 +887,21 @@ class Store:
                 failed.add(piece[1][0])
         self._in_pieces.clear()
         if had_pieces:  # rows of theirs written before, marked partial
-            keep.append((_DROP_PARTIAL_PARTS, (), False))
-            keep.append((_DROP_PARTIAL, (), False))
+            keep.append((_DROP_PARTIAL_PARTS, (self._partial,), False))
+            keep.append((_DROP_PARTIAL, (self._partial,), False))
         if len(keep) > HOLD_MAX:
             self.given_up += len(keep) - HOLD_MAX
             keep = keep[-HOLD_MAX:]
         self._held = keep
         self.refused += sum(1 for op in ops if op[0] in (_INSERT_MESSAGE, _INSERT_PARTIAL))
         first = not isinstance(self.error, StoreFull)
-        err = StoreFull(f"store {self.path} cannot write ({e}): messages are answered "
-                        "452 4.3.1 until it can")
+        if self.dialect.lost(e) or e is self._lost:
+            why = (f"store {self.display} cannot be reached ({_line(e)}): messages are "
+                   "answered 452 4.3.1 until it can")
+        else:
+            why = (f"store {self.display} cannot write ({_line(e)}): messages are answered "
+                   "452 4.3.1 until it can")
+        err = StoreFull(why)
         self._failed.update(dict.fromkeys(failed, err))
         while len(self._failed) > HOLD_MAX:  # the oldest refusals were answered long ago
             del self._failed[next(iter(self._failed))]
@@ -625,17 +911,30 @@ class Store:
         self._prune_due = bool(self.retention)
         return err
 
-    def _prune(self, conn: sqlite3.Connection) -> bool:
+    def _prune(self) -> bool:
         """One step of retention, its own short transaction. True: more is due."""
+        if not self._connected():
+            return False
+        db = self._db
+        assert db is not None
         try:
-            conn.execute("BEGIN")
-            messages, sessions = rt.step(conn, self.retention)
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+            db.begin()
+            if not self.dialect.prune_lock(db):  # another writer prunes now
+                db.commit()
+                self._prune_at = time.monotonic() + PRUNE_EVERY
+                return False
+            messages, sessions = rt.step(db, self.retention, exact=self.shared,
+                                         pruning=self._pruning)
+            db.commit()
+            if self._pruning.vacuum_due:
+                self._pruning.vacuum_due = False
+                self._vacuum()
+        except Exception as e:
+            db.rollback()
             self._prune_due = False
-            if not _disk_trouble(e):
+            if self.dialect.lost(e):
+                self._drop(e)
+            elif not (self.dialect.disk_trouble(e) or self.dialect.transient(e)):
                 self.error = e
             return False
         self.pruned += messages
@@ -644,6 +943,35 @@ class Store:
         if not n:
             self._prune_at = time.monotonic() + PRUNE_EVERY
         return n > 0
+
+    def _vacuum(self) -> None:
+        """PostgreSQL: a VACUUM of the tables retention deleted from, so
+        that new rows reuse the space; in a thread of its own, beside the
+        writer's commits (it may take a while on a large store)."""
+        if self._vacuumer is None:
+            self._vacuumer = threading.Thread(target=self._vacuums, name="harness-vacuum",
+                                              daemon=True)
+            self._vacuumer.start()
+        self._vacuum_due.set()
+
+    def _vacuums(self) -> None:
+        db: Db | None = None
+        try:
+            while True:
+                self._vacuum_due.wait()
+                self._vacuum_due.clear()
+                if self._closing:
+                    return
+                try:
+                    db = db or self.dialect.connect("writer")
+                    self.dialect.vacuum(db)
+                except Exception:  # autovacuum does it in the end
+                    if db is not None:
+                        db.close()
+                    db = None
+        finally:
+            if db is not None:
+                db.close()
 
     def _tell(self, line: str) -> None:
         if self.on_health is not None:
@@ -682,7 +1010,7 @@ class Store:
         text = analysis if isinstance(analysis, str) else json.dumps(analysis, default=str)
         self._put("UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?",
                   (text, int(is_ndr), mid))
-        self._put("DELETE FROM analysis_queue WHERE message_id = ?", (mid,))
+        self._put(_DEQUEUE, (mid,))
 
     def analysis_job(self, mid: int, *, client_ip: str, helo: str | None, hostname: str,
                      zone: Mapping[str, Any] | None) -> None:
@@ -694,33 +1022,54 @@ class Store:
             text = json.dumps(zone, sort_keys=True, default=list)
             zone_id = self._zones.get(text)
             if zone_id is None:
-                zone_id = self._zones[text] = self._next_zone
-                self._next_zone += 1
-                self._put("INSERT OR IGNORE INTO zones (id, json) VALUES (?, ?)",
-                          (zone_id, text))
+                zone_id = self._zones[text] = self._ids["zones"].take()
+                self._put("INSERT INTO zones (id, json) VALUES (?, ?)"
+                          " ON CONFLICT (id) DO NOTHING", (zone_id, text))
         op = (_QUEUE_JOB, (mid, client_ip, helo, hostname, zone_id), False)
         if mid in self._in_pieces:
             self._pieces.append(op)  # after the message's last piece
         else:
             self._submit(op)
 
-    def clear(self) -> None:
-        """Forget everything captured (queued like any write; IDs keep counting)."""
-        for table in ("events", "attempts", "relays", "analysis_queue", "message_parts",
-                      "messages", "sessions"):
-            self._put(f"DELETE FROM {table}", ())
+    def clear(self, session_ids: Iterable[int] | None = None) -> None:
+        """Forget everything captured (queued like any write; IDs keep
+        counting); or, `session_ids` given, those sessions and all they
+        left (what a shared store's other writers captured stays)."""
+        if session_ids is None:
+            for table in ("events", "attempts", "relays", "analysis_queue", "message_parts",
+                          "messages", "sessions"):
+                self._put(f"DELETE FROM {table}", ())
+            return
+        ids = sorted(set(session_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            mids = f"(SELECT id FROM messages WHERE session_id IN ({marks}))"
+            for sql in (f"DELETE FROM events WHERE session_id IN ({marks})",
+                        f"DELETE FROM attempts WHERE session_id IN ({marks})",
+                        f"DELETE FROM relays WHERE session_id IN ({marks})",
+                        f"DELETE FROM analysis_queue WHERE message_id IN {mids}",
+                        f"DELETE FROM message_parts WHERE message_id IN {mids}",
+                        f"DELETE FROM messages WHERE session_id IN ({marks})",
+                        f"DELETE FROM sessions WHERE id IN ({marks})"):
+                self._put(sql, tuple(chunk))
 
-    def _commit(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
-        conn.execute("BEGIN")
+    def _commit(self, db: Db, ops: list[Any]) -> None:
+        self._committing = False
+        db.begin()
         for sql, rows in _grouped(ops):
             if sql == _PART:  # a megabyte each: one statement each
                 for part in rows:
-                    conn.execute(sql, part)
+                    db.execute(sql, part)
             elif len(rows) > 1 and sql.startswith("INSERT"):
-                _insert_many(conn, sql, rows)
+                _insert_many(db, sql, rows)
+            elif len(rows) == 1:
+                db.execute(sql, rows[0])
             else:
-                conn.executemany(sql, rows)
-        conn.execute("COMMIT")
+                db.executemany(sql, rows)
+        self._committing = True
+        db.commit()
+        self._committing = False
         self.commits += 1
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -782,9 +1131,10 @@ class Store:
 
     def prune_now(self, *, vacuum: bool = False, timeout: float | None = None) -> int:
         """Prune to the retention policy until nothing more is due, then
-        (`vacuum`) give the freed space back to the file system; blocks (not
-        for the loop). Returns the messages deleted since the store was
-        opened (what is due is pruned at once when it opens)."""
+        (`vacuum`) give the freed space back (SQLite: to the file system;
+        PostgreSQL: plain VACUUM); blocks (not for the loop). Returns the
+        messages deleted since the store was opened (what is due is pruned
+        at once when it opens)."""
         done = threading.Event()
         result: list[int] = []
         self._queue.put(_PruneAll(vacuum, done, result))
@@ -795,8 +1145,7 @@ class Store:
 
     def session_started(self, *, listener: str, peer_ip: str, peer_port: int,
                         scenario: str, t: float | None = None) -> int:
-        sid = self._next_session
-        self._next_session += 1
+        sid = self._ids["sessions"].take()
         self._put("INSERT INTO sessions (id, started_at, listener, peer_ip, peer_port, scenario)"
                   " VALUES (?, ?, ?, ?, ?, ?)",
                   (sid, time.time() if t is None else t, listener, peer_ip, peer_port, scenario))
@@ -824,8 +1173,7 @@ class Store:
                   " VALUES (?, ?, ?, ?, ?, ?)", lines, True)
 
     def attempt(self, record: AttemptRecord) -> int:
-        aid = self._next_attempt
-        self._next_attempt += 1
+        aid = self._ids["attempts"].take()
         self._put("INSERT INTO attempts (id, session_id, t, mail_from, rcpt, phase, code,"
                   " enhanced, reply, outcome, rule, message_id)"
                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (aid, *record))
@@ -839,16 +1187,16 @@ class Store:
                                                  status))
 
     def message(self, draft: MessageDraft) -> int:
-        """Queue a message; pair it with `barrier()` before answering 250.
+        """Queue a message; pair it with `durable()` before answering 250.
 
         A message over CHUNK bytes is written in parts (message_parts), in a
         lane of their own that the writer takes about BATCH_BYTES of per
-        commit: the row first, marked partial, then the parts (views of the
-        caller's buffer, not copies), then the mark removed. Other sessions'
-        commits go on in between; a crash leaves a partial row, never
-        acknowledged, that the next open removes."""
-        mid = self._next_message
-        self._next_message += 1
+        commit: the row first, marked partial (with this writer's mark),
+        then the parts (views of the caller's buffer, not copies), then the
+        mark removed. Other sessions' commits go on in between; a crash
+        leaves a partial row, never acknowledged, that the next open removes
+        (a shared store's: once its writer is no longer alive)."""
+        mid = self._ids["messages"].take()
         body = draft.raw
         big = len(body) > CHUNK
         row = (mid, draft.session_id, draft.t, draft.mail_from,
@@ -859,7 +1207,7 @@ class Store:
             self._put(_INSERT_MESSAGE, (*row, body.whole()))
             return mid
         lane = self._pieces
-        lane.append((_INSERT_PARTIAL, (*row, b""), False))
+        lane.append((_INSERT_PARTIAL, (*row, b"", self._partial), False))
         seq = 0
         for part in body.parts:  # views of the caller's parts, at most CHUNK each
             view = memoryview(part)
@@ -889,26 +1237,42 @@ class Store:
         return fut
 
 
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class Reader:
     """Queries over a store, from any thread or process (read-only)."""
 
-    def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
+    def __init__(self, location: Location = DEFAULT_PATH) -> None:
+        self.dialect: Dialect = dialect(location)
+        self.location: Location = location if is_postgres(location) else Path(location)
+        #: the SQLite file, or the URL (its password hidden): what to print
+        self.path: Path | str = (self.dialect.display if self.dialect.postgres
+                                 else Path(location))
+        d = self.dialect
+        if not d.exists():
             raise StoreError(f"no store at {self.path} (run harness serve first, "
                              "or give --store PATH)")
+        self.db = d.connect("reader")
+        self.conn: Any = self.db.raw
         try:
-            self.conn = _connect(self.path, readonly=True)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("SELECT 1 FROM sessions LIMIT 1")
-            columns = {r[1] for r in self.conn.execute("PRAGMA table_info(messages)")}
+            if not d.postgres:
+                self.conn.row_factory = sqlite3.Row
+            self.db.execute("SELECT 1 FROM sessions LIMIT 1")
             # a large message still being written is not there yet
-            self._whole = "partial IS NULL" if "partial" in columns else "1"
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot read store {self.path}: {e}") from e
+            self._whole = ("partial IS NULL" if "partial" in d.columns(self.db, "messages")
+                           else "1 = 1")
+        except Exception as e:
+            self.db.close()
+            if d.postgres and d.missing_table(e):
+                raise StoreError(f"no store at {self.path} (run harness serve --store "
+                                 "URL first)") from None
+            raise StoreError(f"cannot read store {self.path}: {_line(e)}") from e
 
     def close(self) -> None:
-        self.conn.close()
+        self.db.close()
 
     def __enter__(self) -> Reader:
         return self
@@ -916,7 +1280,12 @@ class Reader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _session(self, row: sqlite3.Row) -> SessionRecord:
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """A query of your own (`?` for parameters, whichever the database):
+        a cursor, its rows read by position or by name."""
+        return self.db.execute(sql, params)
+
+    def _session(self, row: Any) -> SessionRecord:
         d = dict(row)
         for key, empty in (("extensions", {}), ("mail_from", []), ("rcpt_tos", [])):
             d[key] = json.loads(d[key]) if d.get(key) else empty
@@ -927,39 +1296,43 @@ class Reader:
         sql = "SELECT * FROM sessions"
         params: list[Any] = []
         if session_ids is not None:
+            if not session_ids:
+                return []
             sql += f" WHERE id IN ({','.join('?' * len(session_ids))})"
             params.extend(session_ids)
         sql += " ORDER BY id DESC"
         if limit:
             sql += " LIMIT ?"
             params.append(limit)
-        out = [self._session(r) for r in self.conn.execute(sql, params)]
+        out = [self._session(r) for r in self.execute(sql, params)]
         out.reverse()
         if not out:
             return out
         ids = [s.id for s in out]
         by_id = {s.id: s for s in out}
         marks = ",".join("?" * len(ids))
-        for r in self.conn.execute(
-            f"SELECT id, session_id FROM messages WHERE session_id IN ({marks}) ORDER BY id",
-                ids):
-            by_id[r["session_id"]].message_ids.append(r["id"])
+        for r in self.execute(
+            f"SELECT id, session_id FROM messages WHERE session_id IN ({marks})"
+                f" AND {self._whole} ORDER BY id", ids):
+            by_id[r[1]].message_ids.append(r[0])
         if with_events:
-            for r in self.conn.execute(
+            for r in self.execute(
                 f"SELECT session_id, t, direction, phase, text, rule FROM events"
                 f" WHERE session_id IN ({marks}) ORDER BY id", ids):
-                by_id[r["session_id"]].events.append(TranscriptLine(*r))
+                by_id[r[0]].events.append(TranscriptLine(*r))
         return out
 
     def session(self, sid: int) -> SessionRecord | None:
         found = self.sessions(session_ids=[sid], with_events=True)
         return found[0] if found else None
 
-    def _message(self, row: sqlite3.Row) -> MessageRecord:
+    def _message(self, row: Any) -> MessageRecord:
         d = dict(row)
         d.pop("partial", None)
         if "raw" in d and d["raw"] is not None and not d["raw"] and d["size"] > CHUNK:
             d["raw"] = self.raw(d["id"])
+        elif d.get("raw") is not None:
+            d["raw"] = bytes(d["raw"])
         for k in ("rcpt_tos", "mail_options", "rcpt_options"):
             d[k] = json.loads(d[k])
         d["dsn"] = json.loads(d.get("dsn") or "{}")
@@ -971,18 +1344,24 @@ class Reader:
 
     def messages(self, *, limit: int | None = None, rcpt: str | None = None,
                  session_id: int | None = None, raw: bool = False,
-                 ndr: bool | None = None) -> list[MessageRecord]:
+                 ndr: bool | None = None, session_ids: Sequence[int] | None = None
+                 ) -> list[MessageRecord]:
         cols = "*" if raw else ("id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
                                 " rcpt_options, dsn, size, subject, message_id, is_ndr, analysis")
         sql = f"SELECT {cols} FROM messages"
         where: list[str] = [self._whole]
         params: list[Any] = []
         if rcpt is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(rcpt_tos) WHERE lower(value) = ?)")
+            where.append(self.dialect.rcpt_match())
             params.append(rcpt.lower())
         if session_id is not None:
             where.append("session_id = ?")
             params.append(session_id)
+        if session_ids is not None:
+            if not session_ids:
+                return []
+            where.append(f"session_id IN ({','.join('?' * len(session_ids))})")
+            params.extend(session_ids)
         if ndr is not None:
             where.append("is_ndr = ?" if ndr else "(is_ndr = 0 OR is_ndr IS NULL)")
             if ndr:
@@ -992,49 +1371,60 @@ class Reader:
         if limit:
             sql += " LIMIT ?"
             params.append(limit)
-        out = [self._message(r) for r in self.conn.execute(sql, params)]
+        out = [self._message(r) for r in self.execute(sql, params)]
         out.reverse()
         return out
 
     def raw(self, mid: int, limit: int | None = None) -> bytes:
         """A message's bytes as received (or its first `limit` bytes)."""
-        row = self.conn.execute(
+        row = self.execute(
             "SELECT size, raw FROM messages WHERE id = ?" if limit is None else
             "SELECT size, substr(raw, 1, ?) FROM messages WHERE id = ?",
             (mid,) if limit is None else (limit, mid)).fetchone()
         if row is None:
             return b""
-        size, raw = row
+        size, raw = row[0], row[1]
         if raw or size <= CHUNK:
             return bytes(raw or b"")[:limit] if limit else bytes(raw or b"")
         out = bytearray()
-        for (data,) in self.conn.execute(
+        for r in self.execute(
                 "SELECT data FROM message_parts WHERE message_id = ? ORDER BY seq", (mid,)):
-            out += data
+            out += r[0]
             if limit and len(out) >= limit:
                 return bytes(out[:limit])
         return bytes(out)
 
     def message(self, mid: int) -> MessageRecord | None:
-        row = self.conn.execute(f"SELECT * FROM messages WHERE id = ? AND {self._whole}",
-                                (mid,)).fetchone()
+        row = self.execute(f"SELECT * FROM messages WHERE id = ? AND {self._whole}",
+                           (mid,)).fetchone()
         return self._message(row) if row else None
 
-    def relays(self, message_id: int | None = None) -> list[Relay]:
+    def relays(self, message_id: int | None = None, *,
+               session_ids: Sequence[int] | None = None) -> list[Relay]:
         """What handlers (forwards) did with stored messages, oldest first."""
         sql = "SELECT message_id, session_id, t, handler, ok, status FROM relays"
+        where: list[str] = []
         params: list[Any] = []
         if message_id is not None:
-            sql += " WHERE message_id = ?"
+            where.append("message_id = ?")
             params.append(message_id)
+        if session_ids is not None:
+            if not session_ids:
+                return []
+            where.append(f"session_id IN ({','.join('?' * len(session_ids))})")
+            params.extend(session_ids)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         try:
-            rows = self.conn.execute(sql + " ORDER BY id", params).fetchall()
-        except sqlite3.OperationalError:  # a store from before relays, never served since
+            rows = self.execute(sql + " ORDER BY id", params).fetchall()
+        except self.dialect.Error as e:  # a store from before relays, never served since
+            if not self.dialect.missing_table(e):
+                raise
             return []
         return [Relay(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
 
-    def attempts(self, *, rcpt: str | None = None, mail_from: str | None = None
-                 ) -> list[Attempt]:
+    def attempts(self, *, rcpt: str | None = None, mail_from: str | None = None,
+                 session_ids: Sequence[int] | None = None) -> list[Attempt]:
         sql = "SELECT * FROM attempts"
         where: list[str] = []
         params: list[Any] = []
@@ -1044,10 +1434,15 @@ class Reader:
         if mail_from is not None:
             where.append("lower(mail_from) = ?")
             params.append(mail_from.lower())
+        if session_ids is not None:
+            if not session_ids:
+                return []
+            where.append(f"session_id IN ({','.join('?' * len(session_ids))})")
+            params.extend(session_ids)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY t, id"
-        out = [Attempt(**dict(r)) for r in self.conn.execute(sql, params)]
+        out = [Attempt(**dict(r)) for r in self.execute(sql, params)]
         last: dict[tuple[str, str], float] = {}
         for a in out:
             key = (a.mail_from.lower(), a.rcpt.lower())
@@ -1059,39 +1454,49 @@ class Reader:
     def analysis_pending(self) -> list[int]:
         """Ids of the stored messages still waiting for their analysis."""
         try:
-            return [r[0] for r in self.conn.execute(
+            return [r[0] for r in self.execute(
                 "SELECT message_id FROM analysis_queue ORDER BY message_id")]
-        except sqlite3.OperationalError:  # a store from before the queue, never served since
-            return [r[0] for r in self.conn.execute(
+        except self.dialect.Error as e:  # a store from before the queue, never served since
+            if not self.dialect.missing_table(e):
+                raise
+            return [r[0] for r in self.execute(
                 "SELECT id FROM messages WHERE analysis IS NULL ORDER BY id")]
 
     def usage(self) -> dict[str, int]:
-        """Bytes: the database file, its write-ahead log, the pages in use
-        (the rest of the file is free pages, reused before it grows)."""
-        wal = Path(f"{self.path}-wal")
-        return {"file_bytes": self.path.stat().st_size,
-                "wal_bytes": wal.stat().st_size if wal.exists() else 0,
-                "used_bytes": rt.used_bytes(self.conn)}
+        """Bytes: SQLite: the database file, its write-ahead log, the pages
+        in use (the rest of the file is free pages, reused before it
+        grows); PostgreSQL: pg_total_relation_size of the store's tables
+        (all three the same)."""
+        return self.dialect.usage(self.db)
 
     def counts(self, tables: Sequence[str] = ("sessions", "messages", "attempts", "events")
                ) -> dict[str, int]:
-        return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                for t in tables}
+        return {t: self.db.one(f"SELECT COUNT(*) FROM {t}") for t in tables}
 
 
-def _insert_many(conn: sqlite3.Connection, sql: str, rows: list[Any]) -> None:
+_VALUES = re.compile(r"^(.*?) VALUES (\([^)]*\))(.*)$", re.S)
+
+
+def _insert_many(db: Db, sql: str, rows: list[Any]) -> None:
     """INSERT many rows with a few multi-row statements (INSERT ... VALUES
     (...), (...), ...) in chunks of a power of two: sqlite3 lets go of the
     interpreter lock around every statement it steps, and with the event
     loop's thread waiting for it each of those was a thread switch (a
-    tenth of the CPU under load with executemany, one step per row)."""
-    head, _, one = sql.partition(" VALUES ")
+    tenth of the CPU under load with executemany, one step per row); for
+    PostgreSQL each statement is a round trip to the server."""
+    m = _VALUES.match(sql)
+    assert m is not None, sql
+    head, one, tail = m.groups()
+    if "DO UPDATE" in tail:
+        # one statement may not update a row twice (PostgreSQL): of rows
+        # for the same key (the first column), the last, as one by one
+        rows = list({row[0]: row for row in rows}.values())
     i = 0
     while i < len(rows):
         n = 1 << min((len(rows) - i).bit_length() - 1, 6)  # 64 rows at most
         chunk = rows[i:i + n]
-        conn.execute(f"{head} VALUES {', '.join([one] * n)}",
-                     [v for row in chunk for v in row])
+        db.execute(f"{head} VALUES {', '.join([one] * n)}{tail}",
+                   [v for row in chunk for v in row])
         i += n
 
 
@@ -1117,19 +1522,32 @@ def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]
     yield from groups.items()
 
 
-def _text(value: Any) -> Any:
-    """A str SQLite can store: lone surrogates (from bytes a client sent that
-    are not UTF-8) become backslash escapes."""
+def _text(value: Any, postgres: bool = False) -> Any:
+    """A str the database can store: lone surrogates (from bytes a client
+    sent that are not UTF-8) become backslash escapes; for PostgreSQL,
+    whose text cannot hold it, so does a NUL."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            value = value.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                   "backslashreplace")
+        if postgres and "\x00" in value:
+            value = value.replace("\x00", "\\x00")
     return value
 
 
-def _storable(op: tuple[str, Any, bool]) -> tuple[str, Any, bool]:
+def _storable(op: tuple[str, Any, bool], postgres: bool = False) -> tuple[str, Any, bool]:
     sql, params, many = op
     if many:
-        return sql, [tuple(_text(v) for v in row) for row in params], many
-    return sql, tuple(_text(v) for v in params), many
+        return sql, [tuple(_text(v, postgres) for v in row) for row in params], many
+    return sql, tuple(_text(v, postgres) for v in params), many
+
+
+def _idempotent(op: tuple[str, Any, bool]) -> tuple[str, Any, bool]:
+    """An INSERT written again after a commit whose fate is unknown: a row
+    already there (the same id) stays as it is."""
+    sql, params, many = op
+    if sql.startswith("INSERT") and "ON CONFLICT" not in sql:
+        return sql + " ON CONFLICT DO NOTHING", params, many
+    return op

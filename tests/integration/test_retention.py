@@ -1,4 +1,5 @@
-"""Retention on a real SQLite store: what --keep, --keep-days and
+"""Retention on a real SQLite store and a real PostgreSQL database (where
+the test says `store_at`): what --keep, --keep-days and
 --max-store-size delete (oldest messages first, then the ended sessions no
 message is left of, with their transcripts and attempts), under serve as it
 goes and with `harness prune`."""
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.records import AttemptRecord, Body, MessageDraft, TranscriptLine
+from harness.store import Location
 from harness.store.db import Reader, Store
 from harness.store.retention import Retention
 
@@ -47,13 +49,13 @@ def fill(st: Store, *, sessions: int, per_session: int, t0: float = 1_000.0,
     return sids
 
 
-def rows(path: Path, table: str, column: str = "id") -> list[int]:
+def rows(path: Location, table: str, column: str = "id") -> list[int]:
     with Reader(path) as r:
-        return [x[0] for x in r.conn.execute(f"SELECT {column} FROM {table} ORDER BY 1")]
+        return [x[0] for x in r.execute(f"SELECT {column} FROM {table} ORDER BY 1")]
 
 
-def test_keep_deletes_the_oldest_messages_then_their_ended_sessions(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_keep_deletes_the_oldest_messages_then_their_ended_sessions(store_at: Location) -> None:
+    path = store_at
     with Store(path) as st:
         fill(st, sessions=4, per_session=3)  # messages 1-12 in sessions 1-4
     with Store(path, retention=Retention(keep=5)) as st:
@@ -65,8 +67,8 @@ def test_keep_deletes_the_oldest_messages_then_their_ended_sessions(tmp_path: Pa
     assert sorted(set(rows(path, "attempts", "session_id"))) == [3, 4]
 
 
-def test_an_open_session_is_never_deleted_but_its_messages_may_be(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_an_open_session_is_never_deleted_but_its_messages_may_be(store_at: Location) -> None:
+    path = store_at
     with Store(path) as st:
         fill(st, sessions=1, per_session=6, open_last=True)
     with Store(path, retention=Retention(keep=2)) as st:
@@ -78,8 +80,8 @@ def test_an_open_session_is_never_deleted_but_its_messages_may_be(tmp_path: Path
     assert rows(path, "sessions") == [1]  # still open: a connection that sends forever
 
 
-def test_keep_days_goes_by_time(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_keep_days_goes_by_time(store_at: Location) -> None:
+    path = store_at
     now = time.time()
     with Store(path) as st:
         fill(st, sessions=2, per_session=2, t0=now - 3 * 86400)  # three days old
@@ -106,8 +108,8 @@ def test_max_store_size_keeps_the_data_under_the_size(tmp_path: Path) -> None:
     assert kept and kept[-1] == 100 and kept == list(range(kept[0], 101))  # the newest
 
 
-def test_a_large_message_goes_with_its_parts(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_a_large_message_goes_with_its_parts(store_at: Location) -> None:
+    path = store_at
     with Store(path) as st:
         fill(st, sessions=1, per_session=1, size=3 << 20)  # stored in parts
         fill(st, sessions=1, per_session=1, t0=5_000.0)
@@ -212,8 +214,9 @@ def test_max_store_size_too_small_is_refused(tmp_path: Path, size: str) -> None:
     assert run.returncode == 1 and "at least 1MiB" in run.stderr
 
 
-def test_a_message_waiting_for_its_analysis_is_kept_until_analysed(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_a_message_waiting_for_its_analysis_is_kept_until_analysed(store_at: Location
+                                                                   ) -> None:
+    path = store_at
     with Store(path) as st:
         fill(st, sessions=1, per_session=4)
         st.analysis_job(2, client_ip="127.0.0.1", helo="c", hostname="mx", zone=None)

@@ -1,5 +1,7 @@
-"""The capture store on a real SQLite file: WAL, durable barrier, grouping,
-the writer lock, and the retry timeline read back."""
+"""The capture store on a real SQLite file and a real PostgreSQL database
+(a private cluster, tests/conftest.py): WAL, durable barrier, grouping,
+the large-message lane, reopening, the writer lock, and the retry timeline
+read back. `store_at` runs a test once per backend."""
 
 from __future__ import annotations
 
@@ -11,7 +13,19 @@ import pytest
 
 from harness.errors import StoreError
 from harness.records import AttemptRecord, Body, MessageDraft, TranscriptLine
+from harness.store import Location, is_postgres
 from harness.store.db import Reader, Store
+from harness.store.dialect import dialect
+
+
+def sql(where: Location, text: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Run SQL on a store behind the harness's back (? parameters)."""
+    db = dialect(where).connect("writer")
+    try:
+        cur = db.execute(text, params)
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    finally:
+        db.close()
 
 
 def draft(sid: int, t: float, raw: bytes, subject: str | None = None,
@@ -19,16 +33,18 @@ def draft(sid: int, t: float, raw: bytes, subject: str | None = None,
     return MessageDraft(sid, t, "a@x", ("b@x",), (), (), Body((raw,)), subject, message_id, {})
 
 
-def test_store_is_wal_and_survives_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    with Store(path) as st:
+def test_store_survives_reopen(store_at: Location) -> None:
+    with Store(store_at) as st:
         sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="x")
         st.message(draft(sid, 1.0, b"raw\r\n", "s", "<m>"))
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    with Store(path) as st:  # ids continue after a restart
-        assert st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
-                                  scenario="x") == sid + 1
-    with Reader(path) as r:
+    if not is_postgres(store_at):
+        assert sqlite3.connect(store_at).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    with Store(store_at) as st:  # ids continue after a restart
+        again = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
+                                   scenario="x")
+    # one writer counts on; a shared store's writers take ids in blocks
+    assert again == sid + 1 if not is_postgres(store_at) else again > sid
+    with Reader(store_at) as r:
         [m] = r.messages(raw=True)
         assert m.raw == b"raw\r\n"
 
@@ -38,8 +54,8 @@ def test_second_writer_is_refused(tmp_path: Path) -> None:
         Store(tmp_path / "s.db").open()
 
 
-def test_barrier_resolves_after_commit_and_groups_writes(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_barrier_resolves_after_commit_and_groups_writes(store_at: Location) -> None:
+    path = store_at
 
     async def run(st: Store) -> None:
         sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="x")
@@ -60,8 +76,8 @@ def test_barrier_resolves_after_commit_and_groups_writes(tmp_path: Path) -> None
         st.close()
 
 
-def test_attempt_timeline_has_intervals(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_attempt_timeline_has_intervals(store_at: Location) -> None:
+    path = store_at
     with Store(path) as st:
         sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="x")
         for t, code in ((100.0, 451), (160.5, 451), (400.0, 250)):
@@ -84,10 +100,10 @@ def test_reader_errors_are_clear(tmp_path: Path) -> None:
         Reader(bad)
 
 
-def test_transcript_and_envelope_read_back_as_written(tmp_path: Path) -> None:
+def test_transcript_and_envelope_read_back_as_written(store_at: Location) -> None:
     """One record type from the session to the reader: a transcript line
     comes back as the same TranscriptLine, the envelope from its columns."""
-    path = tmp_path / "s.db"
+    path = store_at
     lines = [TranscriptLine(1, 10.0, "C", "mail", "MAIL FROM:<a@x> SIZE=5", None),
              TranscriptLine(1, 10.1, "S", "mail", "250 2.1.0 Ok", "a rule")]
     with Store(path) as st:
@@ -121,10 +137,10 @@ def test_older_store_gains_the_envelope_columns(tmp_path: Path) -> None:
         assert r.relays() == []
 
 
-def test_a_large_message_is_written_in_parts_and_read_back_whole(tmp_path: Path) -> None:
+def test_a_large_message_is_written_in_parts_and_read_back_whole(store_at: Location) -> None:
     """Over CHUNK bytes a message is written in parts, a few megabytes per
     commit, beside other writes; read back, it is byte for byte as sent."""
-    path = tmp_path / "s.db"
+    path = store_at
     big = bytes(range(256)) * (5 * 1024 * 1024 // 256 + 7)  # 5 MB and a bit
     parts = [big[:3_000_000], big[3_000_000:]]
 
@@ -151,27 +167,23 @@ def test_a_large_message_is_written_in_parts_and_read_back_whole(tmp_path: Path)
         assert got is not None and got.raw == big and got.size == len(big)
         assert r.raw(1, limit=1000) == big[:1000]
         assert [m.size for m in r.messages()] == [len(big), 7]  # "small\r\n"
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT COUNT(*) FROM message_parts").fetchone()[0] == 6
+    assert sql(path, "SELECT COUNT(*) FROM message_parts") == [(6,)]
 
 
-def test_a_partial_message_left_by_a_crash_is_removed_at_open(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def test_a_partial_message_left_by_a_crash_is_removed_at_open(store_at: Location) -> None:
+    path = store_at
     with Store(path):
         pass
-    conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO sessions (id, started_at, listener, peer_ip, peer_port, scenario)"
-                 " VALUES (1, 1.0, 'l', '127.0.0.1', 1, 'x')")
-    conn.execute("INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos,"
-                 " mail_options, rcpt_options, dsn, size, raw, partial) VALUES"
-                 " (1, 1, 1.0, 'a@x', '[]', '[]', '[]', '{}', 5000000, X'', 1)")
-    conn.execute("INSERT INTO message_parts (message_id, seq, data) VALUES (1, 0, X'00')")
-    conn.commit()
-    conn.close()
+    sql(path, "INSERT INTO sessions (id, started_at, listener, peer_ip, peer_port, scenario)"
+              " VALUES (1, 1.0, 'l', '127.0.0.1', 1, 'x')")
+    sql(path, "INSERT INTO messages (id, session_id, received_at, mail_from, rcpt_tos,"
+              " mail_options, rcpt_options, dsn, size, raw, partial) VALUES"
+              " (1, 1, 1.0, 'a@x', '[]', '[]', '[]', '{}', 5000000, ?, 1)", (b"",))
+    sql(path, "INSERT INTO message_parts (message_id, seq, data) VALUES (1, 0, ?)", (b"\0",))
     with Reader(path) as r:
         assert r.messages() == []  # never shown half written
+        assert r.sessions()[0].message_ids == []
     with Store(path):
         pass
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
-    assert conn.execute("SELECT COUNT(*) FROM message_parts").fetchone()[0] == 0
+    assert sql(path, "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert sql(path, "SELECT COUNT(*) FROM message_parts") == [(0,)]

@@ -124,10 +124,12 @@ def test_lab_samples_the_senders_queue_beside_the_timeline() -> None:
     samples = verdict.queue_samples
     peaks = summary(samples)
     assert peaks["peak_depth"] == 1 and peaks["peak_deferred"] == 1
-    # deferred between the 451 and the retry about a scenario minute later
-    assert 20 <= peaks["peak_oldest_age"] <= 120, samples
     [timeline] = verdict.timelines
     first, retry = timeline.attempts
+    # deferred from the 451 until the retry, at least the scenario's window
+    # later; when Postfix's queue manager gets to it depends on the machine's
+    # load, so the bound is the retry the harness saw, not a fixed figure
+    assert 20 <= peaks["peak_oldest_age"] <= retry.t - first.t + 10, samples
     assert (first.code, retry.code) == (451, 250)
     assert samples[0].depth == 1 and samples[-1].depth == 0  # queued, then gone
     assert min(s.t for s in samples) <= retry.t <= max(s.t for s in samples)

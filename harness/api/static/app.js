@@ -542,7 +542,9 @@ async function loadStore() {
   const s = await api("/api/v1/store");
   const box = document.getElementById("store");
   if (s.writable === false) {
-    box.textContent = `store cannot write (disk full?): messages get 452 4.3.1 — ${megabytes(s.disk_free_bytes)} free`;
+    box.textContent = s.disk_free_bytes == null  // a database server: its disk not known
+      ? "store cannot write (server read-only, full or out of reach?): messages get 452 4.3.1"
+      : `store cannot write (disk full?): messages get 452 4.3.1 — ${megabytes(s.disk_free_bytes)} free`;
     box.title = s.error || "";
     box.className = "bad";
     return;
@@ -550,8 +552,9 @@ async function loadStore() {
   const kept = s.retention && s.retention.summary !== "keeps everything" ? `, ${s.retention.summary}` : "";
   const n = s.counts.messages;
   box.textContent = `store ${megabytes(s.used_bytes)}, ${n.toLocaleString()} message${n === 1 ? "" : "s"}${kept}`;
-  box.title = `${s.path}: file ${megabytes(s.file_bytes)}, log ${megabytes(s.wal_bytes)}, ` +
-    `${megabytes(s.disk_free_bytes)} free on its disk`;
+  box.title = s.disk_free_bytes == null ? `${s.path}: tables ${megabytes(s.used_bytes)}`
+    : `${s.path}: file ${megabytes(s.file_bytes)}, log ${megabytes(s.wal_bytes)}, ` +
+      `${megabytes(s.disk_free_bytes)} free on its disk`;
   box.className = "muted";
 }
 
