@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if not store:
         print(f"analysis worker: - names no store (${STORE_ENV} is empty)", file=sys.stderr)
         return 2
+    # Ctrl-C or a TERM to the process group: serve stops its worker when it
+    # has drained what it can; a worker whose serve is gone sees its input end
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(5)  # the SMTP side comes first when the cores are busy
     return serve(location(store), sys.stdin, sys.stdout)

@@ -198,9 +198,10 @@ async def _serve(args: argparse.Namespace) -> int:
     workers = _workers(args.workers)
     farm: Any = None
     shared: Any = None
-    if workers > 1:
-        # several processes on one store: ids reserved in blocks, and the
-        # scenarios' state in the shared book (harness.state)
+    if workers > 1 or is_postgres(args.store):
+        # several processes on one store (workers, or hosts sharing a
+        # PostgreSQL database): ids reserved in blocks, and the scenarios'
+        # state in the shared book (harness.state)
         from harness.state import open_shared
 
         store = Store(args.store, retention=_retention(args), shared=True).open()
@@ -253,11 +254,12 @@ async def _serve(args: argparse.Namespace) -> int:
             ctx.analyst = analyst
             if not args.quiet:
                 ctx.observers.append(printer)
+            if shared is not None:
+                ctx.shared, ctx.loop = shared, loop
             if workers == 1:
                 listeners.append(await start_listener(ctx, spec.host, spec.port,
                                                       backlog=args.backlog))
             else:  # the workers serve it; this context is the page's and the console's
-                ctx.shared, ctx.loop = shared, loop
                 ctx.prepare_tls()
                 contexts.append(ctx)
         if workers > 1:
@@ -267,7 +269,7 @@ async def _serve(args: argparse.Namespace) -> int:
                                                 x.proxy_protocol, x.forward) for x in specs],
                         count=workers, store=str(args.store), seed=args.seed, dns=args.dns,
                         bounce_via=bounce_via, backlog=args.backlog, loop=args.loop,
-                        ca_dir=str(Path(args.store).parent),
+                        ca_dir=str(local_dir(args.store)),
                         say=lambda line: err.print(f"[yellow]{escape(line)}[/]"))
             await farm.start()
     except BaseException:
@@ -302,6 +304,8 @@ async def _serve(args: argparse.Namespace) -> int:
     if farm is not None:
         out.print(f"workers: pids {' '.join(str(p) for p in farm.pids)}; scenario state "
                   f"shared in {shared.where}")
+    elif shared is not None:  # a PostgreSQL store: other hosts may serve from it too
+        out.print(f"scenario state shared in {shared.where}, with every harness on this store")
     if api is not None:
         out.print(f"web page and API on http://{api.host}:{api.port}/"
                   + (f" (token {api.token})" if api.token else ""))
@@ -498,14 +502,45 @@ def _sessions(args: argparse.Namespace) -> int:
         print(json.dumps([_session_json(s) for s in sessions], indent=2))
         return 0
     table = Table(box=None, pad_edge=False)
-    for col in ("id", "started", "peer", "helo", "from", "to", "messages", "ended"):
+    # several listeners (hosts of a farm, sharing a PostgreSQL store): which one
+    where = len({s.listener for s in sessions}) > 1
+    for col in ("id", "started", *(("listener",) if where else ()), "peer", "helo", "from",
+                "to", "messages", "ended"):
         table.add_column(col)
     for s in sessions:
-        table.add_row(str(s.id), _day(s.started_at), f"{s.peer_ip}:{s.peer_port}",
+        table.add_row(str(s.id), _day(s.started_at), *((s.listener,) if where else ()),
+                      f"{s.peer_ip}:{s.peer_port}",
                       escape(printable(s.helo or "-")),
                       escape(printable(", ".join(x or "<>" for x in s.mail_from))),
                       escape(printable(", ".join(s.rcpt_tos))), str(len(s.message_ids)),
                       escape(printable(s.end_reason or "open")))
+    out.print(table)
+    return 0
+
+
+def _attempts(args: argparse.Namespace) -> int:
+    with Reader(args.store) as r:
+        attempts = r.attempts(rcpt=args.rcpt, mail_from=args.mail_from)
+        listeners = {s.id: s.listener for s in r.sessions(
+            session_ids=sorted({a.session_id for a in attempts}))}
+    if args.json:
+        print(json.dumps([{**asdict(a), "listener": listeners.get(a.session_id)}
+                          for a in attempts], indent=2))
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for col in ("when", "session", "listener", "from", "to", "n", "after", "phase", "reply"):
+        table.add_column(col)
+    count: dict[tuple[str, str], int] = {}
+    for a in sorted(attempts, key=lambda x: (x.t, x.id)):
+        pair = (a.mail_from.lower(), a.rcpt.lower())
+        count[pair] = count.get(pair, 0) + 1
+        style = "green" if a.code and a.code < 400 else "yellow" if a.code and a.code < 500 \
+            else "red"
+        table.add_row(_day(a.t), str(a.session_id), listeners.get(a.session_id, "-"),
+                      escape(printable(a.mail_from or "<>")), escape(printable(a.rcpt)),
+                      str(count[pair]),
+                      "-" if a.interval is None else f"{a.interval:.1f}s", a.phase,
+                      f"[{style}]{escape(printable(a.reply or a.outcome))}[/]")
     out.print(table)
     return 0
 
@@ -878,6 +913,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None)
     store_opt(sp)
 
+    sp = sub.add_parser("attempts", help="delivery attempts per sender and recipient, in order "
+                                         "(the retry timeline)")
+    sp.add_argument("--rcpt", metavar="ADDRESS", help="only attempts for this recipient")
+    sp.add_argument("--from", dest="mail_from", metavar="ADDRESS",
+                    help="only attempts from this sender")
+    sp.add_argument("--json", action="store_true")
+    store_opt(sp)
+
     sp = sub.add_parser("show", help="show a session's transcript (ID) or a message (mID)")
     sp.add_argument("id", metavar="ID")
     sp.add_argument("--json", action="store_true")
@@ -894,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _run_loop(_serve(args), args.loop)
             return 0
         handler = {"check": _check, "scenarios": _scenarios, "messages": _messages,
-                   "sessions": _sessions, "show": _show, "lab": _lab,
+                   "sessions": _sessions, "attempts": _attempts, "show": _show, "lab": _lab,
                    "explain": _explain, "predict": _predict, "queues": _queues,
                    "evidence": _evidence, "probe": _probe, "prune": _prune}[args.command]
         return handler(args)

@@ -415,6 +415,7 @@ async def activate(request: web.Request) -> web.Response:
     else:
         return problem(400, "give name (a library scenario) or yaml (a scenario text)")
     await asyncio.to_thread(ctx.use, scenario)  # may make a certificate: off the loop
+    await ctx.settled()  # answered once every worker serves it
     return web.json_response(scenario_json(scenario))
 
 
@@ -429,6 +430,7 @@ async def add_rule(request: web.Request) -> web.Response:
     if any(r.name == rule.name for r in ctx.scenario.rules):
         return problem(409, f"a rule named {rule.name!r} exists")
     ctx.add_rule(rule, position=where)
+    await ctx.settled()
     return web.json_response(rule_json(rule), status=201)
 
 
@@ -439,6 +441,7 @@ async def remove_rule(request: web.Request) -> web.Response:
     if not any(r.name == name for r in ctx.scenario.rules):
         return problem(404, f"no rule named {name!r}")
     ctx.remove_rule(name)
+    await ctx.settled()
     return web.json_response({"removed": name})
 
 
@@ -446,6 +449,7 @@ async def remove_rule(request: web.Request) -> web.Response:
 async def reset(request: web.Request) -> web.Response:
     index, ctx = listener(request)
     ctx.reset()
+    await ctx.settled()
     return web.json_response({"reset": index, "state": await ctx.current_state()})
 
 

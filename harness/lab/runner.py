@@ -146,13 +146,14 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
         lab = _start_mta(mta, target, collector, mail_from, lab_settings)
         try:
             say(f"{scenario.name}: {mta} -> harness {target.host}:{target.port}")
+            submitted = time.time()  # no queue entry of this run arrived earlier
             queue_id = lab.submit_smtp(mail_from, list(send.rcpt),
                                        _message(send, mail_from, token))
             expected = scenario.expect.outcome if scenario.expect else None
             returns = collector  # the sender's bounces are routed there
             deadline = time.monotonic() + window
             queue: list[QueueEntry] = []
-            samples = _Sampler(clock)
+            samples = _Sampler(clock, submitted)
             empty = 0
             while time.monotonic() < deadline:
                 # An MTA offers no event for "this message left the queue":
@@ -216,11 +217,13 @@ def _start_mta(mta: str, target: Harness, collector: Harness, mail_from: str,
 class _Sampler:
     """Samples of the lab MTA's queue in scenario time. Arrival times are the
     MTA's (Postfix counts whole seconds, so an age is known to a second of
-    wall time: `speed` seconds of scenario time). A sample is kept when the
-    queue changed, or half a second (wall) after the last one kept."""
+    wall time: `speed` seconds of scenario time; an arrival is taken as no
+    earlier than the submission, which the lab timed). A sample is kept when
+    the queue changed, or half a second (wall) after the last one kept."""
 
-    def __init__(self, clock: _Clock) -> None:
+    def __init__(self, clock: _Clock, submitted: float) -> None:
         self.clock = clock
+        self.submitted = submitted
         self.samples: list[QueueSample] = []
         self._kept_at = 0.0
 
@@ -228,8 +231,8 @@ class _Sampler:
         entries = lab.queue()
         wall = time.time()
         c = self.clock
-        s = sample(c(), [(c.t0 + (e.arrival - c.t0) * c.speed, e.status == "deferred")
-                         for e in entries])
+        s = sample(c(), [(c.t0 + (max(e.arrival, self.submitted) - c.t0) * c.speed,
+                          e.status == "deferred") for e in entries])
         last = self.samples[-1] if self.samples else None
         if force or last is None or (s.depth, s.deferred) != (last.depth, last.deferred) \
                 or wall - self._kept_at >= 0.5:

@@ -11,7 +11,7 @@ import collections
 import concurrent.futures
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -110,6 +110,9 @@ class ListenerContext:
     #: told of every change made through the control surface, as
     #: (operation, arguments): the primary passes them on to its workers
     on_control: list[Callable[[str, tuple[Any, ...]], None]] = field(default_factory=list)
+    #: until every process serving this listener has made the changes made
+    #: so far (the primary's workers); None: this process serves it alone
+    control_done: Callable[[], Awaitable[None]] | None = None
     #: connections open in worker processes, by worker (the primary's view)
     remote_active: dict[int, int] = field(default_factory=dict)
     #: which worker process this is ("worker 1, pid 4242"; None: the only one):
@@ -272,6 +275,12 @@ class ListenerContext:
             self.journal.clear()
         self._tell("reset", to_base, scenario)
         self._announce()
+
+    async def settled(self) -> None:
+        """Until the changes made through this control surface are made
+        wherever the listener is served (at once with one process)."""
+        if self.control_done is not None:
+            await self.control_done()
 
     def _tell(self, operation: str, *args: Any) -> None:
         for cb in self.on_control:

@@ -35,6 +35,7 @@ import pickle
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ RELAY_LIMIT = 8 << 20
 START_TIMEOUT = 60.0
 #: seconds a worker has to finish its sessions when stopped
 STOP_TIMEOUT = 15.0
+#: how long a change through the API waits for every worker to make it
+CONTROL_TIMEOUT = 10.0
 _HEADER = struct.Struct("!I")
 
 
@@ -154,8 +157,11 @@ class _Relay:
 
 def worker_main(plan: WorkerPlan, sock: socket.socket) -> None:
     """A worker process's entry point."""
-    # Ctrl-C reaches the whole process group: the primary stops its workers
+    # Ctrl-C (and a TERM to the group: `timeout`, a service manager) reaches
+    # the whole process group: the primary stops its workers, which also end
+    # when its channel closes (the primary killed)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     runner: Callable[[Any], Any] = asyncio.run
     if plan.loop != "asyncio":
         try:
@@ -211,9 +217,10 @@ async def _work(plan: WorkerPlan, sock: socket.socket) -> None:
                     break  # the primary is gone: stop
                 if message[0] == "stop":
                     break
-                _, index, operation, args, certificates = message
+                _, seq, index, operation, args, certificates = message
                 tls.adopt(certificates)
                 await asyncio.to_thread(_apply, listeners[index].ctx, operation, args)
+                relay.send(("applied", seq))
         finally:
             counts.cancel()
     finally:
@@ -250,6 +257,9 @@ class _Worker:
     writer: asyncio.StreamWriter
     ready: asyncio.Future[int]
     reading: asyncio.Task[None]
+    #: the last control change it has made (numbered by the primary); a
+    #: worker started after change n has it from its plan
+    applied: int = 0
 
 
 class Farm:
@@ -269,8 +279,12 @@ class Farm:
         self._holders: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._mp = multiprocessing.get_context("spawn")
+        self._sent = 0  # control changes numbered, 1, 2, ...
+        self._sent_lock = threading.Lock()
+        self._applied_waiters: list[asyncio.Future[None]] = []
         for i, ctx in enumerate(contexts):
             ctx.on_control.append(self._relay_control(i))
+            ctx.control_done = self.applied
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -320,7 +334,7 @@ class Farm:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[int] = loop.create_future()
         worker = _Worker(index, process, writer, ready,
-                         loop.create_task(self._read(index, reader, ready)))
+                         loop.create_task(self._read(index, reader, ready)), self._sent)
         self.workers[index] = worker
         loop.add_reader(process.sentinel, self._ended, worker)
         return worker
@@ -345,6 +359,13 @@ class Farm:
 
     def _event(self, worker: int, item: tuple[Any, ...], ready: asyncio.Future[int]) -> None:
         kind = item[0]
+        if kind == "applied":
+            self.workers[worker].applied = max(self.workers[worker].applied, item[1])
+            waiters, self._applied_waiters = self._applied_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            return
         if kind == "ready":
             if not ready.done():
                 ready.set_result(item[1])
@@ -375,22 +396,26 @@ class Farm:
     def _ended(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.process.sentinel)
-        worker.process.join(0)
         for ctx in self.contexts:
             ctx.remote_active.pop(worker.index, None)
         if self._stopping or self.workers.get(worker.index) is not worker:
             return
-        code = worker.process.exitcode
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        self.say(f"worker {worker.index} (pid {worker.process.pid}) ended ({how}); "
-                 "starting it again")
         self.restarts += 1
-        task = loop.create_task(self._restart(worker.index))
+        task = loop.create_task(self._restart(worker))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _restart(self, index: int) -> None:
-        worker = await self._spawn(index)
+    async def _restart(self, dead: _Worker) -> None:
+        # the sentinel closes as the process exits, a moment before it can be
+        # reaped: its exit status is waited for off the loop
+        await asyncio.to_thread(dead.process.join, 5)
+        code = dead.process.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        self.say(f"worker {dead.index} (pid {dead.process.pid}) ended ({how}); "
+                 "starting it again")
+        if self._stopping:
+            return
+        worker = await self._spawn(dead.index)
         try:
             await self._wait_ready(worker)
         except HarnessError as e:
@@ -405,11 +430,29 @@ class Farm:
         """A change through a mirror's control surface: to every worker
         (possibly from another thread: the API makes certificates off the
         loop)."""
-        frame = _frame(("control", index, operation, args, tls.made()))
+        with self._sent_lock:
+            self._sent += 1
+            frame = _frame(("control", self._sent, index, operation, args, tls.made()))
         loop = self.contexts[index].loop
         for worker in list(self.workers.values()):
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(_write, worker.writer, frame)
+
+    async def applied(self) -> None:
+        """Until every running worker has made the changes sent so far (a
+        change through the API is answered once all of them serve it), at
+        most CONTROL_TIMEOUT: a worker that died is started again with them."""
+        target = self._sent
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONTROL_TIMEOUT
+        while any(w.applied < target and w.process.is_alive()
+                  for w in self.workers.values()):
+            fut: asyncio.Future[None] = loop.create_future()
+            self._applied_waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return
 
     @property
     def pids(self) -> list[int]:

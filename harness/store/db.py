@@ -697,6 +697,21 @@ class Store:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            # the large messages' pieces this commit takes, then once more what
+            # the queue holds: whatever was queued before one of them (its
+            # session's row: a foreign key on PostgreSQL) is in the same
+            # commit, ahead of it
+            budget = BATCH_BYTES
+            pieces: list[Any] = []
+            while self._pieces and budget > 0:
+                piece = self._pieces.popleft()
+                pieces.append(piece)
+                budget -= _piece_bytes(piece)
+            while pieces:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             stop = False
             ops: list[Any] = []
             waiters: list[_Barrier | threading.Event] = []
@@ -711,15 +726,12 @@ class Store:
                 elif item is not _PIECES and item is not _PRUNE and item is not _REFILL:
                     ops.append(item)
             self._refill()
-            budget = BATCH_BYTES
             whole: list[int] = []
-            while self._pieces and budget > 0:
-                piece = self._pieces.popleft()
+            for piece in pieces:
                 if isinstance(piece, _Barrier):
                     waiters.append(piece)
                     continue
                 ops.append(piece)
-                budget -= _piece_bytes(piece)
                 if piece[0] == _UNMARK:
                     whole.append(piece[1][0])
             err = self._write(ops, waiters)

@@ -68,3 +68,25 @@ def test_bench_fuzz_quick_runs_every_target_and_finds_nothing(tmp_path: Path) ->
     assert {r["target"] for r in result} == {"session", "session-bytes", "loader", "api",
                                              "render"}
     assert all(r["inputs"] == 200 and r["findings"] == [] for r in result), result
+
+
+@pytest.mark.slow
+def test_bench_store_quick_stores_every_message_on_both_backends(tmp_path: Path) -> None:
+    out = tmp_path / "store.json"
+    bench("store.py", "--quick", "--workload", "1k-20-many", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert {r["backend"] for r in result["runs"]} == {"sqlite", "postgresql"}
+    assert all(r["messages"] == 300 and r["msgs_per_s"] > 0 for r in result["runs"])
+
+
+@pytest.mark.slow
+def test_bench_workers_quick_measures_the_stateful_decision(tmp_path: Path) -> None:
+    out = tmp_path / "workers.json"
+    configs = [x for c in ("w1-sqlite", "w2-sqlite", "w1-pg", "w2-pg") for x in ("--config", c)]
+    done = bench("workers.py", "--quick", "--workload", "1k-20-many", "--workload", "stateful",
+                 *configs, "--json", str(out))
+    assert "shared state, CPU per stateful decision" in done.stdout
+    result = json.loads(out.read_text())
+    # the bench itself checks each store holds every message smtp-source sent
+    assert {r["config"] for r in result["runs"]} == {"w1-sqlite", "w2-sqlite", "w1-pg",
+                                                     "w2-pg"}
