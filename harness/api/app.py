@@ -448,7 +448,7 @@ async def remove_rule(request: web.Request) -> web.Response:
 @routes.post("/api/v1/listeners/{index}/reset")
 async def reset(request: web.Request) -> web.Response:
     index, ctx = listener(request)
-    ctx.reset()
+    await asyncio.to_thread(ctx.reset)  # a shared state's reset is a database write
     await ctx.settled()
     return web.json_response({"reset": index, "state": await ctx.current_state()})
 

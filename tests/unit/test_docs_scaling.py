@@ -17,9 +17,9 @@ from harness.store import is_postgres
 DOC = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
 
 
-def _commands() -> list[str]:
+def _commands(heading: str = "## The PostgreSQL store") -> list[str]:
     text = DOC.read_text()
-    section = text.split("## The PostgreSQL store", 1)[1].split("\n## ", 1)[0]
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     out = []
     for block in re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M):
         for line in block.splitlines():
@@ -38,3 +38,11 @@ def test_docs_scaling_command_parses(command: str) -> None:
     args = build_parser().parse_args(shlex.split(command))
     stores = args.store if isinstance(args.store, list) else [args.store]
     assert stores and all(is_postgres(s) for s in stores)
+
+
+@pytest.mark.parametrize("command", _commands("## Several processes"))
+def test_docs_scaling_workers_command_parses(command: str) -> None:
+    args = build_parser().parse_args(shlex.split(command))
+    assert args.command in ("serve", "attempts")
+    if args.command == "serve":
+        assert args.workers == "2"
