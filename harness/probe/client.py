@@ -24,6 +24,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import os
+import re
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
@@ -223,7 +224,7 @@ class _Conversation:
             self.steps.append(Step(name="banner", code=e.code,
                                    reply=_reply_text(e.code, e.message),
                                    seconds=self.loop.time() - start))
-            self.banner_name = _first_word(e.message)
+            self.banner_name = _banner_name(e.message)
             return  # aiosmtplib has closed the connection: nothing more to say
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             sock.close()
@@ -232,7 +233,7 @@ class _Conversation:
             return
         self.steps.append(Step(name="banner", code=r.code, reply=_reply_text(r.code, r.message),
                                seconds=self.loop.time() - start))
-        self.banner_name = _first_word(r.message)
+        self.banner_name = _banner_name(r.message)
         try:
             await self._session(smtp)
         finally:
@@ -337,16 +338,23 @@ class _Conversation:
 
 
 def _dot_stuffed(message: bytes) -> bytes:
-    import re
-
     message = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     return re.sub(rb"(?m)^\.", b"..", message)
 
 
-def _first_word(text: str) -> str | None:
+#: An enhanced status code (RFC 3463: class.subject.detail) that some servers
+#: put before the host name in their greeting: "220 2.0.0 mx.example ESMTP".
+_ENHANCED_CODE_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+def _banner_name(text: str) -> str | None:
+    """The host name a greeting gives: its first word, after an enhanced status
+    code if the greeting starts with one; None when that word is no name."""
     words = text.split()
+    if words and _ENHANCED_CODE_RE.fullmatch(words[0]):
+        words = words[1:]
     if not words:
         return None
     word = words[0].strip("[]").lower().rstrip(".")

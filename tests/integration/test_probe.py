@@ -124,6 +124,45 @@ def test_wrong_host_certificate_name_mismatch_with_the_lab_ca() -> None:
     assert code == 0
 
 
+BANNER_WITH_CODE = textwrap.dedent("""\
+    server: {tls: {certificate: ca_signed}}
+    rules:
+      - name: banner with an enhanced code
+        on: connect
+        reply: 220 2.0.0 mx.harness.test ESMTP ready
+    """)
+
+
+def test_a_banner_with_an_enhanced_code_names_the_host_after_it() -> None:
+    # "220 2.0.0 mx.harness.test": the host name is the word after the
+    # enhanced code, and the certificate made for it matches
+    with Harness(BANNER_WITH_CODE) as h:
+        ca = str(h.store_path.parent / "harness-ca.pem")
+        r = probe("a@lab.test", "b@lab.test", "--mx", f"127.0.0.1:{h.port}", "--ca", ca)
+        report, code = probe_json("a@lab.test", "b@lab.test", "--mx", f"127.0.0.1:{h.port}",
+                                  "--ca", ca)
+    banner = next(line for line in r.stdout.splitlines() if line.startswith("banner "))
+    assert "220 2.0.0 mx.harness.test ESMTP ready" in banner
+    assert "(banner name mx.harness.test)" in r.stdout
+    assert "name mx.harness.test (the banner's name): matches" in r.stdout
+    assert "does not match" not in r.stdout and "mismatch" not in r.stdout
+    assert "2.0.0 (the banner's name)" not in r.stdout
+    mx = report["mx"][0]
+    assert mx["banner_name"] == "mx.harness.test"
+    cert = mx["tls"]["certificate"]
+    assert (cert["ok"], cert["name_ok"], cert["expected_name"], cert["name_source"]) == (
+        True, True, "mx.harness.test", "banner")
+    assert (r.returncode, code) == (0, 0)
+
+
+def test_a_refusing_banner_gives_no_host_name() -> None:
+    # "421 4.3.2 Service not available": no host name in it, not "4.3.2"
+    with Harness("service-unavailable") as h:
+        report, code = probe_json("a@lab.test", "b@lab.test", "--mx", f"127.0.0.1:{h.port}")
+    assert code == 3
+    assert report["mx"][0]["banner_name"] is None
+
+
 def test_named_target_checks_the_certificate_against_that_name() -> None:
     scenario = "server: {hostname: mx1.lab.test, tls: {certificate: ca_signed}}\n"
     with Harness(scenario) as h:
