@@ -241,8 +241,20 @@ class _Range:
 
 
 @dataclass(frozen=True)
+class _TextMeaning:
+    """Another meaning of one code, which a reply carries when its text is
+    one that code's other user documents (Exchange Online's "550 5.4.1 Relay
+    Access Denied" is not the registry's X.4.1, "no answer from host")."""
+
+    phrases: tuple[str, ...]  # the documented texts, spaces folded
+    info: CodeInfo
+
+
+@dataclass(frozen=True)
 class _Catalogue:
     exact: Mapping[str, CodeInfo]
+    #: by entry code: the other meanings a reply's text can select
+    by_text: Mapping[str, tuple[_TextMeaning, ...]]
     ranges: tuple[_Range, ...]
     subjects: Mapping[tuple[int, int], CodeInfo]
     classes: Mapping[int, CodeInfo]
@@ -286,7 +298,9 @@ def _texts(where: str, data: Mapping[str, Any], key: str, *, required: bool = Tr
 
 
 _ENTRY_KEYS = {"code", "classes", "title", "meaning", "causes", "checks", "exchange",
-               "vendor", "source", "class_2", "class_4", "class_5"}
+               "vendor", "source", "class_2", "class_4", "class_5", "by_text"}
+_TEXT_MEANING_KEYS = {"text", "title", "meaning", "causes", "checks", "exchange", "vendor",
+                      "source"}
 #: The fallbacks (c.x.x, c.s.x, cxx) say what the standards say.
 RFC_3463 = "https://www.rfc-editor.org/rfc/rfc3463"
 RFC_5321 = "https://www.rfc-editor.org/rfc/rfc5321"
@@ -301,7 +315,7 @@ def _sources(where: str, data: Mapping[str, Any]) -> tuple[str, ...]:
         raise CatalogueError(f"{where}: 'source' must be an https URL or a list of them "
                              f"(where the meaning comes from), got {value!r}")
     return tuple(urls)
-_OVERRIDE_KEYS = {"title", "meaning", "causes", "checks", "exchange"}
+_OVERRIDE_KEYS = {"title", "meaning", "causes", "checks", "exchange", "by_text"}
 
 
 def _build(raw: Any) -> _Catalogue:
@@ -350,6 +364,7 @@ def _build(raw: Any) -> _Catalogue:
                 match="subject", source=(RFC_3463,))
 
     exact: dict[str, CodeInfo] = {}
+    by_text: dict[str, tuple[_TextMeaning, ...]] = {}
     ranges: list[_Range] = []
     entries = raw.get("enhanced")
     if not isinstance(entries, list):
@@ -378,6 +393,8 @@ def _build(raw: Any) -> _Catalogue:
                 key = f"{cls}.{subj}.{detail}"
                 _add(exact, key, _entry(f"enhanced {key}", merged, cls, subj, class_names,
                                         subject_names))
+                if "by_text" in merged:
+                    by_text[key] = _text_meanings(f"enhanced {key}", merged, exact[key])
             for cls in (2, 4, 5):
                 if cls not in cls_list and f"class_{cls}" in e:
                     raise CatalogueError(f"{where}: class_{cls} given but {cls} not in classes")
@@ -391,6 +408,8 @@ def _build(raw: Any) -> _Catalogue:
         assert m is not None
         cls, subj = int(m.group(1)), int(m.group(2))
         _add(exact, code, _entry(where, e, cls, subj, class_names, subject_names))
+        if "by_text" in e:
+            by_text[code] = _text_meanings(where, e, exact[code])
         if ranged:
             low, high = int(ranged.group(3)), int(ranged.group(4))
             if not low < high:
@@ -487,7 +506,8 @@ def _build(raw: Any) -> _Catalogue:
             if other is not r and (other.status_class, other.subject) == (
                     r.status_class, r.subject) and other.low <= r.high and r.low <= other.high:
                 raise CatalogueError(f"ranges {r.code} and {other.code} overlap")
-    return _Catalogue(exact=exact, ranges=tuple(ranges), subjects=subjects, classes=classes,
+    return _Catalogue(exact=exact, by_text=by_text, ranges=tuple(ranges), subjects=subjects,
+                      classes=classes,
                       basic_classes=basic_classes, components=components,
                       socket_errors=sockets, component_re=component_re)
 
@@ -516,6 +536,32 @@ def _entry(where: str, e: Mapping[str, Any], cls: int, subj: int, class_names: M
         exchange=_text(where, e, "exchange", required=False),
         vendor=_text(where, e, "vendor", required=False) or None,
         source=_sources(where, e))
+
+
+def _text_meanings(where: str, e: Mapping[str, Any], base: CodeInfo
+                   ) -> tuple[_TextMeaning, ...]:
+    """An entry's `by_text:` list: other meanings of the code, each with the
+    reply texts that carry it (`text:`) and its own title, meaning, causes,
+    checks and source; the class, subject and outcome stay the code's."""
+    raw = e.get("by_text")
+    if not isinstance(raw, list) or not raw:
+        raise CatalogueError(f"{where}: 'by_text' must be a list of meanings")
+    out: list[_TextMeaning] = []
+    for n, m in enumerate(raw):
+        w = f"{where} by_text[{n}]"
+        if not isinstance(m, dict):
+            raise CatalogueError(f"{w}: must be a mapping")
+        unknown = set(m) - _TEXT_MEANING_KEYS
+        if unknown:
+            raise CatalogueError(f"{w}: unknown keys {sorted(unknown)}")
+        info = replace(
+            base, title=_text(w, m, "title"), meaning=_text(w, m, "meaning"),
+            causes=_texts(w, m, "causes"), checks=_texts(w, m, "checks"),
+            exchange=_text(w, m, "exchange", required=False),
+            vendor=_text(w, m, "vendor", required=False) or base.vendor,
+            source=_sources(w, m))
+        out.append(_TextMeaning(_texts(w, m, "text"), info))
+    return tuple(out)
 
 
 @functools.cache
@@ -677,9 +723,32 @@ def _explain(text: str, depth: int) -> Explanation:
             quoted = None
 
     notes = _notes(basic_code, enhanced_code, basic, enhanced, quoted, sock)
+    if enhanced is not None and enhanced_code is not None:
+        chosen = _meaning_by_text(cat, enhanced, message)
+        if chosen is not None:
+            registry = enhanced
+            enhanced, phrase = chosen
+            where = ("in the IANA registry" if registry.vendor is None
+                     else f"in {registry.vendor}'s main use")
+            notes += (f"{enhanced_code} is '{registry.title}' {where}; the reply's text "
+                      f"('{phrase}') is how {enhanced.vendor or 'another server'} uses it, so "
+                      "that meaning is explained here.",)
     return Explanation(text=original, basic_code=basic_code, enhanced_code=enhanced_code,
                        message=message, basic=basic, enhanced=enhanced, component=comp,
                        socket_error=sock, quoted=quoted, notes=notes)
+
+
+def _meaning_by_text(cat: _Catalogue, info: CodeInfo, message: str
+                     ) -> tuple[CodeInfo, str] | None:
+    """The code's other meaning whose documented text the reply's message
+    contains (case and spacing aside), with that text; None when none does."""
+    folded = " ".join(message.split()).casefold()
+    for meaning in cat.by_text.get(info.code, ()):
+        for phrase in meaning.phrases:
+            if phrase.casefold() in folded:
+                return (replace(meaning.info, match=info.match,
+                                typical_replies=info.typical_replies), phrase)
+    return None
 
 
 def _message(body: str, head_end: int, basic_code: str | None,

@@ -420,6 +420,41 @@ def test_malformed_catalogue_is_refused_with_the_place(change: Any, problem: str
         codes._build(data)
 
 
+def _other_meaning(**over: Any) -> dict[str, Any]:
+    return {"text": ["Other words"], "title": "other title", "meaning": "other meaning",
+            "causes": ["oc"], "checks": ["ok"], "source": "https://example.org/other"} | over
+
+
+def test_a_class_override_can_give_another_meaning_by_text() -> None:
+    data = _minimal()
+    data["enhanced"][0]["class_5"] = {"by_text": [_other_meaning(vendor="Vendor")]}
+    cat = codes._build(data)
+    assert cat.exact["5.1.1"].title == "t" and "4.1.1" not in cat.by_text
+    [other] = cat.by_text["5.1.1"]
+    assert other.phrases == ("Other words",)
+    assert (other.info.title, other.info.vendor, other.info.source, other.info.status_class) == (
+        "other title", "Vendor", ("https://example.org/other",), 5)
+
+
+@pytest.mark.parametrize(
+    ("by_text", "problem"),
+    [
+        ("Other words", ": 'by_text' must be a list of meanings"),
+        ([], ": 'by_text' must be a list of meanings"),
+        (["Other words"], " by_text[0]: must be a mapping"),
+        ([_other_meaning(text=[])], " by_text[0]: 'text' must be a list"),
+        ([_other_meaning(colour="red")], " by_text[0]: unknown keys ['colour']"),
+        ([{k: v for k, v in _other_meaning().items() if k != "source"}],
+         " by_text[0]: 'source' must be an https URL"),
+    ],
+)
+def test_a_malformed_other_meaning_is_refused_with_the_place(by_text: Any, problem: str) -> None:
+    data = _minimal()
+    data["enhanced"][0]["class_5"] = {"by_text": by_text}
+    with pytest.raises(CatalogueError, match=re.escape("enhanced 5.1.1" + problem)):
+        codes._build(data)
+
+
 # ------------------------------------------------------ Microsoft's own pages
 
 MS_NDR = "https://learn.microsoft.com/en-us/troubleshoot/exchange/email-delivery/ndr/"
@@ -474,3 +509,57 @@ def test_every_entry_names_its_source() -> None:
 SISIMAI_ONLY = {"5.1.351", "5.2.14", "5.4.11", "5.4.310", "4.4.312", "5.4.312", "4.4.318",
                 "5.4.318", "4.4.24", "4.4.25", "4.4.28", "4.7.650", "4.7.652", "5.7.51",
                 "5.7.54"}
+
+
+EXO_5_4_1 = "Recipient address rejected, access denied (Exchange Online)"
+
+
+@pytest.mark.parametrize("text", [
+    "550 5.4.1 Relay Access Denied",
+    "550 5.4.1 RELAY ACCESS   DENIED",
+    "550 5.4.1 [kijitora@example.org]: Recipient address rejected: Access denied.",
+    "smtp; 550 5.4.1 Recipient address rejected: Access denied. AS(201806281)",
+])
+def test_5_4_1_in_exchange_onlines_words_takes_exchange_onlines_meaning(text: str) -> None:
+    e = explain_reply(text)
+    assert e.enhanced is not None and e.enhanced_code == "5.4.1"
+    assert (e.enhanced.title, e.enhanced.code, e.enhanced.vendor) == (EXO_5_4_1, "5.4.1",
+                                                                      "Microsoft")
+    assert (e.enhanced.status_class, e.enhanced.transient, e.outcome) == (5, False, "permanent")
+    assert "Directory-Based Edge Blocking" in " ".join(e.enhanced.causes)
+    assert any("fix-error-code-550-5-4-1" in u for u in e.enhanced.source)
+    assert e.enhanced.typical_replies == lookup("5.4.1").typical_replies  # type: ignore[union-attr]
+    assert any("'No answer from host' in the IANA registry" in n for n in e.notes), e.notes
+
+
+def test_5_4_1_in_other_words_and_4_4_1_keep_the_registry_meaning() -> None:
+    for text in ("541 5.4.1 Mail rejected by destination domain", "550 5.4.1 No route",
+                 "451 4.4.1 Relay Access Denied"):
+        e = explain_reply(text)
+        assert e.enhanced is not None and e.enhanced.title == "No answer from host", text
+        assert not any("IANA registry" in n for n in e.notes), text
+    assert lookup("5.4.1").title == "No answer from host"  # type: ignore[union-attr]
+
+
+def test_a_quoted_5_4_1_in_exchange_onlines_words_is_read_the_same_way() -> None:
+    e = explain_reply('451 4.4.0 Primary target IP address responded with: "550 5.4.1 Relay '
+                      'Access Denied." Attempted failover to alternate host')
+    assert e.quoted is not None and e.quoted.enhanced is not None
+    assert e.quoted.enhanced.title == EXO_5_4_1
+
+
+def test_every_other_meaning_names_its_source_and_is_in_our_words(
+        reference: dict[str, Any]) -> None:
+    others = [m for ms in codes._catalogue().by_text.values() for m in ms]
+    assert others
+    theirs = " ".join(_words(" ".join(
+        str(r.get(k) or "") for r in reference["enhanced_status_codes"]
+        for k in ("meaning", "exchange_notes", "exchange_handling"))))
+    for m in others:
+        info = m.info
+        assert info.source and all(u.startswith("https://") for u in info.source)
+        if info.vendor == "Microsoft":
+            assert any("microsoft.com" in u for u in info.source)
+        for text in (info.meaning, info.exchange, *info.causes, *info.checks):
+            w = _words(text)
+            assert not any(" ".join(w[i:i + 9]) in theirs for i in range(len(w) - 8)), text

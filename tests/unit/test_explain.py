@@ -412,3 +412,48 @@ def test_explain_names_microsofts_page_for_5_7_520_and_4_4_317() -> None:
         assert "source" in out and page in out
     _, data = run_json("4.4.317")
     assert "UntrustedRoot" in data["code"]["meaning"]
+
+
+EXO_5_4_1 = "Recipient address rejected, access denied (Exchange Online)"
+
+
+@pytest.mark.parametrize("line", [
+    "550 5.4.1 Relay Access Denied",
+    "550 5.4.1 Recipient address rejected: Access denied",
+    "550 5.4.1 [kijitora@example.org]: Recipient address rejected: Access denied.",
+    "#550 5.4.1 Relay Access Denied ##",
+])
+def test_a_5_4_1_reply_in_exchange_onlines_words_is_headed_by_its_meaning(line: str) -> None:
+    # X.4.1 is "No answer from host" in the registry; Exchange Online's text
+    # says the recipient was refused, and that meaning heads the explanation
+    rc, out, _ = run(line, width=300)
+    assert rc == 0
+    heading = next(row for row in out.splitlines() if "enhanced code" in row)
+    assert EXO_5_4_1 in heading and "No answer from host" not in heading
+    text = flat(out)
+    assert "Directory-Based Edge Blocking" in text.split("Typical causes")[1]
+    assert "Get-AcceptedDomain" in text.split("What to check")[1]
+    assert "could not reach the destination host" not in text  # not the registry's meaning
+    # the registry's meaning is not hidden: a note says which meaning was taken and why
+    assert "5.4.1 is 'No answer from host' in the IANA registry" in text
+    _, data = run_json(line)
+    enhanced = data["reply"]["enhanced"]
+    assert (enhanced["title"], enhanced["entry"], enhanced["vendor"]) == (
+        EXO_5_4_1, "5.4.1", "Microsoft")
+    assert any("fix-error-code-550-5-4-1-in-exchange-online" in u for u in enhanced["source"])
+
+
+@pytest.mark.parametrize("line", ["550 5.4.1 No answer from host",
+                                  "541 5.4.1 Mail rejected by destination domain",
+                                  "451 4.4.1 Connection timed out"])
+def test_a_4_1_reply_in_other_words_keeps_the_registry_meaning(line: str) -> None:
+    rc, out, _ = run(line, width=300)
+    assert rc == 0
+    heading = next(row for row in out.splitlines() if "enhanced code" in row)
+    assert "No answer from host" in heading and EXO_5_4_1 not in out
+    assert "IANA registry" not in out
+
+
+def test_the_code_alone_keeps_the_registry_meaning() -> None:
+    _, data = run_json("5.4.1")
+    assert data["code"]["title"] == "No answer from host"
