@@ -341,6 +341,9 @@ async def readyz(request: web.Request) -> web.Response:
             with contextlib.suppress(StoreError, TimeoutError):
                 await asyncio.wait_for(store.probe(), 2.0)
     problems = [str(s.error) for s in stores if s.error is not None]
+    for c in listeners:  # workers (--workers): each writes the store itself
+        if c.remote_health is not None:
+            problems += [p for p in await c.remote_health() if p not in problems]
     ready = bool(listeners) and not problems
     body: dict[str, Any] = {"status": "ready" if ready else "not ready",
                             "listeners": [c.name for c in listeners]}

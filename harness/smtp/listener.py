@@ -113,6 +113,9 @@ class ListenerContext:
     #: until every process serving this listener has made the changes made
     #: so far (the primary's workers); None: this process serves it alone
     control_done: Callable[[], Awaitable[None]] | None = None
+    #: what keeps the other processes serving this listener from writing
+    #: their store (the primary's workers; asked again when called)
+    remote_health: Callable[[], Awaitable[list[str]]] | None = None
     #: connections open in worker processes, by worker (the primary's view)
     remote_active: dict[int, int] = field(default_factory=dict)
     #: which worker process this is ("worker 1, pid 4242"; None: the only one):

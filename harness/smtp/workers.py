@@ -58,6 +58,8 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 #: how long a change through the API waits for every worker to make it
 CONTROL_TIMEOUT = 10.0
+#: how long a worker's store is given to say it can write (the primary's /readyz)
+PROBE_TIMEOUT = 2.0
 _HEADER = struct.Struct("!I")
 
 
@@ -183,6 +185,21 @@ async def _work(plan: WorkerPlan, sock: socket.socket) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     relay = _Relay(writer)
     store = Store(plan.store, shared=True)
+    loop = asyncio.get_running_loop()
+
+    def state() -> str | None:
+        return None if store.error is None else str(store.error)
+
+    def health(line: str) -> None:  # from the store's writer thread: to the console
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: relay.send(("health", line, state())))
+    store.on_health = health
+
+    async def probe() -> None:  # the primary asks (its /readyz): can it write now?
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(store.probe(), PROBE_TIMEOUT)
+        relay.send(("store", state()))
+    probes: set[asyncio.Task[None]] = set()
     await asyncio.to_thread(store.open)
     shared = await asyncio.to_thread(open_shared, plan.store)
     listeners: list[Listener] = []
@@ -217,6 +234,11 @@ async def _work(plan: WorkerPlan, sock: socket.socket) -> None:
                     break  # the primary is gone: stop
                 if message[0] == "stop":
                     break
+                if message[0] == "probe":
+                    probing = loop.create_task(probe())
+                    probes.add(probing)
+                    probing.add_done_callback(probes.discard)
+                    continue
                 _, seq, index, operation, args, certificates = message
                 tls.adopt(certificates)
                 await asyncio.to_thread(_apply, listeners[index].ctx, operation, args)
@@ -282,9 +304,12 @@ class Farm:
         self._sent = 0  # control changes numbered, 1, 2, ...
         self._sent_lock = threading.Lock()
         self._applied_waiters: list[asyncio.Future[None]] = []
+        #: why a worker's store cannot write, by worker (gone when it can)
+        self.store_problems: dict[int, str] = {}
         for i, ctx in enumerate(contexts):
             ctx.on_control.append(self._relay_control(i))
             ctx.control_done = self.applied
+            ctx.remote_health = self.store_health
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -361,14 +386,20 @@ class Farm:
         kind = item[0]
         if kind == "applied":
             self.workers[worker].applied = max(self.workers[worker].applied, item[1])
-            waiters, self._applied_waiters = self._applied_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            self._wake()
             return
         if kind == "ready":
             if not ready.done():
                 ready.set_result(item[1])
+            return
+        if kind in ("health", "store"):  # its store cannot write, or writes again
+            if kind == "health":
+                self.say(f"worker {worker}: {item[1]}")
+            if item[-1] is None:
+                self.store_problems.pop(worker, None)
+            else:
+                self.store_problems[worker] = item[-1]
+            self._wake()
             return
         if kind == "dropped":
             self.say(f"worker {worker}: {item[1]:,} transcript line(s) not shown "
@@ -437,6 +468,30 @@ class Farm:
         for worker in list(self.workers.values()):
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(_write, worker.writer, frame)
+
+    def _wake(self) -> None:
+        waiters, self._applied_waiters = self._applied_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def store_health(self) -> list[str]:
+        """What keeps the workers' stores from writing (their /readyz
+        part): those that could not are asked again, with one small write
+        each, and answer within PROBE_TIMEOUT."""
+        if not self.store_problems:
+            return []
+        loop = asyncio.get_running_loop()
+        asked = {w for w in self.store_problems if w in self.workers}
+        for w in asked:
+            _write(self.workers[w].writer, _frame(("probe",)))
+        deadline = loop.time() + PROBE_TIMEOUT + 0.5
+        while asked & self.store_problems.keys() and loop.time() < deadline:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._applied_waiters.append(fut)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        return [f"worker {w}: {p}" for w, p in sorted(self.store_problems.items())]
 
     async def applied(self) -> None:
         """Until every running worker has made the changes sent so far (a

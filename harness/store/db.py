@@ -172,6 +172,15 @@ CHECKPOINT_BYTES = 16 << 20
 SINGLE_WRITER = 1
 _PART = "INSERT INTO message_parts (message_id, seq, data) VALUES (?, ?, ?)"
 _PIECES = object()  # in the queue: large messages' pieces wait in their lane
+
+
+@dataclass
+class _ToLane:
+    """Pieces for the large messages' lane, sent through the queue so that
+    they reach the writer after what was queued before them (the message's
+    session row: PostgreSQL checks the foreign key)."""
+
+    items: list[Any]
 _UNMARK = "UPDATE messages SET partial = NULL WHERE id = ?"  # a large message is whole
 _PRUNE = object()  # in the queue: retention has another step to take
 _REFILL = object()  # in the queue: a shared store's ids are running low
@@ -723,6 +732,8 @@ class Store:
                     waiters.append(item)
                 elif isinstance(item, _PruneAll):
                     prune_all.append(item)
+                elif isinstance(item, _ToLane):  # a large message's: from the next commit
+                    self._pieces.extend(item.items)
                 elif item is not _PIECES and item is not _PRUNE and item is not _REFILL:
                     ops.append(item)
             self._refill()
@@ -755,6 +766,9 @@ class Store:
             if (self._prune_due and not stop and time.monotonic() >= self._prune_at
                     and self._prune()):
                 self._queue.put(_PRUNE)  # more to prune: another step, after what comes
+            if stop and self._pieces and self.error is None:
+                self._queue.put(None)  # large messages queued before the close: finished first
+                continue
             if stop:
                 if self._db is not None:
                     self._db.close()
@@ -890,6 +904,7 @@ class Store:
             # the connection went while the COMMIT was on its way: it may
             # have been written; written again, a row already there stays
             keep = [_idempotent(op) for op in keep]
+        refused = {op[1][0] for op in ops if op[0] in (_INSERT_MESSAGE, _INSERT_PARTIAL)}
         had_pieces = bool(self._in_pieces)
         while self._pieces:  # large messages in flight: not stored either
             piece = self._pieces.popleft()
@@ -897,6 +912,8 @@ class Store:
                 waiters.append(piece)
             elif piece[0] in _MESSAGE_WRITES:
                 failed.add(piece[1][0])
+                if piece[0] == _INSERT_PARTIAL:
+                    refused.add(piece[1][0])
         self._in_pieces.clear()
         if had_pieces:  # rows of theirs written before, marked partial
             keep.append((_DROP_PARTIAL_PARTS, (self._partial,), False))
@@ -905,7 +922,7 @@ class Store:
             self.given_up += len(keep) - HOLD_MAX
             keep = keep[-HOLD_MAX:]
         self._held = keep
-        self.refused += sum(1 for op in ops if op[0] in (_INSERT_MESSAGE, _INSERT_PARTIAL))
+        self.refused += len(refused)
         first = not isinstance(self.error, StoreFull)
         if self.dialect.lost(e) or e is self._lost:
             why = (f"store {self.display} cannot be reached ({_line(e)}): messages are "
@@ -1020,9 +1037,13 @@ class Store:
         """A message's analysis (JSON, or its text already), and it leaves
         the analysis queue."""
         text = analysis if isinstance(analysis, str) else json.dumps(analysis, default=str)
-        self._put("UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?",
-                  (text, int(is_ndr), mid))
-        self._put(_DEQUEUE, (mid,))
+        ops = [("UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?",
+                (text, int(is_ndr), mid), False), (_DEQUEUE, (mid,), False)]
+        if mid in self._in_pieces:
+            self._submit(_ToLane(ops))  # after the message's last piece
+        else:
+            for op in ops:
+                self._submit(op)
 
     def analysis_job(self, mid: int, *, client_ip: str, helo: str | None, hostname: str,
                      zone: Mapping[str, Any] | None) -> None:
@@ -1039,7 +1060,7 @@ class Store:
                           " ON CONFLICT (id) DO NOTHING", (zone_id, text))
         op = (_QUEUE_JOB, (mid, client_ip, helo, hostname, zone_id), False)
         if mid in self._in_pieces:
-            self._pieces.append(op)  # after the message's last piece
+            self._submit(_ToLane([op]))  # after the message's last piece
         else:
             self._submit(op)
 
@@ -1068,19 +1089,22 @@ class Store:
 
     def _commit(self, db: Db, ops: list[Any]) -> None:
         self._committing = False
-        db.begin()
-        for sql, rows in _grouped(ops):
-            if sql == _PART:  # a megabyte each: one statement each
-                for part in rows:
-                    db.execute(sql, part)
-            elif len(rows) > 1 and sql.startswith("INSERT"):
-                _insert_many(db, sql, rows)
-            elif len(rows) == 1:
-                db.execute(sql, rows[0])
-            else:
-                db.executemany(sql, rows)
-        self._committing = True
-        db.commit()
+        with db.pipeline():
+            db.begin()
+            for sql, rows in _grouped(ops):
+                if sql == _PART:  # a megabyte each: one statement each
+                    for part in rows:
+                        db.execute(sql, part)
+                elif len(rows) > 1 and sql.startswith("INSERT"):
+                    _insert_many(db, sql, rows)
+                elif len(rows) == 1:
+                    db.execute(sql, rows[0])
+                else:
+                    db.executemany(sql, rows)
+            # (in a pipeline the statements may be on their way already: a
+            # connection lost from here on may have committed them)
+            self._committing = True
+            db.commit()
         self._committing = False
         self.commits += 1
 
@@ -1218,8 +1242,7 @@ class Store:
         if not big:
             self._put(_INSERT_MESSAGE, (*row, body.whole()))
             return mid
-        lane = self._pieces
-        lane.append((_INSERT_PARTIAL, (*row, b"", self._partial), False))
+        lane: list[Any] = [(_INSERT_PARTIAL, (*row, b"", self._partial), False)]
         seq = 0
         for part in body.parts:  # views of the caller's parts, at most CHUNK each
             view = memoryview(part)
@@ -1228,7 +1251,7 @@ class Store:
                 seq += 1
         lane.append((_UNMARK, (mid,), False))
         self._in_pieces.add(mid)
-        self._queue.put(_PIECES)  # wakes the writer
+        self._submit(_ToLane(lane))  # in order: after its session's row
         return mid
 
     def writes_in_pieces(self, mid: int) -> bool:
@@ -1244,8 +1267,7 @@ class Store:
         if mid not in self._in_pieces:
             self._submit(_Barrier(loop, fut, mid))
         else:
-            self._pieces.append(_Barrier(loop, fut, mid))
-            self._queue.put(_PIECES)
+            self._submit(_ToLane([_Barrier(loop, fut, mid)]))  # after its last piece
         return fut
 
 
@@ -1512,15 +1534,31 @@ def _insert_many(db: Db, sql: str, rows: list[Any]) -> None:
         i += n
 
 
+#: tables whose rows others refer to come first in a commit (PostgreSQL
+#: checks each foreign key as the row is written)
+_PARENTS_FIRST = {"sessions": 0, "zones": 0, "messages": 1}
+
+
+def _table(sql: str) -> str:
+    return sql.split(None, 3)[2].split("(", 1)[0]  # INSERT INTO <table> ...
+
+
 def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]]:
     """The rows of a commit's INSERTs gathered per statement (one
-    executemany each, not one call per row), in the order each statement
-    first appears; any other statement (an UPDATE, a DELETE) is a fence that
+    executemany each, not one call per row): the tables other rows refer to
+    first (sessions, then messages), the others in the order each statement
+    first appears. (In order of first appearance alone, a session's events
+    could go before the session's row: another session's events came
+    first.) Any other statement (an UPDATE, a DELETE) is a fence that
     everything queued before it passes first."""
     groups: dict[str, list[Any]] = {}
+
+    def flush() -> Iterator[tuple[str, list[Any]]]:
+        yield from sorted(groups.items(), key=lambda g: _PARENTS_FIRST.get(_table(g[0]), 2))
+
     for sql, params, many in ops:
         if not sql.startswith("INSERT"):
-            yield from groups.items()
+            yield from flush()
             groups = {}
             yield sql, [params] if not many else list(params)
             continue
@@ -1531,7 +1569,7 @@ def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]
             rows.extend(params)
         else:
             rows.append(params)
-    yield from groups.items()
+    yield from flush()
 
 
 def _text(value: Any, postgres: bool = False) -> Any:

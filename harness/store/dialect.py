@@ -24,7 +24,7 @@ import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from harness.errors import StoreError
 from harness.store import Location, display, is_postgres
@@ -63,6 +63,16 @@ class Db:
                 cur.executemany(self.dialect.sql(sql), rows)
         else:
             self.raw.executemany(sql, rows)
+
+    def pipeline(self) -> contextlib.AbstractContextManager[Any]:
+        """PostgreSQL: the statements inside are sent without waiting for
+        each one's answer (psycopg's pipeline mode), answered together at
+        the end: a commit of a hundred statements is one round trip, not a
+        hundred (each a wake-up of the writer thread, which then waits for
+        the interpreter lock the event loop holds). SQLite: as they come."""
+        if self.dialect.postgres:
+            return cast(contextlib.AbstractContextManager[Any], self.raw.pipeline())
+        return contextlib.nullcontext()
 
     def begin(self) -> None:
         # SQLite: take the write lock at once (a transaction that reads

@@ -49,10 +49,10 @@ def fill_up(disk: Path) -> Path:
 
 
 class Serve:
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [*HARNESS, "serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
-             "--store", str(store)],
+             "--store", str(store), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=store.parent,
             env={**os.environ, "COLUMNS": "300"})
         self.lines: list[str] = []
@@ -126,3 +126,31 @@ def test_a_full_disk_defers_messages_and_the_server_recovers(small_disk: Path) -
                               " (SELECT COUNT(*) FROM message_parts)").fetchone()
         assert tuple(left) == (0, 0)  # nothing of the large message left half written
         assert r.analysis_pending() == []
+
+
+def test_with_workers_a_full_disk_defers_and_the_console_says_which_worker(
+        small_disk: Path) -> None:
+    """--workers 2: each worker writes the store itself; a worker that cannot
+    write answers 452 4.3.1, the console (the primary's) says so, /readyz
+    is 503, and both take messages again once there is space."""
+    store = small_disk / "harness.db"
+    serve = Serve(store, "--workers", "2")
+    try:
+        assert serve.send("before").startswith("250 2.0.0 Ok: queued as")
+        filler = fill_up(small_disk)
+        replies = {serve.send(f"full {i}") for i in range(4)}
+        assert replies == {"452 4.3.1 Insufficient system storage"}
+        serve.read_until(r"worker \d: .*cannot write .*452 4\.3\.1 until it can")
+        status, _ = serve.get("/readyz")
+        assert status == 503
+        filler.unlink()
+        status, ready = serve.get("/readyz")
+        assert status == 200, ready
+        assert all(serve.send(f"after {i}").startswith("250 2.0.0 Ok: queued as")
+                   for i in range(4))
+    finally:
+        serve.proc.send_signal(signal.SIGINT)
+        serve.proc.communicate(timeout=30)
+    with Reader(store) as r:
+        subjects = sorted(m.subject or "" for m in r.messages())
+    assert subjects == ["after 0", "after 1", "after 2", "after 3", "before"]

@@ -228,11 +228,15 @@ def test_452_on_the_first_chunk_is_deferred_and_retried(
 
     # Exim's verdict: a temporary failure of this recipient; the remote reply
     # is quoted, the message stays queued (not frozen, not bounced).
-    assert f"{msg_id} == {RCPT} R=to_relay T=relay_smtp defer (-46) " in ex.log_lines(msg_id)
-    assert deferred.reason is not None
-    assert deferred.reason.startswith("R=to_relay T=relay_smtp defer (-46) ")
+    log = ex.log_lines(msg_id)
+    assert f"{msg_id} == {RCPT} R=to_relay T=relay_smtp defer (-46) " in log
     assert ("SMTP error from remote mail server after pipelined sending data block: "
-            "452 4.3.1 Insufficient system storage") in deferred.reason
+            "452 4.3.1 Insufficient system storage") in log
+    # the queue entry gives the latest reason: that one, or (a queue run came
+    # first on a busy machine) Exim's own note that the retry time is not yet
+    assert deferred.reason is not None
+    assert deferred.reason.startswith("R=to_relay T=relay_smtp defer (-46) ") or (
+        "retry time not reached" in deferred.reason), deferred.reason
     [entry] = ex.queue()
     assert (entry.queue_id, entry.sender, entry.recipients, entry.status) == \
         (msg_id, SENDER, (RCPT,), "deferred")
