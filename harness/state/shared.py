@@ -58,6 +58,8 @@ SCHEMA = (
         seen DOUBLE PRECISION NOT NULL)""",
 )
 
+#: stateful decisions waiting together are made in one transaction, up to this many
+DECISIONS_PER_TRANSACTION = 64
 #: seconds between an owner's heartbeats; silent for STALE, it is gone
 HEARTBEAT = 2.0
 STALE = 5 * HEARTBEAT
@@ -338,19 +340,35 @@ class SharedState:
                     except Exception as e:  # the next beat tries again
                         self.errors.append(e)
                         db.rollback()
-                if job is None:
-                    continue
-                if job is _STOP:
-                    self._leave(db)
-                    return
-                fn, args, future = job
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    future.set_result(fn(db, *args))
-                except BaseException as e:
-                    db.rollback()
-                    future.set_exception(e)
+                while job is not None:
+                    if job is _STOP:
+                        self._leave(db)
+                        return
+                    fn, args, future = job
+                    job = None
+                    if fn == self._decide:
+                        # the decisions waiting now, one transaction per
+                        # scenario: the lock every process shares is taken
+                        # once for all of them, not once each
+                        batch = [(args, future)]
+                        while len(batch) < DECISIONS_PER_TRANSACTION:
+                            try:
+                                job = self._jobs.get_nowait()
+                            except queue.Empty:
+                                break
+                            if job is _STOP or job[0] != self._decide or job[1][0] != args[0]:
+                                break
+                            batch.append((job[1], job[2]))
+                            job = None
+                        self._decide_batch(db, batch)
+                        continue
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    try:
+                        future.set_result(fn(db, *args))
+                    except BaseException as e:
+                        db.rollback()
+                        future.set_exception(e)
         finally:
             db.close()
 
@@ -406,6 +424,45 @@ class SharedState:
                 if attempt == RETRIES - 1:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _decide_batch(self, db: _Db, batch: list[tuple[tuple[Any, ...],
+                                                    concurrent.futures.Future[Any]]]) -> None:
+        """Decisions for one scenario, in the order asked, in one
+        transaction: each against the book as the one before left it. If
+        the batch fails (a decision raised), each is made again on its own,
+        so only that one fails."""
+        batch = [(a, f) for a, f in batch if f.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        if len(batch) > 1:
+            ns = batch[0][0][0]
+            counted = [a[2].connection.counted for a, _ in batch]
+            for attempt in range(RETRIES):
+                try:
+                    db.begin(ns)
+                    decisions = []
+                    for (_, engine, session, event), _ in batch:
+                        book = SharedBook(db, ns, self.owner, time.time())
+                        decisions.append(engine.decide_with(session, event, book))
+                        book.flush()
+                    db.commit()
+                except BaseException as e:
+                    db.rollback()
+                    for (a, _), c in zip(batch, counted, strict=True):
+                        a[2].connection.counted = c  # counted again on the next try
+                    if isinstance(e, db.retryable) and attempt < RETRIES - 1:
+                        continue
+                    break  # one by one below
+                else:
+                    for (_, future), decision in zip(batch, decisions, strict=True):
+                        future.set_result(decision)
+                    return
+        for args, future in batch:
+            try:
+                future.set_result(self._decide(db, *args))
+            except BaseException as e:
+                db.rollback()
+                future.set_exception(e)
 
     def closed(self, ns: str, client: str) -> concurrent.futures.Future[None]:
         """A connection counted in the shared book is closed."""
