@@ -270,7 +270,8 @@ async def _serve(args: argparse.Namespace) -> int:
                         count=workers, store=str(args.store), seed=args.seed, dns=args.dns,
                         bounce_via=bounce_via, backlog=args.backlog, loop=args.loop,
                         ca_dir=str(local_dir(args.store)),
-                        say=lambda line: err.print(f"[yellow]{escape(line)}[/]"))
+                        say=lambda line: err.print(f"[yellow]{escape(line)}[/]"),
+                        watch=not args.quiet)
             await farm.start()
     except BaseException:
         await shut()
@@ -289,6 +290,8 @@ async def _serve(args: argparse.Namespace) -> int:
             api = None
             await shut()
             raise
+        if farm is not None:  # the workers' lines: for the console, or while the page watches
+            api.hub.on_change.append(lambda n: farm.watch(not args.quiet or n > 0))
     served = ([(x.ctx, x.address) for x in listeners] if farm is None
               else list(zip(contexts, farm.addresses, strict=True)))
     for spec, (ctx, (h, p)) in zip(specs, served, strict=True):

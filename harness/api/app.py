@@ -88,6 +88,23 @@ class EventHub:
 
     def __init__(self) -> None:
         self.clients: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        #: told the number of subscribers when it changes (serve --workers
+        #: relays transcript lines from its workers only while someone reads them)
+        self.on_change: list[Callable[[int], None]] = []
+
+    def subscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self.clients.add(q)
+        self._changed()
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
+        if q in self.clients:
+            self.clients.discard(q)
+            self._changed()
+
+    def _changed(self) -> None:
+        for cb in self.on_change:
+            with contextlib.suppress(Exception):
+                cb(len(self.clients))
 
     def publish(self, event: dict[str, Any]) -> None:
         for q in list(self.clients):
@@ -656,7 +673,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     # Subscribe before the response opens: a page that loads the history
     # once the stream is open misses nothing in between.
     q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    hub.clients.add(q)
+    hub.subscribe(q)
     try:
         await response.prepare(request)
         await response.write(b": connected\n\n")
@@ -673,7 +690,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        hub.clients.discard(q)
+        hub.unsubscribe(q)
     return response
 
 
@@ -725,6 +742,7 @@ class ApiServer:
         self.app = make_app(listeners, store_path, self.token)
         self.host, self.port = host, port
         self.runner: web.AppRunner | None = None
+        self.hub: EventHub = self.app[HUB_KEY]
 
     async def start(self) -> tuple[str, int]:
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2)

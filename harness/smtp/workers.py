@@ -88,6 +88,9 @@ class WorkerPlan:
     loop: str
     certificates: dict[Any, tls.Material]
     ca_dir: str | None
+    #: relay each transcript line to the primary (someone reads them there:
+    #: its console, or the page's live feed); changed by a "watch" message
+    watch: bool = True
 
 
 def _frame(obj: Any) -> bytes:
@@ -127,6 +130,7 @@ class _Relay:
         self.pending: list[tuple[Any, ...]] = []
         self.scheduled = False
         self.dropped = 0
+        self.watching = True
 
     def send(self, item: tuple[Any, ...]) -> None:
         self.pending.append(item)
@@ -136,6 +140,8 @@ class _Relay:
 
     def line(self, index: int) -> Callable[[TranscriptLine], None]:
         def observe(line: TranscriptLine) -> None:
+            if not self.watching:  # nobody reads them at the primary
+                return
             if self.writer.transport.get_write_buffer_size() > RELAY_LIMIT:
                 self.dropped += 1
                 return
@@ -184,6 +190,7 @@ async def _work(plan: WorkerPlan, sock: socket.socket) -> None:
     tls.adopt(plan.certificates)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     relay = _Relay(writer)
+    relay.watching = plan.watch
     store = Store(plan.store, shared=True)
     loop = asyncio.get_running_loop()
 
@@ -234,6 +241,9 @@ async def _work(plan: WorkerPlan, sock: socket.socket) -> None:
                     break  # the primary is gone: stop
                 if message[0] == "stop":
                     break
+                if message[0] == "watch":
+                    relay.watching = bool(message[1])
+                    continue
                 if message[0] == "probe":
                     probing = loop.create_task(probe())
                     probes.add(probing)
@@ -290,8 +300,9 @@ class Farm:
     def __init__(self, contexts: list[ListenerContext], listeners: list[ListenerPlan], *,
                  count: int, store: str, seed: int | None, dns: str,
                  bounce_via: tuple[str, int] | None, backlog: int, loop: str,
-                 ca_dir: str | None, say: Callable[[str], None]) -> None:
+                 ca_dir: str | None, say: Callable[[str], None], watch: bool = True) -> None:
         self.contexts, self.count, self.say = contexts, count, say
+        self.watching = watch
         self.template = dict(store=store, seed=seed, dns=dns, bounce_via=bounce_via,
                              backlog=backlog, loop=loop, ca_dir=ca_dir)
         self.listeners = list(listeners)
@@ -347,7 +358,8 @@ class Farm:
         return WorkerPlan(
             index=index, listeners=tuple(self.listeners),
             scenarios=tuple((c.base, c.scenario) for c in self.contexts),
-            certificates=tls.made(), **self.template)  # type: ignore[arg-type]
+            certificates=tls.made(), watch=self.watching,
+            **self.template)  # type: ignore[arg-type]
 
     async def _spawn(self, index: int) -> _Worker:
         mine, theirs = socket.socketpair()
@@ -468,6 +480,17 @@ class Farm:
         for worker in list(self.workers.values()):
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(_write, worker.writer, frame)
+
+    def watch(self, on: bool) -> None:
+        """Whether the workers relay every transcript line (the console
+        prints them, or the page's live feed is open) or only messages and
+        sessions' ends: a line relayed costs both sides a pickle."""
+        if on == self.watching:
+            return
+        self.watching = on
+        frame = _frame(("watch", on))
+        for worker in self.workers.values():
+            _write(worker.writer, frame)
 
     def _wake(self) -> None:
         waiters, self._applied_waiters = self._applied_waiters, []

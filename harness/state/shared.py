@@ -6,7 +6,9 @@ processes share (SQLite: the database's write lock, BEGIN IMMEDIATE;
 PostgreSQL: an advisory lock on the scenario's name), reads only the rows
 the decision touches (lazily, as the engine asks for them), writes back the
 ones it changed and commits: decisions are serialized exactly as one
-engine's lock serializes them in one process. Commits need not reach the
+engine's lock serializes them in one process. Decisions for one scenario
+that wait together share one transaction (the lock taken once for the
+lot), each made against the book as the one before left it. Commits need not reach the
 disk before the reply (SQLite: synchronous=NORMAL in WAL mode; PostgreSQL:
 synchronous_commit off): a process that dies loses nothing the others
 read, only a crash of the machine (or of PostgreSQL) may forget the last

@@ -212,3 +212,34 @@ def test_a_killed_worker_is_started_again_and_loses_no_acknowledged_message(
     assert all(stored[k] == v for k, v in acked.items())
     ids = [m.id for m in messages]
     assert len(ids) == len(set(ids))
+
+
+def test_quiet_workers_relay_lines_while_the_page_watches(tmp_path: Path,
+                                                          farm_of: list[Farm]) -> None:
+    """--quiet: nobody reads the workers' transcript lines, so they are not
+    relayed; once the page's live feed is open they are, every one."""
+    farm = start(tmp_path, "--quiet")
+    farm_of.append(farm)
+    assert rcpt(farm.port).startswith("250")  # before anyone watches
+    events = urllib.request.urlopen(f"http://127.0.0.1:{farm.http}/api/v1/events", timeout=30)
+    try:
+        assert events.readline().startswith(b": connected")
+        deadline = time.monotonic() + 20
+        seen: set[str] = set()
+        sent = 0.0
+        while not any("watched@lab.test" in x for x in seen):
+            assert time.monotonic() < deadline, seen
+            if time.monotonic() - sent > 0.5:  # the feed is live once the workers are told
+                sent = time.monotonic()
+                threading.Thread(target=rcpt, args=(farm.port, "watched@lab.test"),
+                                 daemon=True).start()
+            line = events.readline()
+            while line.strip():
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if event["type"] == "line":
+                        seen.add(event["text"])
+                line = events.readline()
+    finally:
+        events.close()
+    farm.stop()
