@@ -4,16 +4,18 @@ per step, not a thousand pattern matches.
 
 A rule whose first condition (in the order the engine tests them, chance
 last) is a recipient, sender, HELO or client condition made of exact values,
-`*@domain` or `local@*` globs, or single addresses, is filed under those
-values; any other rule is always tested. A rule not among the candidates is
-known not to match on that first condition: its near-miss reason is worked
-out only when someone reads it (`Misses`).
+`*@domain` or `local@*` globs, single addresses, or a regular expression
+anchored at the start with a literal prefix (`^bounce-`, `^user1@lab`),
+is filed under those values; any other rule is always tested. A rule not
+among the candidates is known not to match on that first condition: its
+near-miss reason is worked out only when someone reads it (`Misses`).
 
 May know: the scenario model. Must not know: I/O of any kind."""
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
@@ -45,6 +47,9 @@ class _Files:
     exact: dict[str, list[int]] = field(default_factory=dict)
     domain: dict[str, list[int]] = field(default_factory=dict)
     local: dict[str, list[int]] = field(default_factory=dict)
+    #: anchored regular expressions, by their literal prefix (lower case: a
+    #: superset of what the case-sensitive expression matches)
+    prefix: dict[str, list[int]] = field(default_factory=dict)
 
     def file(self, pos: int, globs: Sequence[str]) -> bool:
         """File `pos` under each glob; False (nothing filed) if one of them
@@ -64,8 +69,16 @@ class _Files:
             table.setdefault(value, []).append(pos)
         return True
 
+    def file_prefix(self, pos: int, prefix: str) -> None:
+        self.prefix.setdefault(prefix.lower(), []).append(pos)
+
     def find(self, value: str, into: set[int]) -> None:
         low = value.lower()
+        if self.prefix:
+            for end in range(1, len(low) + 1):
+                found = self.prefix.get(low[:end])
+                if found:
+                    into.update(found)
         for table, key in ((self.exact, low),
                            (self.domain, low.rpartition("@")[2] if "@" in low else None),
                            (self.local, low.partition("@")[0] + "@" if "@" in low else None)):
@@ -95,8 +108,12 @@ class PhaseRules:
         if isinstance(first, RcptMatcher) or (
                 isinstance(first, TextMatcher) and first.key in ("mail_from", "helo")):
             pattern = first.pattern
-            return pattern.regex is None and bool(pattern.globs) and self.files[
-                first.key].file(pos, pattern.globs)
+            if pattern.regex is not None:
+                prefix = literal_prefix(pattern.regex)
+                if prefix:
+                    self.files[first.key].file_prefix(pos, prefix)
+                return bool(prefix)
+            return bool(pattern.globs) and self.files[first.key].file(pos, pattern.globs)
         if isinstance(first, ClientMatcher) and first.networks and all(
                 n.num_addresses == 1 for n in first.networks):
             for n in first.networks:
@@ -120,6 +137,43 @@ class PhaseRules:
         if hit:
             found.update(hit)
         return sorted(found)
+
+
+_META = frozenset(".^$*+?{}[]|()\\")
+
+
+def literal_prefix(regex: re.Pattern[str]) -> str:
+    """The text every string the expression matches starts with, when the
+    expression is anchored at the start (`^` or `\\A`, no flags that change
+    what `^` means) and has no alternation; "" when that cannot be told.
+
+    Written by hand: the standard library's parser of expressions is
+    private (re._parser); this reads only the simple prefix, conservatively."""
+    p = regex.pattern
+    if regex.flags & (re.MULTILINE | re.VERBOSE) or "|" in p:
+        return ""
+    if p.startswith("^"):
+        i = 1
+    elif p.startswith("\\A"):
+        i = 2
+    else:
+        return ""
+    out: list[str] = []
+    while i < len(p):
+        c = p[i]
+        if c == "\\":
+            if i + 1 >= len(p) or p[i + 1].isalnum() or p[i + 1].isspace():
+                break  # a class (\\d), an anchor (\\b, \\Z), a reference (\\1)
+            out.append(p[i + 1])
+            i += 2
+            continue
+        if c in _META:
+            break
+        out.append(c)
+        i += 1
+    if i < len(p) and p[i] in "*?{" and out:
+        out.pop()  # the last character may be absent
+    return "".join(out)
 
 
 class Misses(Sequence[tuple[str, str]]):

@@ -5,6 +5,7 @@ randomness a seeded RNG, so every case replays exactly."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import statistics
 import textwrap
 from collections.abc import Sequence
@@ -929,6 +930,9 @@ INDEXED = """\
 - {name: sender, on: rcpt, when: {mail_from: ["<>", ""]}, reply: 550 5.7.1 g}
 - {name: helo, on: rcpt, when: {helo: bad.test}, reply: 550 5.7.1 h}
 - {name: twice, on: rcpt, when: {rcpt: "once@*"}, reply: 550 5.1.1 i, times: 1}
+- {name: anchored, on: rcpt, when: {rcpt: {regex: "^Admin@lab\\\\.test$"}}, reply: 550 5.1.1 j}
+- {name: maybe, on: rcpt, when: {rcpt: {regex: "\\\\Abou?nce-"}}, reply: 550 5.1.1 k}
+- {name: either, on: rcpt, when: {rcpt: {regex: "^zz|yy"}}, reply: 550 5.1.1 l}
 """
 
 
@@ -943,7 +947,8 @@ def test_engine_index_decides_and_explains_as_testing_every_rule(sender: str,
         table.indexed = False  # the plain loop over every rule
     rcpts = ["boss@LAB.TEST", "ceo@lab.test", "u@other.test", "info@x.test", "temp1@x.test",
              "r12@x.test", "carol@x.test", "nobody@x.test", "once@x.test", "once@y.test",
-             "a@b@other.test"]
+             "a@b@other.test", "Admin@lab.test", "admin@lab.test", "bonce-1@x.test",
+             "bounce-2@x.test", "xyy@x.test", "zz@x.test"]
     for helo in ("client.lab.test", "bad.test"):
         got = []
         for eng in (fast, slow):
@@ -954,3 +959,14 @@ def test_engine_index_decides_and_explains_as_testing_every_rule(sender: str,
                         for d in (conn.decide(Rcpt(recipient=r)) for r in rcpts)])
         assert got[0] == got[1]
     assert fast._tables[m.Phase.RCPT].indexed
+
+
+@pytest.mark.parametrize(("pattern", "prefix"), [
+    (r"^user5@lab\.test$", "user5@lab.test"), (r"^bounce-", "bounce-"), (r"\Afoo\d", "foo"),
+    (r"^ab*c", "a"), (r"^ab+c", "ab"), (r"^ab?", "a"), (r"^a{2}", ""), (r"^\.x", ".x"),
+    (r"bounce", ""), (r"^a|b", ""), (r"(?i)^x", ""), (r"(?m)^x", ""), (r"^x\s", "x"),
+    (r"^[ab]c", ""), (r"^(ab)", "")])
+def test_index_reads_an_anchored_expressions_literal_prefix(pattern: str, prefix: str) -> None:
+    from harness.scenario.index import literal_prefix
+
+    assert literal_prefix(re.compile(pattern)) == prefix
