@@ -314,7 +314,8 @@ class Farm:
         self._mp = multiprocessing.get_context("spawn")
         self._sent = 0  # control changes numbered, 1, 2, ...
         self._sent_lock = threading.Lock()
-        self._applied_waiters: list[asyncio.Future[None]] = []
+        #: woken when a worker reports a change made or its store's state
+        self._waiters: list[asyncio.Future[None]] = []
         #: why a worker's store cannot write, by worker (gone when it can)
         self.store_problems: dict[int, str] = {}
         for i, ctx in enumerate(contexts):
@@ -493,7 +494,7 @@ class Farm:
             _write(worker.writer, frame)
 
     def _wake(self) -> None:
-        waiters, self._applied_waiters = self._applied_waiters, []
+        waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
@@ -511,7 +512,7 @@ class Farm:
         deadline = loop.time() + PROBE_TIMEOUT + 0.5
         while asked & self.store_problems.keys() and loop.time() < deadline:
             fut: asyncio.Future[None] = loop.create_future()
-            self._applied_waiters.append(fut)
+            self._waiters.append(fut)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
         return [f"worker {w}: {p}" for w, p in sorted(self.store_problems.items())]
@@ -526,7 +527,7 @@ class Farm:
         while any(w.applied < target and w.process.is_alive()
                   for w in self.workers.values()):
             fut: asyncio.Future[None] = loop.create_future()
-            self._applied_waiters.append(fut)
+            self._waiters.append(fut)
             try:
                 await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
             except TimeoutError:

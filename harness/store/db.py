@@ -706,21 +706,15 @@ class Store:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            # the large messages' pieces this commit takes, then once more what
-            # the queue holds: whatever was queued before one of them (its
-            # session's row: a foreign key on PostgreSQL) is in the same
-            # commit, ahead of it
+            # the large messages' pieces this commit takes (they reached the
+            # lane through the queue, in an earlier turn: what was queued
+            # before them, their session's row, is committed already)
             budget = BATCH_BYTES
             pieces: list[Any] = []
             while self._pieces and budget > 0:
                 piece = self._pieces.popleft()
                 pieces.append(piece)
                 budget -= _piece_bytes(piece)
-            while pieces:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
             stop = False
             ops: list[Any] = []
             waiters: list[_Barrier | threading.Event] = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import smtplib
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serving import ServeProcess
 from test_farm_postgres import Host
 
 from harness.store.db import Reader
@@ -55,17 +55,15 @@ def free_port(host: str) -> int:
 
 
 @pytest.fixture
-def hosts(pg_url: str) -> Iterator[list[Host]]:
-    started: list[Host] = []
+def hosts(pg_url: str) -> Iterator[list[ServeProcess]]:
+    started: list[ServeProcess] = []
     yield started
     for h in started:
-        if h.proc.poll() is None:
-            os.killpg(h.proc.pid, signal.SIGKILL)
-            h.proc.wait(10)
+        h.kill()
 
 
 def test_haproxy_from_the_docs_spreads_sessions_and_passes_the_client_on(
-        pg_url: str, hosts: list[Host], tmp_path: Path) -> None:
+        pg_url: str, hosts: list[ServeProcess], tmp_path: Path) -> None:
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not os.access(haproxy, os.X_OK):
         pytest.fail("haproxy is not installed (the README's test command installs it)")

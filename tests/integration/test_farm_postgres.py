@@ -13,20 +13,16 @@ import re
 import signal
 import smtplib
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from serving import HARNESS, HELO, ServeProcess
 
 from harness.store.db import Reader
 
-HARNESS = [sys.executable, "-m", "harness.cli"]
-HELO = "client.lab.test"
 WINDOW = 2.0  # the greylisting window, seconds: short, the test waits it out
 
 GREY = f"""\
@@ -39,55 +35,21 @@ rules:
 """
 
 
-class Host:
-    """`harness serve` on one loopback address, its store the shared database."""
-
-    def __init__(self, address: str, store: str, *extra: str, cwd: Path) -> None:
-        self.address = address
-        self.proc = subprocess.Popen(
-            [*HARNESS, "serve", *extra, "--listen", f"{address}:0", "--http", f"{address}:0",
-             "--store", store],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-            env={**os.environ, "COLUMNS": "300"}, start_new_session=True)
-        self.lines: list[str] = []
-        self.smtp = self.http = 0
-        self.read_until(r"^store ")
-
-    def read_until(self, pattern: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := re.search(r"listening on [\d.]+:(\d+)", line):
-                self.smtp = int(m.group(1))
-            if m := re.search(r"API on http://[\d.]+:(\d+)", line):
-                self.http = int(m.group(1))
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"serve ended before {pattern!r}: {''.join(self.lines)}")
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://{self.address}:{self.http}{path}",
-                                    timeout=30) as r:
-            return json.load(r)
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=60)
-        return "".join(self.lines) + out
+def Host(address: str, store: str, *extra: str, cwd: Path) -> ServeProcess:
+    """`harness serve` on one loopback address, its store the shared database
+    (a process group of its own: kill -9 takes its analysis worker too)."""
+    return ServeProcess(store, *extra, address=address, cwd=cwd, new_session=True)
 
 
 @pytest.fixture
-def hosts(pg_url: str) -> Iterator[list[Host]]:
-    started: list[Host] = []
+def hosts(pg_url: str) -> Iterator[list[ServeProcess]]:
+    started: list[ServeProcess] = []
     yield started
     for h in started:
-        if h.proc.poll() is None:
-            os.killpg(h.proc.pid, signal.SIGKILL)
-            h.proc.wait(10)
+        h.kill()
 
 
-def swaks(host: Host) -> str:
+def swaks(host: ServeProcess) -> str:
     """swaks's last reply line before QUIT to a message for user@lab.test."""
     r = subprocess.run(["swaks", "--server", f"{host.address}:{host.smtp}", "--helo", HELO,
                         "--from", "app@lab.test", "--to", "user@lab.test",
@@ -105,7 +67,7 @@ def cli(*args: str) -> str:
 
 
 def test_greylisted_on_host_a_accepted_on_host_b_after_the_window(
-        pg_url: str, hosts: list[Host], tmp_path: Path) -> None:
+        pg_url: str, hosts: list[ServeProcess], tmp_path: Path) -> None:
     (tmp_path / "grey.yaml").write_text(GREY)
     a = Host("127.0.0.1", pg_url, "grey.yaml", cwd=tmp_path)
     hosts.append(a)
@@ -119,10 +81,10 @@ def test_greylisted_on_host_a_accepted_on_host_b_after_the_window(
     assert swaks(b).startswith("250 2.0.0 Ok: queued as")
     # what either host captured, read back from the other and from the CLI
     for host in (a, b):
-        sessions = host.get("/api/v1/sessions?limit=10")
+        sessions = host.get("/api/v1/sessions?limit=10")[1]
         assert sorted(s["listener"].split(":")[0] for s in sessions) == [
             "127.0.0.1", "127.0.0.2", "127.0.0.2"]
-        assert len(host.get("/api/v1/messages")) == 1
+        assert len(host.get("/api/v1/messages")[1]) == 1
     listing = cli("sessions", "--store", pg_url)
     assert listing.count("127.0.0.1:") >= 1 and "listener" in listing
     attempts = cli("attempts", "--store", pg_url, "--json")
@@ -135,7 +97,7 @@ def test_greylisted_on_host_a_accepted_on_host_b_after_the_window(
 
 
 def test_kill_9_of_one_host_under_load_loses_nothing_and_the_other_serves_on(
-        pg_url: str, hosts: list[Host], tmp_path: Path) -> None:
+        pg_url: str, hosts: list[ServeProcess], tmp_path: Path) -> None:
     """Twenty clients, each trying A then B as a sender tries an MX's
     addresses in turn (half of them start with B); A gets SIGKILL midway.
     Every 250 is in the database, byte for byte; B answered after the kill."""
@@ -179,7 +141,7 @@ def test_kill_9_of_one_host_under_load_loses_nothing_and_the_other_serves_on(
     assert killed.is_set()
     assert len(after_kill) > 200 and set(after_kill[-50:]) == {"127.0.0.2"}
     assert b.proc.poll() is None
-    assert len(b.get("/api/v1/sessions?limit=5")) == 5  # B's API, alive
+    assert len(b.get("/api/v1/sessions?limit=5")[1]) == 5  # B's API, alive
     b.stop()
     with Reader(pg_url) as r:
         stored = {m.message_id: m.raw for m in r.messages(raw=True)}

@@ -7,23 +7,16 @@ while the disk was full are written once it is not."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import signal
-import smtplib
 import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serving import ServeProcess
 
 from harness.store.db import Reader
-
-HARNESS = [sys.executable, "-m", "harness.cli"]
 
 
 @pytest.fixture
@@ -48,50 +41,9 @@ def fill_up(disk: Path) -> Path:
     return filler
 
 
-class Serve:
-    def __init__(self, store: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [*HARNESS, "serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
-             "--store", str(store), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=store.parent,
-            env={**os.environ, "COLUMNS": "300"})
-        self.lines: list[str] = []
-        self.smtp = self.http = 0
-        self.read_until("Ctrl-C stops")
-
-    def read_until(self, pattern: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := re.search(r"listening on [\d.]+:(\d+)", line):
-                self.smtp = int(m.group(1))
-            if m := re.search(r"API on http://[\d.]+:(\d+)", line):
-                self.http = int(m.group(1))
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"serve ended before {pattern!r}: {''.join(self.lines)}")
-
-    def get(self, path: str) -> tuple[int, dict[str, object]]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.load(e)
-
-    def send(self, subject: str, size: int = 20_000) -> str:
-        """The reply to the message's data: "250 ..." or "452 ..."."""
-        body = f"Subject: {subject}\r\n\r\n".encode() + b"x" * size + b"\r\n"
-        with smtplib.SMTP("127.0.0.1", self.smtp, local_hostname="client.lab.test") as s:
-            s.ehlo()
-            s.mail("app@lab.test")
-            s.rcpt("user@harness.test")
-            code, text = s.data(body)
-            return f"{code} {text.decode()}"
-
-
 def test_a_full_disk_defers_messages_and_the_server_recovers(small_disk: Path) -> None:
     store = small_disk / "harness.db"
-    serve = Serve(store)
+    serve = ServeProcess(store, cwd=store.parent)
     try:
         assert serve.send("before").startswith("250 2.0.0 Ok: queued as 1")
         filler = fill_up(small_disk)
@@ -134,7 +86,7 @@ def test_with_workers_a_full_disk_defers_and_the_console_says_which_worker(
     write answers 452 4.3.1, the console (the primary's) says so, /readyz
     is 503, and both take messages again once there is space."""
     store = small_disk / "harness.db"
-    serve = Serve(store, "--workers", "2")
+    serve = ServeProcess(store, "--workers", "2", cwd=store.parent)
     try:
         assert serve.send("before").startswith("250 2.0.0 Ok: queued as")
         filler = fill_up(small_disk)

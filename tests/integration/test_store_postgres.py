@@ -13,17 +13,17 @@ import shutil
 import signal
 import smtplib
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pg_cluster import PgCluster
+from serving import HARNESS, HELO
+from serving import ServeProcess as Serve
 
 from harness.errors import StoreError
 from harness.records import Body, MessageDraft
@@ -32,62 +32,9 @@ from harness.store.db import Reader, Store
 from harness.store.retention import Retention
 from harness.testing import Harness
 
-HARNESS = [sys.executable, "-m", "harness.cli"]
-HELO = "client.lab.test"
-
 
 def dbname(url: str) -> str:
     return url.split("/")[3].split("?")[0]
-
-
-class Serve:
-    """`harness serve` as a user runs it, on ephemeral loopback ports."""
-
-    def __init__(self, store: str, *extra: str, cwd: Path | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [*HARNESS, "serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
-             "--store", store, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-            env={**os.environ, "COLUMNS": "300"})
-        self.lines: list[str] = []
-        self.smtp = self.http = 0
-        self.read_until(r"^store ")
-
-    def read_until(self, pattern: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := re.search(r"listening on [\d.]+:(\d+)", line):
-                self.smtp = int(m.group(1))
-            if m := re.search(r"API on http://[\d.]+:(\d+)", line):
-                self.http = int(m.group(1))
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"serve ended before {pattern!r}: {''.join(self.lines)}")
-
-    def get(self, path: str) -> tuple[int, Any]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.load(e)
-
-    def send(self, subject: str, size: int = 2_000) -> str:
-        """The reply to the message's data: "250 ..." or "452 ..."."""
-        body = f"Subject: {subject}\r\n\r\n".encode() + b"x" * size + b"\r\n"
-        with smtplib.SMTP("127.0.0.1", self.smtp, local_hostname=HELO, timeout=30) as s:
-            s.ehlo()
-            s.mail("app@lab.test")
-            s.rcpt("user@harness.test")
-            code, text = s.data(body)
-            return f"{code} {text.decode()}"
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=30)
-        self.lines.append(out)
-        return "".join(self.lines)
 
 
 @pytest.fixture
