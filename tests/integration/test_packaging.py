@@ -24,6 +24,10 @@ def test_wheel_ships_the_library_and_runs_outside_the_checkout(tmp_path: Path) -
     assert sorted(Path(n).name for n in names
                   if n.startswith("harness/scenarios/") and n.endswith(".yaml")) == library
     assert "harness/py.typed" in names
+    # every module of the source tree is in the wheel (a package left out of
+    # pyproject's list works from a checkout and fails once installed)
+    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "harness").rglob("*.py"))
+    assert [m for m in modules if m not in names] == []
 
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
