@@ -34,10 +34,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def fill_up(disk: Path) -> Path:
     filler = disk / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
+    # unbuffered: a write the full disk refused leaves nothing for close() to
+    # write again (and fail on, outside the suppress)
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
         while True:
             f.write(b"\0" * 65536)
-            f.flush()
     return filler
 
 
