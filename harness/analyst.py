@@ -36,6 +36,10 @@ Mode = Literal["process", "thread"]
 RESTART_DELAY = 1.0
 #: seconds between looks at a shared store's queue
 POLL_EVERY = 0.5
+#: an idle worker is told of new jobs this much later, or at once when
+#: this many wait (its batch: harness.analysis_worker.BATCH)
+GATHER = 0.02
+GATHER_BATCH = 64
 
 
 class Analyst:
@@ -54,6 +58,8 @@ class Analyst:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._worker_idle = False
+        self._gather: asyncio.TimerHandle | None = None
+        self._results_due: list[tuple[int, str, bool]] = []
         self._poke_scheduled = False
         self._wake = threading.Event()  # thread mode: more work, or stop
         self._thread: threading.Thread | None = None
@@ -96,6 +102,9 @@ class Analyst:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.idle(), drain)
         self._stopping = True
+        if self._gather is not None:
+            self._gather.cancel()
+            self._gather = None
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,15 +131,17 @@ class Analyst:
 
     # ----------------------------------------------------------- the queue
 
-    def queued(self, mid: int) -> None:
+    def queued(self, mid: int, durable: asyncio.Future[None] | None = None) -> None:
         """A message's job was handed to the store (call it on the loop): the
         worker is told once the commit that carries it is done, whatever
-        becomes of the session (a client that resets at once included)."""
+        becomes of the session (a client that resets at once included).
+        `durable`: the store's future for the message, if the caller has one."""
         self.pending.add(mid)
         self._uncommitted.add(mid)
-        if self.store.writes_in_pieces(mid):  # a large message: when it is whole
-            self.store.durable(mid).add_done_callback(
-                lambda fut: self._committed((mid,), fut))
+        if durable is None and self.store.writes_in_pieces(mid):  # when it is whole
+            durable = self.store.durable(mid)
+        if durable is not None:
+            durable.add_done_callback(lambda fut: self._committed((mid,), fut))
         else:
             self._to_commit.append(mid)
             if not self._poke_scheduled:
@@ -172,25 +183,50 @@ class Analyst:
 
     def _poke(self) -> None:
         """Tell the worker there may be jobs to claim (a busy one: when it
-        is idle again)."""
+        is idle again). An idle process worker is told GATHER seconds after
+        the first new job, or at once when a batch of them waits: one claim,
+        one read and one result write per batch, not per message, while
+        messages keep coming (one at a time from a single client)."""
         if self.mode == "thread":
             self._wake.set()
         elif self._worker_idle and self._proc is not None and self._proc.stdin is not None:
+            if len(self.pending) >= GATHER_BATCH:
+                self._tell_worker()
+            elif self._gather is None:
+                assert self._loop is not None
+                self._gather = self._loop.call_later(GATHER, self._tell_worker)
+        else:
+            self._fresh = True
+
+    def _tell_worker(self) -> None:
+        if self._gather is not None:
+            self._gather.cancel()
+            self._gather = None
+        if self._worker_idle and self._proc is not None and self._proc.stdin is not None:
             self._worker_idle = False
             self._fresh = False
             with contextlib.suppress(ConnectionError, RuntimeError):
                 self._proc.stdin.write(b"more\n")
-        else:
-            self._fresh = True
 
     def _result(self, line: str) -> None:
-        """One result line of the worker: written with the store's writer."""
+        """One result line of the worker: written with the store's writer,
+        with the others of this turn of the loop (one statement for them)."""
         mid_text, is_ndr, analysis = line.split("\t", 2)
-        mid = int(mid_text)
-        self.store.message_analysis(mid, analysis.rstrip("\n"), is_ndr == "1")
-        self.analysed_count += 1
-        self._done_lately.add(mid)
-        self._done(mid)
+        self._results_due.append((int(mid_text), analysis.rstrip("\n"), is_ndr == "1"))
+        if len(self._results_due) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._write_results)
+
+    def _write_results(self) -> None:
+        due, self._results_due = self._results_due, []
+        if not due:
+            return
+        self.store.message_analyses(due)
+        for mid, _, _ in due:
+            self.analysed_count += 1
+            self._done_lately.add(mid)
+            self._done(mid)
+        self._changed()
 
     def not_stored(self, mid: int) -> None:
         """Message `mid` was refused by the store (a full disk): its job
@@ -266,7 +302,6 @@ class Analyst:
                 self._result(line)
             except Exception as e:  # a line we cannot read: kept, the rest goes on
                 self.errors.append(e)
-            self._changed()
         code = await proc.wait()
         if self._stopping:
             return
@@ -341,4 +376,4 @@ class Analyst:
                 self._result(line)
             except Exception as e:
                 self.errors.append(e)
-        self._changed()
+        self._write_results()

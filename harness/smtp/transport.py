@@ -41,6 +41,7 @@ class SmtpTransport(asyncio.Protocol):
 
     __slots__ = (
         "_closing_how",
+        "_durable",
         "_idle",
         "_last",
         "_later",
@@ -77,6 +78,7 @@ class SmtpTransport(asyncio.Protocol):
         self._later: asyncio.Task[None] | asyncio.TimerHandle | None = None
         self._closing_how = ""
         self._stored_mid = 0
+        self._durable: asyncio.Future[None] | None = None
         self._transfer_due = 0.0  # loop time a message's transfer must end by (0: none)
         self.paused = False
 
@@ -133,6 +135,9 @@ class SmtpTransport(asyncio.Protocol):
             if handle is not None:
                 handle.cancel()
         self._timer = self._tls_fail = self._later = None
+        if self._durable is not None:  # stored, never waited for: its outcome read anyway
+            self._durable.add_done_callback(_outcome)
+            self._durable = None
         session = self.session
         if session is not None:
             self._run(session.connection_lost(exc))
@@ -254,8 +259,11 @@ class SmtpTransport(asyncio.Protocol):
                     store.analysis_job(mid, client_ip=session.connection.key,
                                        helo=session.helo_seen, hostname=session.server.hostname,
                                        zone=ctx.scenario.dns if ctx.dns == "scenario" else None)
-                    if ctx.analyst is not None:
-                        ctx.analyst.queued(mid)
+                # the message durable: what the session's Commit waits for,
+                # and what the analyst waits for before telling its worker
+                self._durable = store.durable(mid)
+                if ctx.analyst is not None:
+                    ctx.analyst.queued(mid, self._durable)
                 actions = session.resume(mid)
                 continue
             self._flush()
@@ -287,7 +295,9 @@ class SmtpTransport(asyncio.Protocol):
         loop = self.loop
         if isinstance(request, ss.Commit):
             # the message just handed over, durable (a large one: all its pieces)
-            self.ctx.store.durable(self._stored_mid).add_done_callback(self._committed)
+            assert self._durable is not None
+            self._durable.add_done_callback(self._committed)
+            self._durable = None
         elif isinstance(request, ss.Consult):
             assert self.session is not None
             self.ctx.consult(self.session, request.event).add_done_callback(self._consulted)
@@ -487,3 +497,8 @@ class SmtpTransport(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.resume_reading()
             self.paused = False
+
+
+def _outcome(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a refusal nobody waited for is not an unretrieved error

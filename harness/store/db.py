@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harness.errors import StoreError
 from harness.records import AttemptRecord, MessageDraft, NotStored, Outcome, TranscriptLine
@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     mail_from TEXT,           -- JSON list: each MAIL FROM address the client gave
     rcpt_tos TEXT             -- JSON list: each RCPT TO address the client gave
 );
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE IF NOT EXISTS events (   -- transcripts of stores before `lines` (read only)
     id {serial},
     session_id {bigint} NOT NULL REFERENCES sessions(id),
     t {real} NOT NULL,
@@ -80,6 +80,13 @@ CREATE TABLE IF NOT EXISTS events (
     rule TEXT
 );
 CREATE INDEX IF NOT EXISTS events_session ON events(session_id, id);
+CREATE TABLE IF NOT EXISTS lines (    -- the transcripts: a row per session per commit
+    id {serial},
+    session_id {bigint} NOT NULL REFERENCES sessions(id),
+    n INTEGER NOT NULL,           -- transcript lines in the row
+    packed TEXT NOT NULL          -- JSON: [[t, direction, phase, text, rule], ...]
+);
+CREATE INDEX IF NOT EXISTS lines_session ON lines(session_id, id);
 CREATE TABLE IF NOT EXISTS messages (
     id {pk},
     session_id {bigint} NOT NULL REFERENCES sessions(id),
@@ -156,7 +163,7 @@ MIGRATIONS = (("sessions", "mail_from", "TEXT"), ("sessions", "rcpt_tos", "TEXT"
               ("analysis_queue", "claimed_by", "INTEGER"))
 #: the tables' version, written on a PostgreSQL store (a writer finding it
 #: there touches no table's definition): one more with each change above
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: after the migrations: a large message left half written is found at once
 INDEXES = ("CREATE INDEX IF NOT EXISTS messages_partial ON messages(partial)"
            " WHERE partial IS NOT NULL",)
@@ -202,6 +209,8 @@ _INSERT_MESSAGE = (
     " ?, ?)")
 #: a message's analysis is done: retention may take it now
 _DEQUEUE = "DELETE FROM analysis_queue WHERE message_id = ?"
+_ANALYSED = "UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?"
+_INSERT_LINES = "INSERT INTO lines (session_id, n, packed) VALUES (?, ?, ?)"
 #: the writes that store a message (its row, its parts, its analysis job):
 #: what a full disk refuses is dropped, its client told 452
 _MESSAGE_WRITES = frozenset({_INSERT_MESSAGE, _INSERT_PARTIAL, _PART, _UNMARK, _QUEUE_JOB})
@@ -315,6 +324,10 @@ class StoreFull(StoreError, NotStored):
 HOLD_MAX = 200_000
 #: seconds between retention's looks when its last look found nothing due
 PRUNE_EVERY = 0.5
+#: records nobody waits for reach the writer at most this much later...
+HAND_OVER_AFTER = 0.05
+#: ...or once this many writes are gathered
+HAND_OVER_MAX = 4096
 #: seconds between attempts to connect again to a store that went away
 RECONNECT_EVERY = 1.0
 
@@ -337,10 +350,14 @@ def _piece_bytes(item: Any) -> int:
 
 
 def _flat(batch: list[Any]) -> Iterator[Any]:
-    """Queue items, with the lists a loop hands over (a turn's writes) opened."""
+    """Queue items, with the lists a loop hands over (a turn's writes)
+    opened, and the transcript lines it gathered per session packed."""
     for item in batch:
         if isinstance(item, list):
-            yield from item
+            for x in item:
+                if type(x) is tuple and type(x[1]) is dict:  # {session: lines}
+                    x = (x[0], [_pack(sid, ls) for sid, ls in x[1].items()], True)
+                yield x
         else:
             yield item
 
@@ -470,7 +487,9 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._pending: list[Any] = []
-        self._handing_over = False
+        self._lines: dict[int, list[TranscriptLine]] = {}  # transcripts, per session
+        self._handing_over: Literal["soon", "later"] | None = None
+        self._hand_over_timer: asyncio.TimerHandle | None = None
         #: large messages' writes, taken a few megabytes per commit
         self._pieces: collections.deque[Any] = collections.deque()
         self._in_pieces: set[int] = set()  # large messages not all written yet
@@ -663,9 +682,10 @@ class Store:
 
     def close(self) -> None:
         """Commit what is queued and stop the writer."""
-        if self._pending and (self._loop is None or not self._loop.is_running()
-                              or threading.get_ident() == self._loop_thread):
-            self._hand_over()  # gathered this turn of the loop: theirs too
+        if (self._pending or self._lines) and (
+                self._loop is None or not self._loop.is_running()
+                or threading.get_ident() == self._loop_thread):
+            self._hand_over()  # gathered on the loop: theirs too
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -1031,13 +1051,20 @@ class Store:
         """A message's analysis (JSON, or its text already), and it leaves
         the analysis queue."""
         text = analysis if isinstance(analysis, str) else json.dumps(analysis, default=str)
-        ops = [("UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?",
-                (text, int(is_ndr), mid), False), (_DEQUEUE, (mid,), False)]
-        if mid in self._in_pieces:
-            self._submit(_ToLane(ops))  # after the message's last piece
-        else:
-            for op in ops:
-                self._submit(op)
+        self.message_analyses([(mid, text, is_ndr)])
+
+    def message_analyses(self, results: Sequence[tuple[int, str, bool]]) -> None:
+        """Analyses (message id, JSON text, is an NDR), written together:
+        one UPDATE and one DELETE for them all."""
+        now = [r for r in results if r[0] not in self._in_pieces]
+        for mid, text, is_ndr in results:
+            if mid in self._in_pieces:  # after the message's last piece
+                self._submit(_ToLane([(_ANALYSED, (text, int(is_ndr), mid), False),
+                                      (_DEQUEUE, (mid,), False)]))
+        if now:  # at once: a worker that ends lets its claims go (another may take them)
+            self._submit((_ANALYSED, [(text, int(n), mid) for mid, text, n in now], True),
+                         True)
+            self._submit((_DEQUEUE, [(mid,) for mid, _, _ in now], True), True)
 
     def analysis_job(self, mid: int, *, client_ip: str, helo: str | None, hostname: str,
                      zone: Mapping[str, Any] | None) -> None:
@@ -1063,9 +1090,9 @@ class Store:
         counting); or, `session_ids` given, those sessions and all they
         left (what a shared store's other writers captured stays)."""
         if session_ids is None:
-            for table in ("events", "attempts", "relays", "analysis_queue", "message_parts",
-                          "messages", "sessions"):
-                self._put(f"DELETE FROM {table}", ())
+            for table in ("events", "lines", "attempts", "relays", "analysis_queue",
+                          "message_parts", "messages", "sessions"):
+                self._put(f"DELETE FROM {table}", (), prompt=True)
             return
         ids = sorted(set(session_ids))
         for i in range(0, len(ids), 500):
@@ -1073,13 +1100,14 @@ class Store:
             marks = ",".join("?" * len(chunk))
             mids = f"(SELECT id FROM messages WHERE session_id IN ({marks}))"
             for sql in (f"DELETE FROM events WHERE session_id IN ({marks})",
+                        f"DELETE FROM lines WHERE session_id IN ({marks})",
                         f"DELETE FROM attempts WHERE session_id IN ({marks})",
                         f"DELETE FROM relays WHERE session_id IN ({marks})",
                         f"DELETE FROM analysis_queue WHERE message_id IN {mids}",
                         f"DELETE FROM message_parts WHERE message_id IN {mids}",
                         f"DELETE FROM messages WHERE session_id IN ({marks})",
                         f"DELETE FROM sessions WHERE id IN ({marks})"):
-                self._put(sql, tuple(chunk))
+                self._put(sql, tuple(chunk), prompt=True)
 
     def _commit(self, db: Db, ops: list[Any]) -> None:
         self._committing = False
@@ -1110,31 +1138,68 @@ class Store:
         write goes through the loop too, in order with it."""
         self._loop, self._loop_thread = loop, threading.get_ident()
 
-    def _put(self, sql: str, params: Sequence[Any], many: bool = False) -> None:
-        self._submit((sql, params, many))
+    def _put(self, sql: str, params: Sequence[Any], many: bool = False, *,
+             prompt: bool = False) -> None:
+        self._submit((sql, params, many), prompt)
 
-    def _submit(self, item: Any) -> None:
+    def _submit(self, item: Any, prompt: bool | None = None) -> None:
+        """Queue a write. Records nobody waits for (transcripts, attempts,
+        sessions: `prompt` False) reach the writer with the next write
+        somebody waits for (a message's commit, a barrier), or HAND_OVER_AFTER
+        seconds later: with one client, a commit (and an fsync) per command
+        was most of the time between its messages. None: prompt unless a
+        plain SQL write."""
+        if prompt is None:
+            prompt = type(item) is not tuple
         if threading.get_ident() == self._loop_thread:
-            self._gather(item)
+            self._gather(item, prompt)
             return
         loop = self._loop
         if loop is not None and loop.is_running():
             try:
-                loop.call_soon_threadsafe(self._gather, item)
+                loop.call_soon_threadsafe(self._gather, item, prompt)
                 return
             except RuntimeError:  # the loop closed meanwhile
                 pass
         self._queue.put(item)
 
-    def _gather(self, item: Any) -> None:
+    def _gather(self, item: Any, prompt: bool) -> None:
+        if (self._lines and type(item) is tuple and item[0].startswith("DELETE")
+                and item[0] is not _DEQUEUE):
+            self._pack_lines()  # lines written before a deletion go before it
         self._pending.append(item)
-        if not self._handing_over:
-            self._handing_over = True
-            assert self._loop is not None
-            self._loop.call_soon(self._hand_over)
+        if prompt or len(self._pending) > HAND_OVER_MAX:
+            if self._handing_over != "soon":
+                self._schedule(True)
+        elif self._handing_over is None:
+            self._schedule(False)
+
+    def _schedule(self, soon: bool) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._hand_over_timer is not None:
+            self._hand_over_timer.cancel()
+            self._hand_over_timer = None
+        if soon:  # at the end of this turn of the loop
+            self._handing_over = "soon"
+            loop.call_soon(self._hand_over)
+        else:
+            self._handing_over = "later"
+            self._hand_over_timer = loop.call_later(HAND_OVER_AFTER, self._hand_over)
+
+    def _pack_lines(self) -> None:
+        # packed into rows by the writer's thread (the loop's has the
+        # conversations to carry on): see _flat
+        held, self._lines = self._lines, {}
+        self._pending.append((_INSERT_LINES, held, True))
 
     def _hand_over(self) -> None:
-        self._handing_over = False
+        self._handing_over = None
+        if self._hand_over_timer is not None:
+            self._hand_over_timer.cancel()
+            self._hand_over_timer = None
+        if self._lines:
+            self._pack_lines()
         if self._pending:
             items, self._pending = self._pending, []
             self._queue.put(items)
@@ -1195,12 +1260,37 @@ class Store:
             fields[key] = (_json_strings(value) if isinstance(value, list)
                            else json.dumps(value))
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self._put(f"UPDATE sessions SET {cols} WHERE id = ?", (*fields.values(), sid))
+        # a session's end goes at once: a reader after the client is gone
+        # finds all of it
+        self._put(f"UPDATE sessions SET {cols} WHERE id = ?", (*fields.values(), sid),
+                  prompt="ended_at" in fields)
 
     def transcript(self, lines: Sequence[TranscriptLine]) -> None:
-        """Transcript lines, as the session made them (any sessions')."""
-        self._put("INSERT INTO events (session_id, t, direction, phase, text, rule)"
-                  " VALUES (?, ?, ?, ?, ?, ?)", lines, True)
+        """Transcript lines, as the session made them (any sessions'). On
+        the loop's thread they are gathered per session until the hand-over
+        and written as one row of `lines` per session per commit: a row per
+        line was most of a commit's work (nine lines to a small message)."""
+        if not lines:
+            return
+        if threading.get_ident() != self._loop_thread:
+            by: dict[int, list[TranscriptLine]] = {}
+            for line in lines:
+                by.setdefault(line[0], []).append(line)
+            self._submit((_INSERT_LINES, [_pack(sid, ls) for sid, ls in by.items()], True))
+            return
+        held = self._lines
+        sid = lines[0][0]
+        if lines[-1][0] == sid and all(line[0] == sid for line in lines):
+            got = held.get(sid)
+            if got is None:
+                held[sid] = list(lines)
+            else:
+                got.extend(lines)
+        else:
+            for line in lines:
+                held.setdefault(line[0], []).append(line)
+        if self._handing_over is None:
+            self._schedule(False)
 
     def attempt(self, record: AttemptRecord) -> int:
         aid = self._ids["attempts"].take()
@@ -1256,7 +1346,8 @@ class Store:
         """A future that resolves once message `mid` is committed: for a large
         one, when its last piece is; otherwise with everything queued so far
         (`barrier`)."""
-        loop = asyncio.get_running_loop()
+        loop = (self._loop if threading.get_ident() == self._loop_thread and self._loop
+                else asyncio.get_running_loop())
         fut: asyncio.Future[None] = loop.create_future()
         if mid not in self._in_pieces:
             self._submit(_Barrier(loop, fut, mid))
@@ -1292,6 +1383,8 @@ class Reader:
             # a large message still being written is not there yet
             self._whole = ("partial IS NULL" if "partial" in d.columns(self.db, "messages")
                            else "1 = 1")
+            # a store written before transcripts were packed has only `events`
+            self._packed = bool(d.columns(self.db, "lines"))
         except Exception as e:
             self.db.close()
             if d.postgres and d.missing_table(e):
@@ -1347,7 +1440,11 @@ class Reader:
             for r in self.execute(
                 f"SELECT session_id, t, direction, phase, text, rule FROM events"
                 f" WHERE session_id IN ({marks}) ORDER BY id", ids):
-                by_id[r[0]].events.append(TranscriptLine(*r))
+                by_id[r[0]].events.append(TranscriptLine(*r))  # a store before `lines`
+            if self._packed:
+                for r in self.execute(f"SELECT session_id, packed FROM lines"
+                                      f" WHERE session_id IN ({marks}) ORDER BY id", ids):
+                    by_id[r[0]].events.extend(_unpack(r[0], r[1]))
         return out
 
     def session(self, sid: int) -> SessionRecord | None:
@@ -1499,7 +1596,14 @@ class Reader:
 
     def counts(self, tables: Sequence[str] = ("sessions", "messages", "attempts", "events")
                ) -> dict[str, int]:
-        return {t: self.db.one(f"SELECT COUNT(*) FROM {t}") for t in tables}
+        """Rows of `tables`; "events": transcript lines (packed or not)."""
+        out = {}
+        for t in tables:
+            n = self.db.one(f"SELECT COUNT(*) FROM {t}")
+            if t == "events" and self._packed:
+                n += self.db.one("SELECT COALESCE(SUM(n), 0) FROM lines")
+            out[t] = int(n)
+        return out
 
 
 _VALUES = re.compile(r"^(.*?) VALUES (\([^)]*\))(.*)$", re.S)
@@ -1564,6 +1668,27 @@ def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]
         else:
             rows.append(params)
     yield from flush()
+
+
+def _pack(sid: int, lines: Sequence[TranscriptLine]) -> tuple[int, int, str]:
+    """A row of `lines`: a session's transcript lines as JSON, text any
+    database can store (see _text)."""
+    rows = [line[1:] for line in lines]
+    text = _ENCODE(rows)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes a client sent that are not UTF-8
+        text = _ENCODE([[_text(v) for v in row] for row in rows])
+    return sid, len(rows), text
+
+
+#: one encoder (json.dumps with options makes one per call)
+_ENCODE = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+
+
+def _unpack(sid: int, text: str) -> Iterator[TranscriptLine]:
+    for t, direction, phase, line, rule in json.loads(text):
+        yield TranscriptLine(sid, t, direction, phase, line, rule)
 
 
 def _text(value: Any, postgres: bool = False) -> Any:

@@ -35,7 +35,7 @@ Role = Literal["writer", "reader", "worker"]
 ID_TABLES = ("sessions", "messages", "attempts", "zones")
 
 #: every table of ours (sizes, VACUUM)
-TABLES = ("sessions", "events", "messages", "attempts", "relays", "analysis_queue",
+TABLES = ("sessions", "events", "lines", "messages", "attempts", "relays", "analysis_queue",
           "message_parts", "zones", "health", "bounces")
 
 #: owner tokens start here; 1 marks a large message being written by a

@@ -111,7 +111,7 @@ def _delete_sessions(db: Db, below: int) -> int:
     if not ids:
         return 0
     marks = ",".join("?" * len(ids))
-    for table in ("events", "attempts", "relays"):
+    for table in ("events", "lines", "attempts", "relays"):
         db.execute(f"DELETE FROM {table} WHERE session_id IN ({marks})", ids)
     db.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids)  # bounces: a trigger
     return len(ids)

@@ -63,7 +63,7 @@ def test_keep_deletes_the_oldest_messages_then_their_ended_sessions(store_at: Lo
     assert rows(path, "messages") == [8, 9, 10, 11, 12]
     # session 3 keeps message 8 (and so its transcript and attempts); 1 and 2 are gone
     assert rows(path, "sessions") == [3, 4]
-    assert sorted(set(rows(path, "events", "session_id"))) == [3, 4]
+    assert sorted(set(rows(path, "lines", "session_id"))) == [3, 4]
     assert sorted(set(rows(path, "attempts", "session_id"))) == [3, 4]
 
 
