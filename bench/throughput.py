@@ -243,8 +243,8 @@ def store_counts(store: Path) -> tuple[int, int]:
     """(messages, messages not yet analysed), read-only."""
     conn = sqlite3.connect(store.resolve().as_uri() + "?mode=ro", uri=True, timeout=10)
     try:
-        total, pending = conn.execute(
-            "SELECT COUNT(*), SUM(analysis IS NULL) FROM messages").fetchone()
+        total = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        pending = conn.execute("SELECT COUNT(*) FROM analysis_queue").fetchone()[0]
         return int(total), int(pending or 0)
     finally:
         conn.close()

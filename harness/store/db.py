@@ -99,8 +99,9 @@ CREATE TABLE IF NOT EXISTS messages (
     size {bigint} NOT NULL,
     subject TEXT,
     message_id TEXT,
-    is_ndr INTEGER,               -- NULL until analysed; 1 for a bounce/delay notice
-    analysis TEXT,                -- JSON: the parsed NDR, SPF/DKIM/DMARC results
+    is_ndr INTEGER,               -- stores before `analyses`: as there
+    analysis TEXT,                -- (written in a row of its own: an UPDATE here
+                                  -- wrote the whole row again, its bytes included)
     raw {blob} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_session ON messages(session_id);
@@ -135,6 +136,11 @@ CREATE TABLE IF NOT EXISTS analysis_queue (  -- messages stored, not analysed ye
     helo TEXT,
     hostname TEXT NOT NULL,       -- the receiving server's name (Authentication-Results)
     zone_id {bigint}              -- zones.id: the scenario's DNS; NULL: the system's
+);
+CREATE TABLE IF NOT EXISTS analyses (  -- a message's analysis, once done
+    message_id {bigint} PRIMARY KEY,
+    is_ndr INTEGER NOT NULL,      -- 1 for a bounce/delay notice
+    analysis TEXT NOT NULL        -- JSON: the parsed NDR, SPF/DKIM/DMARC results
 );
 CREATE TABLE IF NOT EXISTS message_parts (  -- the bytes of a message over CHUNK, in order
     id {serial},
@@ -209,7 +215,8 @@ _INSERT_MESSAGE = (
     " ?, ?)")
 #: a message's analysis is done: retention may take it now
 _DEQUEUE = "DELETE FROM analysis_queue WHERE message_id = ?"
-_ANALYSED = "UPDATE messages SET analysis = ?, is_ndr = ? WHERE id = ?"
+_ANALYSED = ("INSERT INTO analyses (message_id, is_ndr, analysis) VALUES (?, ?, ?)"
+             " ON CONFLICT (message_id) DO NOTHING")  # analysed twice: the first stays
 _INSERT_LINES = "INSERT INTO lines (session_id, n, packed) VALUES (?, ?, ?)"
 #: the writes that store a message (its row, its parts, its analysis job):
 #: what a full disk refuses is dropped, its client told 452
@@ -629,6 +636,7 @@ class Store:
                 " SELECT m.id, s.peer_ip, s.helo, 'mx.harness.test', NULL FROM messages m"
                 " JOIN sessions s ON s.id = m.session_id WHERE m.analysis IS NULL"
                 " AND NOT EXISTS (SELECT 1 FROM analysis_queue q WHERE q.message_id = m.id)"
+                " AND NOT EXISTS (SELECT 1 FROM analyses a WHERE a.message_id = m.id)"
                 " ON CONFLICT DO NOTHING")
             for zid, text in db.execute("SELECT id, json FROM zones"):
                 self._zones[text] = zid
@@ -1059,10 +1067,10 @@ class Store:
         now = [r for r in results if r[0] not in self._in_pieces]
         for mid, text, is_ndr in results:
             if mid in self._in_pieces:  # after the message's last piece
-                self._submit(_ToLane([(_ANALYSED, (text, int(is_ndr), mid), False),
+                self._submit(_ToLane([(_ANALYSED, (mid, int(is_ndr), text), False),
                                       (_DEQUEUE, (mid,), False)]))
         if now:  # at once: a worker that ends lets its claims go (another may take them)
-            self._submit((_ANALYSED, [(text, int(n), mid) for mid, text, n in now], True),
+            self._submit((_ANALYSED, [(mid, int(n), text) for mid, text, n in now], True),
                          True)
             self._submit((_DEQUEUE, [(mid,) for mid, _, _ in now], True), True)
 
@@ -1091,7 +1099,7 @@ class Store:
         left (what a shared store's other writers captured stays)."""
         if session_ids is None:
             for table in ("events", "lines", "attempts", "relays", "analysis_queue",
-                          "message_parts", "messages", "sessions"):
+                          "analyses", "message_parts", "messages", "sessions"):
                 self._put(f"DELETE FROM {table}", (), prompt=True)
             return
         ids = sorted(set(session_ids))
@@ -1104,6 +1112,7 @@ class Store:
                         f"DELETE FROM attempts WHERE session_id IN ({marks})",
                         f"DELETE FROM relays WHERE session_id IN ({marks})",
                         f"DELETE FROM analysis_queue WHERE message_id IN {mids}",
+                        f"DELETE FROM analyses WHERE message_id IN {mids}",
                         f"DELETE FROM message_parts WHERE message_id IN {mids}",
                         f"DELETE FROM messages WHERE session_id IN ({marks})",
                         f"DELETE FROM sessions WHERE id IN ({marks})"):
@@ -1385,6 +1394,16 @@ class Reader:
                            else "1 = 1")
             # a store written before transcripts were packed has only `events`
             self._packed = bool(d.columns(self.db, "lines"))
+            # analyses in a table of their own (an older store's: in messages)
+            if d.columns(self.db, "analyses"):
+                self._from = ("messages m LEFT JOIN analyses a ON a.message_id = m.id")
+                self._ndr = "COALESCE(a.is_ndr, m.is_ndr)"
+                analysis = "COALESCE(a.analysis, m.analysis)"
+            else:
+                self._from, self._ndr, analysis = "messages m", "m.is_ndr", "m.analysis"
+            self._cols = ("m.id, m.session_id, m.received_at, m.mail_from, m.rcpt_tos,"
+                          " m.mail_options, m.rcpt_options, m.dsn, m.size, m.subject,"
+                          f" m.message_id, {self._ndr} AS is_ndr, {analysis} AS analysis")
         except Exception as e:
             self.db.close()
             if d.postgres and d.missing_table(e):
@@ -1471,9 +1490,8 @@ class Reader:
                  session_id: int | None = None, raw: bool = False,
                  ndr: bool | None = None, session_ids: Sequence[int] | None = None
                  ) -> list[MessageRecord]:
-        cols = "*" if raw else ("id, session_id, received_at, mail_from, rcpt_tos, mail_options,"
-                                " rcpt_options, dsn, size, subject, message_id, is_ndr, analysis")
-        sql = f"SELECT {cols} FROM messages"
+        cols = self._cols + (", m.raw" if raw else "")
+        sql = f"SELECT {cols} FROM {self._from}"
         where: list[str] = [self._whole]
         params: list[Any] = []
         if rcpt is not None:
@@ -1488,11 +1506,12 @@ class Reader:
             where.append(f"session_id IN ({','.join('?' * len(session_ids))})")
             params.extend(session_ids)
         if ndr is not None:
-            where.append("is_ndr = ?" if ndr else "(is_ndr = 0 OR is_ndr IS NULL)")
+            where.append(f"{self._ndr} = ?" if ndr
+                         else f"({self._ndr} = 0 OR {self._ndr} IS NULL)")
             if ndr:
                 params.append(1)
         sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC"
+        sql += " ORDER BY m.id DESC"
         if limit:
             sql += " LIMIT ?"
             params.append(limit)
@@ -1520,8 +1539,8 @@ class Reader:
         return bytes(out)
 
     def message(self, mid: int) -> MessageRecord | None:
-        row = self.execute(f"SELECT * FROM messages WHERE id = ? AND {self._whole}",
-                           (mid,)).fetchone()
+        row = self.execute(f"SELECT {self._cols}, m.raw FROM {self._from}"
+                           f" WHERE m.id = ? AND {self._whole}", (mid,)).fetchone()
         return self._message(row) if row else None
 
     def relays(self, message_id: int | None = None, *,

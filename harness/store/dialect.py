@@ -36,7 +36,7 @@ ID_TABLES = ("sessions", "messages", "attempts", "zones")
 
 #: every table of ours (sizes, VACUUM)
 TABLES = ("sessions", "events", "lines", "messages", "attempts", "relays", "analysis_queue",
-          "message_parts", "zones", "health", "bounces")
+          "analyses", "message_parts", "zones", "health", "bounces")
 
 #: owner tokens start here; 1 marks a large message being written by a
 #: single (unshared) writer, and stores of older versions

@@ -95,7 +95,8 @@ def _delete_messages(db: Db, below: int, want: int | None = None) -> tuple[int, 
     if not ids:
         return 0, 0
     marks = ",".join("?" * len(ids))
-    for table, column in (("message_parts", "message_id"), ("relays", "message_id")):
+    for table, column in (("message_parts", "message_id"), ("relays", "message_id"),
+                          ("analyses", "message_id")):
         db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
     db.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
     return len(ids), freed

@@ -176,6 +176,7 @@ def test_messages_of_an_older_store_without_a_queue_are_analysed(tmp_path: Path)
     conn = sqlite3.connect(path)
     conn.execute("UPDATE messages SET analysis = NULL, is_ndr = NULL")
     conn.execute("DROP TABLE analysis_queue")
+    conn.execute("DROP TABLE analyses")
     conn.commit()
     conn.close()
     assert unanalysed(path) == [1]
