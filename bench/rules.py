@@ -12,9 +12,11 @@ command that matches no rule, or the last, is the worst case):
   mixed      a recipient, a sender domain and a client address per rule
   regex      `rcpt: {regex: "^userN@lab\\.test$"}` per rule: anchored, filed by
              the literal prefix every match starts with
-  regex-any  `rcpt: {regex: "userN@lab"}` per rule: unanchored, it could
-             match anywhere in the address, so every rule is tested (the
-             worst case)
+  regex-any  `rcpt: {regex: "userN@lab"}` per rule: unanchored, filed by a
+             three-letter piece of the text every match contains
+  regex-alt  `rcpt: {regex: "(userN|uN)@lab"}` per rule: alternation, which
+             the index does not read, so every rule is tested (the worst
+             case; shown, not held to the target)
 
 The time is the engine's decide() for one RCPT, state bookkeeping included,
 measured with time.process_time over many commands, best of --repeat."""
@@ -34,6 +36,8 @@ from harness.scenario.engine import Connection, Engine, Rcpt  # noqa: E402
 from harness.scenario.loader import load_text  # noqa: E402
 
 TARGET_US = 50.0
+#: shapes the index does not read: every rule is tested
+UNINDEXED = frozenset({"regex-alt"})
 RULES = 1000
 
 
@@ -49,8 +53,10 @@ def scenario(shape: str, n: int) -> str:
                     f'client: 192.0.2.{i % 250}/32}}')
         elif shape == "regex":
             when = f'{{rcpt: {{regex: "^user{i}@lab\\\\.test$"}}}}'
-        else:
+        elif shape == "regex-any":
             when = f'{{rcpt: {{regex: "user{i}@lab"}}}}'
+        else:
+            when = f'{{rcpt: {{regex: "(user{i}|u{i})@lab"}}}}'
         lines.append(f"  - {{name: r{i}, on: rcpt, when: {when}, reply: 550 5.1.1 No {i}}}")
     return "\n".join(lines) + "\n"
 
@@ -106,16 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.commands, args.repeat = 500, 1
     results = {shape: measure(shape, args.commands, args.repeat)
-               for shape in ("exact", "domains", "mixed", "regex", "regex-any")}
+               for shape in ("exact", "domains", "mixed", "regex", "regex-any", "regex-alt")}
     print(f"engine decide() per RCPT with {RULES} rules, us (best of {args.repeat}):")
     print("| scenario | matches the last rule | matches no rule |")
     print("|---|---|---|")
     for shape, r in results.items():
         print(f"| {shape} | {r['last rule']:.1f} | {r['no rule']:.1f} |")
-    print(f"target: under {TARGET_US:g} us per command")
+    print(f"target: under {TARGET_US:g} us per command (not held: "
+          f"{', '.join(sorted(UNINDEXED))}, which the index does not read)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    worst = max(v for r in results.values() for v in r.values())
+    worst = max(v for shape, r in results.items() for v in r.values()
+                if shape not in UNINDEXED)
     return 2 if args.check and not args.quick and worst >= TARGET_US else 0
 
 

@@ -4,9 +4,11 @@ per step, not a thousand pattern matches.
 
 A rule whose first condition (in the order the engine tests them, chance
 last) is a recipient, sender, HELO or client condition made of exact values,
-`*@domain` or `local@*` globs, single addresses, or a regular expression
-anchored at the start with a literal prefix (`^bounce-`, `^user1@lab`),
-is filed under those values; any other rule is always tested. A rule not
+`*@domain` or `local@*` globs, single addresses, a regular expression
+anchored at the start with a literal prefix (`^bounce-`, `^user1@lab`), or
+one that must contain a literal text of three letters or more (`user1@lab`,
+under a three-letter piece of it, as code search engines index text), is
+filed under those values; any other rule is always tested. A rule not
 among the candidates is known not to match on that first condition: its
 near-miss reason is worked out only when someone reads it (`Misses`).
 
@@ -50,6 +52,13 @@ class _Files:
     #: anchored regular expressions, by their literal prefix (lower case: a
     #: superset of what the case-sensitive expression matches)
     prefix: dict[str, list[int]] = field(default_factory=dict)
+    #: other expressions, by one three-letter piece of a literal text each
+    #: must contain: (position, the literal), lower case
+    literal: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    #: every position filed under an expression's text (a value that is not
+    #: ASCII tries them all: under re.IGNORECASE a few letters match others
+    #: that str.lower() does not turn them into, such as U+017F and "s")
+    by_text: list[int] = field(default_factory=list)
 
     def file(self, pos: int, globs: Sequence[str]) -> bool:
         """File `pos` under each glob; False (nothing filed) if one of them
@@ -71,14 +80,34 @@ class _Files:
 
     def file_prefix(self, pos: int, prefix: str) -> None:
         self.prefix.setdefault(prefix.lower(), []).append(pos)
+        self.by_text.append(pos)
+
+    def file_literal(self, pos: int, literal: str) -> None:
+        """File an expression that matches only text containing `literal`
+        (three letters or more) under the piece of it that fewest others
+        are filed under."""
+        low = literal.lower()
+        pieces = {low[i:i + 3] for i in range(len(low) - 2)}
+        piece = min(sorted(pieces), key=lambda t: len(self.literal.get(t, ())))
+        self.literal.setdefault(piece, []).append((pos, low))
+        self.by_text.append(pos)
 
     def find(self, value: str, into: set[int]) -> None:
         low = value.lower()
-        if self.prefix:
-            for end in range(1, len(low) + 1):
-                found = self.prefix.get(low[:end])
-                if found:
-                    into.update(found)
+        if self.by_text and not low.isascii():
+            into.update(self.by_text)
+        elif self.by_text:
+            if self.prefix:
+                for end in range(1, len(low) + 1):
+                    found = self.prefix.get(low[:end])
+                    if found:
+                        into.update(found)
+            literal = self.literal
+            if literal:
+                for piece in {low[i:i + 3] for i in range(len(low) - 2)}:
+                    hits = literal.get(piece)
+                    if hits:
+                        into.update(pos for pos, text in hits if text in low)
         for table, key in ((self.exact, low),
                            (self.domain, low.rpartition("@")[2] if "@" in low else None),
                            (self.local, low.partition("@")[0] + "@" if "@" in low else None)):
@@ -110,9 +139,14 @@ class PhaseRules:
             pattern = first.pattern
             if pattern.regex is not None:
                 prefix = literal_prefix(pattern.regex)
-                if prefix:
+                if prefix and prefix.isascii():
                     self.files[first.key].file_prefix(pos, prefix)
-                return bool(prefix)
+                    return True
+                literal = required_literal(pattern.regex)
+                if len(literal) >= 3 and literal.isascii():
+                    self.files[first.key].file_literal(pos, literal)
+                    return True
+                return False
             return bool(pattern.globs) and self.files[first.key].file(pos, pattern.globs)
         if isinstance(first, ClientMatcher) and first.networks and all(
                 n.num_addresses == 1 for n in first.networks):
@@ -174,6 +208,58 @@ def literal_prefix(regex: re.Pattern[str]) -> str:
     if i < len(p) and p[i] in "*?{" and out:
         out.pop()  # the last character may be absent
     return "".join(out)
+
+
+def required_literal(regex: re.Pattern[str]) -> str:
+    """The longest text every string the expression matches contains, read
+    from an expression without alternation, groups or character sets
+    (`user1@lab`, `bounce-\\d+@`); "" when that cannot be told. Written by
+    hand, conservatively, for the reason literal_prefix gives."""
+    p = regex.pattern
+    if regex.flags & re.VERBOSE or any(c in p for c in "|()[]"):
+        return ""
+    best = ""
+    run: list[str] = []
+
+    def end() -> None:
+        nonlocal best
+        if len(run) > len(best):
+            best = "".join(run)
+        run.clear()
+
+    i = 0
+    while i < len(p):
+        c = p[i]
+        if c == "\\":
+            nxt = p[i + 1] if i + 1 < len(p) else ""
+            if nxt == "N":
+                return ""  # \\N{NAME}: a character by its name
+            if not nxt or nxt.isalnum() or nxt.isspace():
+                end()  # a class (\\d), an anchor (\\b), a reference (\\1), a code
+                i += 2
+                if nxt in "xuU0123456789":  # \\x41, \\u00e9, \\012, \\12: its digits too
+                    while i < len(p) and p[i].isalnum():
+                        i += 1
+                continue
+            run.append(nxt)
+            i += 2
+            continue
+        if c in "*?{":  # the character before may be absent
+            if run:
+                run.pop()
+            end()
+            if c == "{":
+                close = p.find("}", i)
+                if close < 0:
+                    return ""
+                i = close
+        elif c in ".^$+}":  # (after "+" its character repeats: the text so far stays)
+            end()
+        else:
+            run.append(c)
+        i += 1
+    end()
+    return best
 
 
 class Misses(Sequence[tuple[str, str]]):

@@ -5,6 +5,7 @@ randomness a seeded RNG, so every case replays exactly."""
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
 import statistics
 import textwrap
@@ -933,6 +934,10 @@ INDEXED = """\
 - {name: anchored, on: rcpt, when: {rcpt: {regex: "^Admin@lab\\\\.test$"}}, reply: 550 5.1.1 j}
 - {name: maybe, on: rcpt, when: {rcpt: {regex: "\\\\Abou?nce-"}}, reply: 550 5.1.1 k}
 - {name: either, on: rcpt, when: {rcpt: {regex: "^zz|yy"}}, reply: 550 5.1.1 l}
+- {name: inside, on: rcpt, when: {rcpt: {regex: "ser7@la"}}, reply: 550 5.1.1 m}
+- {name: inside2, on: rcpt, when: {rcpt: {regex: "(?i)x-?ray\\\\d+@"}}, reply: 550 5.1.1 n}
+- {name: digits, on: rcpt, when: {rcpt: {regex: "ops\\\\d{2}\\\\.ab+c"}}, reply: 550 5.1.1 o}
+- {name: folded, on: rcpt, when: {rcpt: {regex: "list"}}, reply: 550 5.1.1 p}
 """
 
 
@@ -948,7 +953,9 @@ def test_engine_index_decides_and_explains_as_testing_every_rule(sender: str,
     rcpts = ["boss@LAB.TEST", "ceo@lab.test", "u@other.test", "info@x.test", "temp1@x.test",
              "r12@x.test", "carol@x.test", "nobody@x.test", "once@x.test", "once@y.test",
              "a@b@other.test", "Admin@lab.test", "admin@lab.test", "bonce-1@x.test",
-             "bounce-2@x.test", "xyy@x.test", "zz@x.test"]
+             "bounce-2@x.test", "xyy@x.test", "zz@x.test", "user7@lab.test", "USER7@LAB.test",
+             "user8@lab.test", "Xray12@x.test", "xray@x.test", "ops12.abbbc@x.test",
+             "ops1.abc@x.test", "LIST@x.test", "li\u017ft@x.test", "ser7@l\u00e4b.test"]
     for helo in ("client.lab.test", "bad.test"):
         got = []
         for eng in (fast, slow):
@@ -958,7 +965,12 @@ def test_engine_index_decides_and_explains_as_testing_every_rule(sender: str,
             got.append([(d.rule, list(d.misses))
                         for d in (conn.decide(Rcpt(recipient=r)) for r in rcpts)])
         assert got[0] == got[1]
-    assert fast._tables[m.Phase.RCPT].indexed
+    table = fast._tables[m.Phase.RCPT]
+    assert table.indexed
+    filed = {table.rules[pos].name for pos in range(len(table.rules))} - {
+        table.rules[pos].name for pos in table.always}
+    assert {"inside", "digits", "folded", "anchored", "regex"} <= filed
+    assert {"either", "inside2", "glob", "twice"}.isdisjoint(filed)
 
 
 @pytest.mark.parametrize(("pattern", "prefix"), [
@@ -970,3 +982,35 @@ def test_index_reads_an_anchored_expressions_literal_prefix(pattern: str, prefix
     from harness.scenario.index import literal_prefix
 
     assert literal_prefix(re.compile(pattern)) == prefix
+
+
+@pytest.mark.parametrize(("pattern", "literal"), [
+    (r"user1@lab", "user1@lab"), (r"bounce-\d+@", "bounce-"), (r"ab*c", "a"), (r"ab+c", "ab"),
+    (r"a{2}bcd", "bcd"), (r"x\.test$", "x.test"), (r"foo.bar", "foo"), (r"\bword\b", "word"),
+    (r"abc?", "ab"), (r"(?i)hello", ""), (r"a|bcd", ""), (r"[ab]cde", ""), (r"\x41bcd", ""),
+    (r"ab\u0041cdef", "ab"), (r"\N{DIGIT ONE}23", ""), (r"a\12345", "a")])
+def test_index_reads_the_text_an_expression_must_contain(pattern: str, literal: str) -> None:
+    from harness.scenario.index import required_literal
+
+    assert required_literal(re.compile(pattern)) == literal
+
+
+def test_index_literal_is_in_every_string_an_expression_matches() -> None:
+    """Random expressions of literals, escapes, classes and quantifiers
+    (seeded): whatever one finds contains the text the index files it by."""
+    from harness.scenario.index import required_literal
+
+    rng = random.Random(10)
+    atoms = ["a", "b", "c", "@", "-", "\\.", ".", "\\d", "\\w", "x", "y", "\\-", "1"]
+    quants = ["", "", "", "*", "+", "?", "{0,2}", "{2}", "*?"]
+    alphabet = "abcxy@-.1_"
+    for _ in range(3000):
+        pattern = "".join(rng.choice(atoms) + rng.choice(quants)
+                          for _ in range(rng.randint(1, 6)))
+        regex = re.compile(pattern, re.IGNORECASE)
+        literal = required_literal(regex).lower()
+        for _ in range(20):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            m = regex.search(text)
+            if m:
+                assert literal in text.lower(), (pattern, text, literal)
