@@ -30,7 +30,10 @@ class Analyzer:
     def __init__(self) -> None:
         self._resolvers: dict[object, Any] = {}
         self._spf: OrderedDict[tuple[object, ...], Any] = OrderedDict()
-        self._headers: OrderedDict[tuple[object, ...], str] = OrderedDict()
+        #: (Authentication-Results text, the results as data) per set of results:
+        #: shared by the analyses that have them (made into JSON, not changed)
+        self._headers: OrderedDict[tuple[object, ...], tuple[str, dict[str, Any]]] = (
+            OrderedDict())
 
     def resolver(self, zone_key: object, zone: Mapping[str, Any] | None) -> Any:
         from harness.analysis.dns import ScenarioDns, SystemDns
@@ -69,14 +72,16 @@ class Analyzer:
         dkim = check_dkim(raw, resolver) if whole else ()
         dmarc = check_dmarc(raw, spf=spf, dkim=dkim, resolver=resolver)
         hkey = (hostname, spf, dkim, dmarc)
-        header = self._headers.get(hkey)
-        if header is None:
+        known = self._headers.get(hkey)
+        if known is None:  # the header and the results as data, made once per set
             header = authentication_results(hostname, spf, dkim, dmarc)
-            _remember(self._headers, hkey, header)
-        auth = AuthResults(spf=spf, dkim=dkim, dmarc=dmarc, authentication_results=header,
-                           hostname=hostname)
+            auth = AuthResults(spf=spf, dkim=dkim, dmarc=dmarc, authentication_results=header,
+                               hostname=hostname)
+            known = (header, auth.as_dict())
+            _remember(self._headers, hkey, known)
+        header, auth_data = known
         out: dict[str, Any] = {"ndr": asdict(ndr) if ndr is not None else None,
-                               "auth": auth.as_dict(), "authentication_results": header}
+                               "auth": auth_data, "authentication_results": header}
         if not whole:
             out["partial"] = (f"analysed on its first {len(raw) // 1024 // 1024} MB of "
                               f"{(size or 0) / 1024 / 1024:.0f} MB: the NDR parse reads the head, "

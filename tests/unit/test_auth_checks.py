@@ -613,3 +613,24 @@ def test_check_message_never_raises(raw: bytes, mail_from: str, helo: str) -> No
                for d in r.dkim)
     assert r.dmarc.result in ("pass", "fail", "none", "permerror", "temperror")
     assert r.authentication_results.startswith(HOST + "; spf=")
+
+
+@pytest.mark.parametrize("head", [
+    b"From: a@lab.test\r\nTo: b@x.test\r\n\r\nbody",
+    b"To: b@x.test\r\nFROM: A <a@Lab.Test>\r\n\r\n",
+    b"From: a@lab.test\r\nFrom: c@lab.test\r\n\r\n",
+    b"From: =?utf-8?q?A?=\r\n <a@lab.test>\r\n\r\n",
+    b"From :a@lab.test\r\n\r\n",           # "From " is not From: no field
+    b"From a@lab.test Mon Dec  1\r\nFrom: a@lab.test\r\n\r\n",  # an mbox line first
+    b"X: 1\r\nnot a field\r\nFrom: a@lab.test\r\n\r\n",  # the fields end at a bad line
+    b"From: a@lab.test\nTo: b\n\n",
+    b"Subject: x\r\n\r\n",
+    b"From: \"x@y\" <>\r\n\r\n",
+])
+def test_from_domain_remembered_is_what_the_parser_says(head: bytes) -> None:
+    """The From domain remembered by its fields' bytes is the parser's, each time."""
+    from harness.analysis.auth import _from_domain, _head
+
+    want = _from_domain(_head(head))
+    assert from_domain(head) == want
+    assert from_domain(head) == want  # from what was remembered
