@@ -1664,19 +1664,44 @@ def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]
     """The rows of a commit's INSERTs gathered per statement (one
     executemany each, not one call per row): the tables other rows refer to
     first (sessions, then messages), the others in the order each statement
-    first appears. (In order of first appearance alone, a session's events
-    could go before the session's row: another session's events came
-    first.) Any other statement (an UPDATE, a DELETE) is a fence that
-    everything queued before it passes first."""
+    first appears. (In order of first appearance alone, a session's lines
+    could go before the session's row: another session's lines came
+    first.) Then a session's updates, merged into one per session (a
+    session's end and its envelope: two UPDATEs a connection), and the
+    analysis queue's deletions: after the rows they follow. Any other
+    statement (a DELETE of clear() or retention) is a fence that everything
+    queued before it passes first."""
     groups: dict[str, list[Any]] = {}
+    updates: dict[int, dict[str, Any]] = {}
+    dequeue: list[Any] = []
 
     def flush() -> Iterator[tuple[str, list[Any]]]:
         yield from sorted(groups.items(), key=lambda g: _PARENTS_FIRST.get(_table(g[0]), 2))
+        by_sql: dict[str, list[Any]] = {}
+        for sid, fields in updates.items():
+            sql = ("UPDATE sessions SET " + ", ".join(f"{k} = ?" for k in fields)
+                   + " WHERE id = ?")
+            by_sql.setdefault(sql, []).append((*fields.values(), sid))
+        yield from by_sql.items()
+        if dequeue:
+            yield _DEQUEUE, dequeue
 
     for sql, params, many in ops:
+        if sql.startswith(_UPDATE_SESSION) and not many:
+            fields = updates.setdefault(params[-1], {})
+            for name, value in zip(sql[len(_UPDATE_SESSION):-len(" WHERE id = ?")].split(", "),
+                                   params, strict=False):
+                fields[name.removesuffix(" = ?")] = value
+            continue
+        if sql == _DEQUEUE:
+            if many:
+                dequeue.extend(params)
+            else:
+                dequeue.append(params)
+            continue
         if not sql.startswith("INSERT"):
             yield from flush()
-            groups = {}
+            groups, updates, dequeue = {}, {}, []
             yield sql, [params] if not many else list(params)
             continue
         rows = groups.get(sql)
@@ -1687,6 +1712,9 @@ def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]
         else:
             rows.append(params)
     yield from flush()
+
+
+_UPDATE_SESSION = "UPDATE sessions SET "
 
 
 def _pack(sid: int, lines: Sequence[TranscriptLine]) -> tuple[int, int, str]:
