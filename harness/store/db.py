@@ -1699,11 +1699,15 @@ def _grouped(ops: list[tuple[str, Any, bool]]) -> Iterator[tuple[str, list[Any]]
             else:
                 dequeue.append(params)
             continue
-        if not sql.startswith("INSERT"):
+        if not sql.startswith("INSERT") or (
+                sql is _QUEUE_JOB and dequeue and (params[0],) in dequeue):
+            # (a message queued again after its job left the queue: the
+            # deletion first, as it was written)
             yield from flush()
             groups, updates, dequeue = {}, {}, []
-            yield sql, [params] if not many else list(params)
-            continue
+            if not sql.startswith("INSERT"):
+                yield sql, [params] if not many else list(params)
+                continue
         rows = groups.get(sql)
         if rows is None:
             rows = groups[sql] = []

@@ -5,7 +5,7 @@ and a deletion of clear() or retention a fence nothing crosses."""
 
 from __future__ import annotations
 
-from harness.store.db import _DEQUEUE, _grouped
+from harness.store.db import _DEQUEUE, _QUEUE_JOB, _grouped
 
 SESSION = "INSERT INTO sessions (id) VALUES (?)"
 LINES = "INSERT INTO lines (session_id, n, packed) VALUES (?, ?, ?)"
@@ -46,3 +46,9 @@ def test_a_deletion_is_a_fence() -> None:
         (SESSION, [(2,)]),
         ("UPDATE sessions SET helo = ? WHERE id = ?", [("i", 2)]),
     ]
+
+
+def test_a_job_queued_again_after_its_deletion_stays() -> None:
+    ops = [(_DEQUEUE, (2,), False), (_QUEUE_JOB, (2, "127.0.0.1", "c", "mx", None), False)]
+    assert list(_grouped(ops)) == [(_DEQUEUE, [(2,)]),
+                                   (_QUEUE_JOB, [(2, "127.0.0.1", "c", "mx", None)])]
