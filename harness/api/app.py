@@ -119,10 +119,16 @@ class EventHub:
                               "text": line.text, "rule": line.rule})
 
         ctx.observers.append(transcript)
-        ctx.on_message.append(lambda mid: self.publish(
-            {"type": "message", "listener": index, "message": mid}))
-        ctx.on_session_end.append(lambda sid: self.publish(
-            {"type": "session_end", "listener": index, "session": sid}))
+        def message(mid: int) -> None:
+            if self.clients:  # (nobody watching: nothing built, per message or session)
+                self.publish({"type": "message", "listener": index, "message": mid})
+
+        def session_end(sid: int) -> None:
+            if self.clients:
+                self.publish({"type": "session_end", "listener": index, "session": sid})
+
+        ctx.on_message.append(message)
+        ctx.on_session_end.append(session_end)
         ctx.on_scenario.append(lambda: self.publish(
             {"type": "scenario", "listener": index, "scenario": ctx.scenario.name}))
 
