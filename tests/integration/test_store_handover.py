@@ -1,0 +1,99 @@
+"""When the store's writer gets what the loop wrote (harness.store.db): a
+record nobody waits for rides with the next commit somebody waits for, or
+is handed over a little later; transcript lines are packed a row per
+session per commit; a session's end goes at once."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.records import Body, MessageDraft, TranscriptLine
+from harness.store import db
+from harness.store.db import Reader, Store
+
+
+def _line(sid: int, text: str) -> TranscriptLine:
+    return TranscriptLine(sid, time.time(), "C", "mail", text, None)
+
+
+def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.execute(sql))
+    finally:
+        conn.close()
+
+
+def test_lines_of_several_turns_and_the_message_are_one_commit(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+
+    async def main() -> int:
+        with Store(path) as st:
+            st.attach(asyncio.get_running_loop())
+            await st.barrier()
+            before = st.commits
+            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
+                                     scenario="s")
+            st.transcript([_line(sid, "MAIL FROM:<a@lab.test>"), _line(sid, "250 ok")])
+            await asyncio.sleep(0)  # another turn of the loop: nothing handed over yet
+            st.transcript([_line(sid, "RCPT TO:<b@lab.test>"), _line(sid, "250 ok")])
+            await asyncio.sleep(0)
+            mid = st.message(MessageDraft(sid, time.time(), "a@lab.test", ("b@lab.test",), (),
+                                          (), Body((b"Subject: x\r\n\r\nhi\r\n",)), "x", None,
+                                          {}))
+            await st.durable(mid)
+            return st.commits - before
+
+    assert asyncio.run(main()) == 1
+    assert _rows(path, "SELECT session_id, n FROM lines") == [(1, 4)]
+    with Reader(path) as r:
+        [s] = r.sessions(with_events=True)
+    assert [e.text for e in s.events] == ["MAIL FROM:<a@lab.test>", "250 ok",
+                                          "RCPT TO:<b@lab.test>", "250 ok"]
+
+
+def test_records_nobody_waits_for_reach_the_store_soon(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "HAND_OVER_AFTER", 0.2)
+    path = tmp_path / "s.db"
+
+    async def main() -> float:
+        with Store(path) as st:
+            st.attach(asyncio.get_running_loop())
+            await st.barrier()
+            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
+                                     scenario="s")
+            st.transcript([_line(sid, "EHLO c.lab.test")])
+            t0 = time.monotonic()
+            while not _rows(path, "SELECT n FROM lines"):  # as another process sees it
+                assert time.monotonic() - t0 < 30, "never handed over"
+                await asyncio.sleep(0.01)
+            return time.monotonic() - t0
+
+    assert asyncio.run(main()) >= 0.2  # by the timer: nothing else handed it over
+
+
+def test_a_sessions_end_is_handed_over_at_once(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "HAND_OVER_AFTER", 3600.0)  # the timer never fires here
+    path = tmp_path / "s.db"
+
+    async def main() -> None:
+        with Store(path) as st:
+            st.attach(asyncio.get_running_loop())
+            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
+                                     scenario="s")
+            st.transcript([_line(sid, "QUIT")])
+            st.session_update(sid, ended_at=time.time(), end_reason="quit")
+            t0 = time.monotonic()
+            while not _rows(path, "SELECT n FROM lines"):  # with the session's end
+                assert time.monotonic() - t0 < 30, "the end waited for the timer"
+                await asyncio.sleep(0.01)
+            assert _rows(path, "SELECT end_reason FROM sessions") == [("quit",)]
+
+    asyncio.run(main())
