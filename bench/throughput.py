@@ -12,8 +12,10 @@ message (user + system, of the sink process and any children, from /proc,
 over the timed run). The harness runs as a user runs it: `harness serve`
 with the `accept` scenario, durable capture (the 250 after the commit),
 transcripts and the HTTP API on. Its message analysis (NDR parse, SPF, DKIM,
-DMARC) is background work that waits for a pause in deliveries: the CPU it
-took after the run, until every message was analysed, is shown apart.
+DMARC) is background work, in a process of its own at a lower priority,
+told of new messages in batches: what it does during the run is in the
+harness's CPU; what it had left at the end (the CPU it took after the run,
+until every message was analysed) is shown apart.
 
 Targets (issue 10): harness / bare aiosmtpd >= 1.5 for the two 1 KB, 20
 session workloads, >= 4 for 100 KB, >= 1.0 for one session; server CPU at
