@@ -183,6 +183,12 @@ def run_lab(scenario: Scenario, *, mta: str = "postfix", speed: float = 60.0,
             lab.stop()
         verdict = _judge(scenario, send, target, returns, queue, token, speed, lab_settings,
                          mta)
+        kicks = getattr(lab, "kicks", 0)
+        if kicks:
+            verdict.notes.append(
+                f"Postfix put the message off in its incoming queue {kicks} time(s) (its queue"
+                " manager found it still locked by the agent that deferred it); the lab took"
+                " it up at once (see PostfixLab.queue)")
         verdict.duration = time.monotonic() - started
         verdict.queue_samples = samples.samples
         verdict.maillog_tail = "\n".join(maillog.splitlines()[-40:])
