@@ -6,6 +6,7 @@ session per commit; a session's end goes at once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -97,3 +98,47 @@ def test_a_sessions_end_is_handed_over_at_once(tmp_path: Path,
             assert _rows(path, "SELECT end_reason FROM sessions") == [("quit",)]
 
     asyncio.run(main())
+
+
+def test_a_store_from_before_lines_and_analyses_reads_as_it_did(tmp_path: Path) -> None:
+    """A store written before transcripts were packed and analyses had a
+    table of their own (a row per line in `events`, the analysis in the
+    message's row) reads the same, read-only or opened again for writing."""
+    path = tmp_path / "old.db"
+
+    async def write() -> None:
+        with Store(path) as st:
+            st.attach(asyncio.get_running_loop())
+            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
+                                     scenario="s")
+            st.transcript([_line(sid, "MAIL FROM:<a@lab.test>"), _line(sid, "250 ok")])
+            mid = st.message(MessageDraft(sid, time.time(), "a@lab.test", ("b@lab.test",), (),
+                                          (), Body((b"Subject: x\r\n\r\nhi\r\n",)), "x", None,
+                                          {}))
+            await st.durable(mid)
+            st.message_analysis(mid, {"ndr": None, "note": "old"}, False)
+            await st.barrier()
+
+    asyncio.run(write())
+    conn = sqlite3.connect(path)  # as the older version left it
+    for sid, packed in list(conn.execute("SELECT session_id, packed FROM lines")):
+        for t, d, phase, text, rule in json.loads(packed):
+            conn.execute("INSERT INTO events (session_id, t, direction, phase, text, rule)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (sid, t, d, phase, text, rule))
+    conn.execute("UPDATE messages SET (is_ndr, analysis) ="
+                 " (SELECT is_ndr, analysis FROM analyses WHERE message_id = messages.id)")
+    conn.execute("DROP TABLE lines")
+    conn.execute("DROP TABLE analyses")
+    conn.commit()
+    conn.close()
+
+    def read() -> tuple[list[str], object]:
+        with Reader(path) as r:
+            [s] = r.sessions(with_events=True)
+            [m] = r.messages()
+            return [e.text for e in s.events], m.analysis
+
+    assert read() == (["MAIL FROM:<a@lab.test>", "250 ok"], {"ndr": None, "note": "old"})
+    with Store(path):  # opened for writing: the new tables made, nothing of the old lost
+        pass
+    assert read() == (["MAIL FROM:<a@lab.test>", "250 ok"], {"ndr": None, "note": "old"})
