@@ -40,6 +40,9 @@ POLL_EVERY = 0.5
 #: this many wait (its batch: harness.analysis_worker.BATCH)
 GATHER = 0.02
 GATHER_BATCH = 64
+#: an idle worker, with jobs waiting that it could not claim, is asked again
+#: this much later (the claims of a worker that is gone are let go then)
+RECHECK = 1.0
 
 
 class Analyst:
@@ -297,6 +300,12 @@ class Analyst:
                 self._worker_idle = True
                 if self._fresh:  # committed while it was looking
                     self._poke()
+                elif self.pending and self._gather is None:
+                    # Jobs wait that it could not claim: another worker's,
+                    # which may be gone (a worker of a killed server, its
+                    # claims let go once it is): asked again in a while.
+                    assert self._loop is not None
+                    self._gather = self._loop.call_later(RECHECK, self._tell_worker)
                 continue
             try:
                 self._result(line)
@@ -364,7 +373,9 @@ class Analyst:
                 if lines:
                     loop.call_soon_threadsafe(self._results, lines)
                     continue
-                self._wake.wait()
+                # (jobs it could not claim: another worker's, looked at again
+                # in a while, as for the process worker)
+                self._wake.wait(RECHECK if self.pending else None)
         except Exception as e:  # the store went away under it: said, not raised
             loop.call_soon_threadsafe(self.errors.append, e)
         finally:

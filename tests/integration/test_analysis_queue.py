@@ -16,6 +16,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from harness.store.db import Reader
+from harness.store.dialect import dialect
 from harness.testing import Harness
 
 HARNESS = [sys.executable, "-m", "harness.cli"]
@@ -198,3 +200,40 @@ def test_a_large_message_is_analysed_on_its_head_and_says_so() -> None:
     assert m.analysis is not None and "analysed on its first 1 MB" in m.analysis["partial"]
     assert m.analysis["ndr"]["recipients"][0]["status"] == "5.1.1"
     assert m.analysis["auth"]["dkim"] == []
+
+
+def test_jobs_of_a_worker_that_went_away_are_taken_over(store: Path) -> None:
+    """Jobs claimed by another worker, alive when this server's worker looked
+    and gone since (the worker of a killed server, still finishing), are
+    taken over: the idle worker is asked again while jobs wait."""
+    s = Serve(store)
+    worker = s.worker()
+    os.kill(worker, signal.SIGSTOP)  # the jobs wait, unclaimed
+    try:
+        for i in range(3):
+            s.send(plain(f"message {i}"))
+    finally:
+        s.proc.kill()
+        s.proc.wait()
+        os.kill(worker, signal.SIGKILL)
+    d = dialect(store)
+    db = d.connect("worker")
+    owner = d.take_owner(db)  # another worker, alive: the jobs are its
+    db.begin()
+    db.execute("UPDATE analysis_queue SET claimed_by = ?", (owner.token,))
+    db.commit()
+    again = Serve(store)
+    try:
+        # its worker finds nothing it may claim and says it is idle (nothing
+        # outside shows that moment: a second and a half is ten times its look)
+        time.sleep(1.5)
+        assert unanalysed(store) == [1, 2, 3]
+        db.close()
+        d.release_owner(owner)  # the other worker is gone
+        deadline = time.monotonic() + 20
+        while unanalysed(store):
+            assert time.monotonic() < deadline, "the jobs were never taken over"
+            again.api("/api/v1/messages/3")  # waits up to a second for its analysis
+        assert again.api("/api/v1/messages/3")[1]["analysis"]["pending"] is False
+    finally:
+        again.stop()
