@@ -33,8 +33,10 @@ from harness.errors import StoreError
 from harness.store import Location, location
 from harness.store.dialect import Db, Owner, dialect
 
-#: jobs claimed from the queue at a time (their bytes are read one by one)
+#: jobs claimed from the queue at a time (their bytes read with them up to
+#: INLINE bytes a message, one by one above)
 BATCH = 64
+INLINE = 64 * 1024
 #: seconds between looks for the claims of workers that are gone
 RECLAIM_EVERY = 1.0
 #: where `-` finds the store's location
@@ -50,6 +52,8 @@ class Worker:
         self.owner: Owner | None = None
         self.analyzer = Analyzer()
         self.zones: dict[int, dict[str, Any]] = {}
+        #: JSON of shared authentication results, by the object (kept with it)
+        self._auth_json: dict[int, tuple[dict[str, Any], str, str]] = {}
         self._reclaim_at = 0.0
         # a store that cannot take its owner token now (read-only, out of
         # reach): it is asked again at the first batch
@@ -131,13 +135,16 @@ class Worker:
             mids = sorted(self.claim())
             if not mids:
                 return
+            # (a small message's bytes come with its job: one query a batch)
             jobs = db.execute(
                 "SELECT q.message_id, q.client_ip, q.helo, q.hostname, q.zone_id, m.mail_from,"
-                " m.size FROM analysis_queue q JOIN messages m ON m.id = q.message_id"
+                " m.size, CASE WHEN m.size <= ? THEN m.raw END"
+                " FROM analysis_queue q JOIN messages m ON m.id = q.message_id"
                 f" WHERE q.message_id IN ({','.join('?' * len(mids))}) ORDER BY q.message_id",
-                mids).fetchall()
-            lines = [self.one(mid, client_ip, helo or "", hostname, zone_id, mail_from, size)
-                     for mid, client_ip, helo, hostname, zone_id, mail_from, size in jobs]
+                (INLINE, *mids)).fetchall()
+            lines = [self.one(mid, client_ip, helo or "", hostname, zone_id, mail_from, size,
+                              bytes(raw) if raw else None)
+                     for mid, client_ip, helo, hostname, zone_id, mail_from, size, raw in jobs]
         except (self.dialect.Error, StoreError) as e:
             if self.db is not None and self.dialect.lost(e):
                 self.db.close()
@@ -163,8 +170,9 @@ class Worker:
         return bytes(out[:take])
 
     def one(self, mid: int, client_ip: str, helo: str, hostname: str, zone_id: int | None,
-            mail_from: str, size: int) -> str:
-        raw = self._raw(mid, size, size if size <= LARGE else HEAD)
+            mail_from: str, size: int, raw: bytes | None = None) -> str:
+        if raw is None or len(raw) != size:
+            raw = self._raw(mid, size, size if size <= LARGE else HEAD)
         try:
             analysis = self.analyzer.analyze(
                 raw, client_ip=client_ip, helo=helo, mail_from=mail_from, zone_key=zone_id,
@@ -172,7 +180,24 @@ class Worker:
         except Exception as e:  # an analysis bug: said, and the queue moves on
             analysis = {"ndr": None, "error": f"analysis failed: {type(e).__name__}: {e}"}
         is_ndr = analysis.get("ndr") is not None
-        return f"{mid}\t{int(is_ndr)}\t{json.dumps(analysis, default=str)}\n"
+        return f"{mid}\t{int(is_ndr)}\t{self._json(analysis)}\n"
+
+    def _json(self, analysis: dict[str, Any]) -> str:
+        """The analysis as JSON. Plain mail's is mostly its authentication
+        results, shared by the messages that have the same ones
+        (summary.Analyzer): their JSON is made once."""
+        auth = analysis.get("auth")
+        if analysis.get("ndr") is not None or not isinstance(auth, dict) or set(analysis) != {
+                "ndr", "auth", "authentication_results"}:
+            return json.dumps(analysis, default=str)
+        known = self._auth_json.get(id(auth))
+        if known is None or known[0] is not auth:
+            if len(self._auth_json) >= 4096:
+                self._auth_json.clear()
+            known = self._auth_json[id(auth)] = (
+                auth, json.dumps(auth, default=str),
+                json.dumps(analysis["authentication_results"], default=str))
+        return f'{{"ndr": null, "auth": {known[1]}, "authentication_results": {known[2]}}}'
 
 
 def serve(store: Location, inp: TextIO, out: TextIO) -> int:
