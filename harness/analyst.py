@@ -61,7 +61,8 @@ class Analyst:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._worker_idle = False
-        self._gather: asyncio.TimerHandle | None = None
+        #: the idle worker told later (GATHER after new jobs, RECHECK while jobs wait)
+        self._tell_later: asyncio.TimerHandle | None = None
         self._results_due: list[tuple[int, str, bool]] = []
         self._poke_scheduled = False
         self._wake = threading.Event()  # thread mode: more work, or stop
@@ -105,9 +106,9 @@ class Analyst:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.idle(), drain)
         self._stopping = True
-        if self._gather is not None:
-            self._gather.cancel()
-            self._gather = None
+        if self._tell_later is not None:
+            self._tell_later.cancel()
+            self._tell_later = None
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -195,16 +196,16 @@ class Analyst:
         elif self._worker_idle and self._proc is not None and self._proc.stdin is not None:
             if len(self.pending) >= GATHER_BATCH:
                 self._tell_worker()
-            elif self._gather is None:
+            elif self._tell_later is None:
                 assert self._loop is not None
-                self._gather = self._loop.call_later(GATHER, self._tell_worker)
+                self._tell_later = self._loop.call_later(GATHER, self._tell_worker)
         else:
             self._fresh = True
 
     def _tell_worker(self) -> None:
-        if self._gather is not None:
-            self._gather.cancel()
-            self._gather = None
+        if self._tell_later is not None:
+            self._tell_later.cancel()
+            self._tell_later = None
         if self._worker_idle and self._proc is not None and self._proc.stdin is not None:
             self._worker_idle = False
             self._fresh = False
@@ -300,12 +301,12 @@ class Analyst:
                 self._worker_idle = True
                 if self._fresh:  # committed while it was looking
                     self._poke()
-                elif self.pending and self._gather is None:
+                elif self.pending and self._tell_later is None:
                     # Jobs wait that it could not claim: another worker's,
                     # which may be gone (a worker of a killed server, its
                     # claims let go once it is): asked again in a while.
                     assert self._loop is not None
-                    self._gather = self._loop.call_later(RECHECK, self._tell_worker)
+                    self._tell_later = self._loop.call_later(RECHECK, self._tell_worker)
                 continue
             try:
                 self._result(line)

@@ -30,6 +30,25 @@ def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
         conn.close()
 
 
+def _session(st: Store) -> int:
+    return st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1, scenario="s")
+
+
+def _message(st: Store, sid: int) -> int:
+    return st.message(MessageDraft(sid, time.time(), "a@lab.test", ("b@lab.test",), (), (),
+                                   Body((b"Subject: x\r\n\r\nhi\r\n",)), "x", None, {}))
+
+
+async def _until_lines(path: Path, why: str) -> float:
+    """Seconds until a row of `lines` is there, as another process sees the
+    store (a bounded poll: the writer's commit is in another thread)."""
+    t0 = time.monotonic()
+    while not _rows(path, "SELECT n FROM lines"):
+        assert time.monotonic() - t0 < 30, why
+        await asyncio.sleep(0.01)
+    return time.monotonic() - t0
+
+
 def test_lines_of_several_turns_and_the_message_are_one_commit(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
 
@@ -38,15 +57,12 @@ def test_lines_of_several_turns_and_the_message_are_one_commit(tmp_path: Path) -
             st.attach(asyncio.get_running_loop())
             await st.barrier()
             before = st.commits
-            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
-                                     scenario="s")
+            sid = _session(st)
             st.transcript([_line(sid, "MAIL FROM:<a@lab.test>"), _line(sid, "250 ok")])
             await asyncio.sleep(0)  # another turn of the loop: nothing handed over yet
             st.transcript([_line(sid, "RCPT TO:<b@lab.test>"), _line(sid, "250 ok")])
             await asyncio.sleep(0)
-            mid = st.message(MessageDraft(sid, time.time(), "a@lab.test", ("b@lab.test",), (),
-                                          (), Body((b"Subject: x\r\n\r\nhi\r\n",)), "x", None,
-                                          {}))
+            mid = _message(st, sid)
             await st.durable(mid)
             return st.commits - before
 
@@ -67,14 +83,9 @@ def test_records_nobody_waits_for_reach_the_store_soon(tmp_path: Path,
         with Store(path) as st:
             st.attach(asyncio.get_running_loop())
             await st.barrier()
-            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
-                                     scenario="s")
+            sid = _session(st)
             st.transcript([_line(sid, "EHLO c.lab.test")])
-            t0 = time.monotonic()
-            while not _rows(path, "SELECT n FROM lines"):  # as another process sees it
-                assert time.monotonic() - t0 < 30, "never handed over"
-                await asyncio.sleep(0.01)
-            return time.monotonic() - t0
+            return await _until_lines(path, "never handed over")
 
     assert asyncio.run(main()) >= 0.2  # by the timer: nothing else handed it over
 
@@ -87,14 +98,10 @@ def test_a_sessions_end_is_handed_over_at_once(tmp_path: Path,
     async def main() -> None:
         with Store(path) as st:
             st.attach(asyncio.get_running_loop())
-            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
-                                     scenario="s")
+            sid = _session(st)
             st.transcript([_line(sid, "QUIT")])
             st.session_update(sid, ended_at=time.time(), end_reason="quit")
-            t0 = time.monotonic()
-            while not _rows(path, "SELECT n FROM lines"):  # with the session's end
-                assert time.monotonic() - t0 < 30, "the end waited for the timer"
-                await asyncio.sleep(0.01)
+            await _until_lines(path, "the end waited for the timer")  # with the end
             assert _rows(path, "SELECT end_reason FROM sessions") == [("quit",)]
 
     asyncio.run(main())
@@ -109,12 +116,9 @@ def test_a_store_from_before_lines_and_analyses_reads_as_it_did(tmp_path: Path) 
     async def write() -> None:
         with Store(path) as st:
             st.attach(asyncio.get_running_loop())
-            sid = st.session_started(listener="l", peer_ip="127.0.0.1", peer_port=1,
-                                     scenario="s")
+            sid = _session(st)
             st.transcript([_line(sid, "MAIL FROM:<a@lab.test>"), _line(sid, "250 ok")])
-            mid = st.message(MessageDraft(sid, time.time(), "a@lab.test", ("b@lab.test",), (),
-                                          (), Body((b"Subject: x\r\n\r\nhi\r\n",)), "x", None,
-                                          {}))
+            mid = _message(st, sid)
             await st.durable(mid)
             st.message_analysis(mid, {"ndr": None, "note": "old"}, False)
             await st.barrier()
