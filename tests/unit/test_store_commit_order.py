@@ -5,7 +5,12 @@ and a deletion of clear() or retention a fence nothing crosses."""
 
 from __future__ import annotations
 
-from harness.store.db import _DEQUEUE, _QUEUE_JOB, _grouped
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.store.db import _DEQUEUE, _QUEUE_JOB, INSERT_ROWS, _grouped, _insert_many
+from harness.store.dialect import dialect
 
 SESSION = "INSERT INTO sessions (id) VALUES (?)"
 LINES = "INSERT INTO lines (session_id, n, packed) VALUES (?, ?, ?)"
@@ -52,3 +57,24 @@ def test_a_job_queued_again_after_its_deletion_stays() -> None:
     ops = [(_DEQUEUE, (2,), False), (_QUEUE_JOB, (2, "127.0.0.1", "c", "mx", None), False)]
     assert list(_grouped(ops)) == [(_DEQUEUE, [(2,)]),
                                    (_QUEUE_JOB, [(2, "127.0.0.1", "c", "mx", None)])]
+
+
+def test_sqlite_rows_go_in_as_few_statements_as_the_limit_allows(tmp_path: Path) -> None:
+    # every statement sqlite3 steps is a wait for the interpreter lock the
+    # event loop holds: 100 rows are two statements (64 and 36), not 64+32+4
+    d = dialect(tmp_path / "s.db")
+    db = d.connect("writer")
+    db.execute("CREATE TABLE t (a INTEGER, b TEXT)")
+    sent: list[str] = []
+    real = db.execute
+
+    def execute(sql: str, params: Sequence[Any] = ()) -> Any:
+        sent.append(sql)
+        return real(sql, params)
+
+    db.execute = execute  # type: ignore[method-assign]
+    rows = [(i, f"r{i}") for i in range(100)]
+    _insert_many(db, "INSERT INTO t (a, b) VALUES (?, ?)", rows)
+    assert [s.count("(?, ?)") for s in sent] == [INSERT_ROWS, 100 - INSERT_ROWS]
+    assert real("SELECT a, b FROM t ORDER BY rowid").fetchall() == rows
+    db.close()
