@@ -34,6 +34,11 @@ def test_bench_throughput_quick_counts_every_message(tmp_path: Path) -> None:
     assert all(r["checks"] == [f"received {r['messages'] + 20}"] for r in runs), runs
     harness = next(r for r in runs if r["sink"] == "harness")
     assert harness["analysis_us_per_msg"] is not None  # every message was analysed
+    # one round: its ratio is the table's
+    bare = next(r for r in runs if r["sink"] == "bare")
+    entry = result["summary"]["1k-20-many"]
+    assert entry["ratios"] == [round(harness["msgs_per_s"] / bare["msgs_per_s"], 2)]
+    assert f"| {entry['ratio']:.2f} | {entry['ratios'][0]:.2f} |" in done.stdout
 
 
 def test_bench_rules_quick_decides_as_expected(tmp_path: Path) -> None:
