@@ -85,7 +85,8 @@ def queues_command(paths: Sequence[Path], *, as_json: bool, out: Console,
         table.add_row(_iso(s.t), f"{s.depth:,}", f"{s.deferred:,}",
                       retry.format_duration(s.oldest_age) if s.oldest_age else "-", bar)
     out.print(table)
-    out.print(f"{len(samples)} samples; peak depth {peaks['peak_depth']:,}, peak deferred "
+    plural = "" if len(samples) == 1 else "s"
+    out.print(f"{len(samples)} sample{plural}; peak depth {peaks['peak_depth']:,}, peak deferred "
               f"{peaks['peak_deferred']:,}, longest retrying "
               f"{retry.format_duration(float(peaks['peak_oldest_age']))}")
     return 0

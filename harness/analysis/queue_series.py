@@ -239,11 +239,19 @@ def read_get_queue(text: str, *, path: str = "-",
         kind = str(row.get("deliverytype") or "").strip().lower()
         if kind in _NOT_WAITING:
             continue
-        t = _time(row.get("sampledat")) if row.get("sampledat") else file_time
-        if t is None:
-            problems.append(f"{path}:{n}: no sample time (add a SampledAt column, see "
-                            f"docs/exchange-lab.md); skipped")
-            continue
+        if "sampledat" in row:  # the file's own time only for a file without the column
+            raw = row["sampledat"]
+            t = _time(raw) if raw not in (None, "") else None
+            if t is None:
+                problems.append(f"{path}:{n}: SampledAt {raw!r} is not a time; skipped" if raw
+                                else f"{path}:{n}: SampledAt is empty; skipped")
+                continue
+        else:
+            t = file_time
+            if t is None:
+                problems.append(f"{path}:{n}: no sample time (add a SampledAt column, see "
+                                f"docs/exchange-lab.md); skipped")
+                continue
         status = str(row.get("status") or "").strip().lower()
         retrying = status == "retry"
         deferred = _int(row.get("deferredmessagecount"))

@@ -142,9 +142,20 @@ def test_get_queue_bad_rows_are_reported_by_line_and_the_rest_read() -> None:
     got = read_get_queue((FIXTURES / "broken.csv").read_text(), path="broken.csv")
     assert got.problems == (
         "broken.csv:2: MessageCount 'many' is not a number; skipped",
-        "broken.csv:3: no sample time (add a SampledAt column, see docs/exchange-lab.md); "
-        "skipped")
+        "broken.csv:3: SampledAt is empty; skipped")
     assert [(s.depth, s.deferred) for s in got.samples] == [(6, 0)]
+    # the file's own time is for a file without the column: a row whose
+    # SampledAt is empty or unreadable is not quietly dated by it
+    text = (FIXTURES / "broken.csv").read_text().replace('"4",""', '"4","soon"')
+    text += '"EX01\\10","DnsConnectorDelivery","Ready","5",""\n'
+    got = read_get_queue(text, path="b.csv", file_time=T0900)
+    assert got.problems[1:] == ("b.csv:3: SampledAt 'soon' is not a time; skipped",
+                                "b.csv:5: SampledAt is empty; skipped")
+    assert [(s.depth, s.deferred) for s in got.samples] == [(6, 0)]
+    no_column = read_get_queue('"Identity","Status","MessageCount"\n"EX\\7","Ready","3"\n',
+                               path="n.csv")
+    assert no_column.problems == (
+        "n.csv:2: no sample time (add a SampledAt column, see docs/exchange-lab.md); skipped",)
     assert read_get_queue("", path="e.csv").problems == ("e.csv: empty file, no queue in it",)
     assert read_get_queue("[{", path="j.json").problems[0].startswith("j.json:1:")
 
