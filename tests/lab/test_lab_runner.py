@@ -86,13 +86,17 @@ def test_lab_command_writes_junit_and_html(tmp_path: Path) -> None:
     assert page.count("<svg viewBox") == 2 and page.count('<svg class="queue"') == 2
 
 
-#: Scenarios the Exim lab is expected to pass. The others differ for reasons
-#: of the lab or of Exim, which the verdicts show: the Exim lab routes bounces
-#: back to the harness under test, which refuses them in auth-required,
-#: client-not-authenticated and sender-blocked; it has no TLS (tls-required);
-#: Exim sends no delay warning before 24 h (service-unavailable).
+#: Scenarios the Exim lab is expected to pass: a cross-section of the library
+#: (every refusal phase, bounces routed back to the collector, connection
+#: faults, deferrals retried, message checks), kept short for the suite's
+#: time. The whole library passes on Exim (`harness lab --mta exim`: 61 of
+#: 63, about 90 s) but for two, for reasons of the lab and of Exim that the
+#: verdicts show: the Exim lab has no TLS (tls-required), and Exim sends no
+#: delay warning before 24 h (service-unavailable).
 EXIM_PASSES = ["mailbox-full", "unknown-user", "greylisting", "temp-fail-then-success",
-               "drop-after-dot", "drop-mid-data", "message-too-large", "relay-denied"]
+               "drop-after-dot", "drop-mid-data", "message-too-large", "relay-denied",
+               "auth-required", "client-not-authenticated", "sender-blocked",
+               "connection-reset", "intermittent-421", "dmarc-reject", "wrong-region"]
 
 
 @pytest.mark.parametrize("name", EXIM_PASSES)
