@@ -76,7 +76,7 @@ def _options(data: dict[str, Any]) -> dict[str, Any]:
 @routes.post("/api/v1/probe")
 async def run(request: web.Request) -> web.Response:
     from harness.analysis.probe_verdict import STEP_TIMEOUTS
-    from harness.probe.client import ProbeOptions, run_probe
+    from harness.probe.client import ProbeError, ProbeOptions, run_probe
     from harness.probe.message import test_message
     from harness.scenario.loader import load_zone_text
 
@@ -106,7 +106,11 @@ async def run(request: web.Request) -> web.Response:
         message=test_message(sender, data["recipient"].strip(), now=time.time())
         if data.get("send") else None)
     async with _slots():
-        report = await run_probe(opts, mx=data.get("mx") or [], dns=dns, zone=zone, port=port)
+        try:
+            report = await run_probe(opts, mx=data.get("mx") or [], dns=dns, zone=zone,
+                                     port=port)
+        except ProbeError as e:  # in the request's words (mx, dns), not the command's
+            raise HarnessError(e.api) from None
     result = report.as_dict()
     _RECENT.setdefault(request.app, collections.deque(maxlen=KEEP)).append(result)
     return web.json_response(result)

@@ -53,7 +53,17 @@ __all__ = ["ProbeError", "ProbeOptions", "parse_target", "run_probe"]
 
 
 class ProbeError(HarnessError):
-    """A probe cannot start as asked (a bad --mx, a missing file, ...)."""
+    """A probe cannot start as asked (a bad --mx, a missing file, ...).
+    str() names things as the command line does (--mx, --dns system);
+    `api` says the same with the HTTP API's fields (mx, dns, ca_pem)."""
+
+    def __init__(self, text: str, *, api: str | None = None) -> None:
+        super().__init__(text)
+        self.api = text if api is None else api
+
+
+def _bad_mx(text: str, why: str) -> ProbeError:
+    return ProbeError(f"--mx {text!r}: {why}", api=f"mx entry {text!r}: {why}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,27 +94,27 @@ def parse_target(text: str, default_port: int = 25) -> tuple[str | None, str | N
     if rest.startswith("["):
         end = rest.find("]")
         if end < 0:
-            raise ProbeError(f"--mx {text!r}: missing ]")
+            raise _bad_mx(text, "missing ]")
         host, tail = rest[1:end], rest[end + 1:]
         if tail:
             if not tail.startswith(":") or not tail[1:].isdigit():
-                raise ProbeError(f"--mx {text!r}: bad port")
+                raise _bad_mx(text, "bad port")
             port = int(tail[1:])
     elif rest.count(":") == 1:
         host, _, p = rest.partition(":")
         if not p.isdigit():
-            raise ProbeError(f"--mx {text!r}: bad port {p!r}")
+            raise _bad_mx(text, f"bad port {p!r}")
         port = int(p)
     if not 0 < port < 65536:
-        raise ProbeError(f"--mx {text!r}: port {port} is out of range")
+        raise _bad_mx(text, f"port {port} is out of range")
     host = host.strip()
     if not host:
-        raise ProbeError(f"--mx {text!r}: no host")
+        raise _bad_mx(text, "no host")
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:
         if name is not None:
-            raise ProbeError(f"--mx {text!r}: after NAME= give an address") from None
+            raise _bad_mx(text, "after NAME= give an address") from None
         return host.lower().rstrip("."), None, port
     return name, address, port
 
@@ -409,7 +419,7 @@ async def _anchors(opts: ProbeOptions) -> list[Any]:
         try:
             return await asyncio.to_thread(load_anchors, opts.ca_pem)
         except ValueError as e:
-            raise ProbeError(f"--ca {opts.ca_name}: {e}") from None
+            raise ProbeError(f"--ca {opts.ca_name}: {e}", api=f"ca_pem: {e}") from None
     return await asyncio.to_thread(_system_anchors)
 
 
@@ -449,13 +459,17 @@ async def run_probe(opts: ProbeOptions, *, mx: Sequence[str] = (), dns: str | No
     if targets:
         names = [t[0] for t in targets if t[1] is None]
         if names and resolver is None:
+            keep = "NAME=ADDRESS[:PORT] keeps the name for the certificate check"
             raise ProbeError(f"--mx {names[0]} is a host name and no DNS was asked for: give "
-                             f"its address (NAME=ADDRESS[:PORT] keeps the name for the "
-                             f"certificate check), or add --dns system")
+                             f"its address ({keep}), or add --dns system",
+                             api=f"mx entry {names[0]!r} is a host name and no DNS was asked "
+                             f"for: give its address ({keep}), or set dns to \"system\"")
         hosts, lookups = await asyncio.to_thread(static_hosts, targets, resolver)
     elif resolver is None:
         raise ProbeError("nothing to probe: give --mx HOST[:PORT], or --dns system (or a "
-                         "zone file) to look up the recipient domain's MX")
+                         "zone file) to look up the recipient domain's MX",
+                         api="nothing to probe: give mx (a list of HOST[:PORT]), or dns "
+                         "\"system\" (or a zone) to look up the recipient domain's MX")
     else:
         domain = opts.recipient.rpartition("@")[2]
         report, hosts = await asyncio.to_thread(mx_plan, domain, resolver, port=port,

@@ -88,7 +88,8 @@ def test_probe_tab_runs_a_probe_and_shows_steps_and_verdict(page: Page, serve: S
     page.locator("#probe-mx").fill("mx.partner.example")
     page.locator("#probe-run").click()
     expect(page.locator("#probe-result .probe-error")).to_contain_text(
-        "probe refused: --mx mx.partner.example is a host name and no DNS was asked for")
+        "probe refused: mx entry 'mx.partner.example' is a host name and no DNS was asked "
+        "for")
     # the browser logs the 400 it was expected to get; nothing else may be there
     refused = [m for m in console.messages
                if (m.location.get("url") or "").endswith("/api/v1/probe")]

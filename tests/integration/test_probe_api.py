@@ -94,7 +94,13 @@ def test_probe_with_send_delivers_the_test_message(api: Harness) -> None:
     ({"sender": "a@lab.test", "recipient": "b@lab.test", "dns": "system", "zone": "x: {}"},
      400, "give dns or zone, not both"),
     ({"sender": "a@lab.test", "recipient": "b@lab.test", "mx": ["mx.partner.example"]}, 400,
-     "is a host name and no DNS was asked for"),
+     "mx entry 'mx.partner.example' is a host name and no DNS was asked for"),
+    ({"sender": "a@lab.test", "recipient": "b@lab.test", "mx": ["127.0.0.1:x"]}, 400,
+     "mx entry '127.0.0.1:x': bad port 'x'"),
+    ({"sender": "a@lab.test", "recipient": "b@lab.test"}, 400,
+     'nothing to probe: give mx (a list of HOST[:PORT]), or dns "system"'),
+    ({"sender": "a@lab.test", "recipient": "b@lab.test", "mx": ["127.0.0.1:1"],
+      "ca_pem": "not a certificate"}, 400, "ca_pem: "),
     ({"sender": "a@lab.test", "recipient": "b@lab.test", "mx": ["127.0.0.1:1"],
       "timeouts": {"dot": 5}}, 400, "timeouts: 'dot' is not a step"),
     ({"sender": "a@lab.test", "recipient": "b@lab.test", "port": 0, "mx": ["127.0.0.1"]}, 400,
@@ -111,6 +117,7 @@ def test_probe_refuses_bad_requests(api: Harness, body: dict[str, Any], status: 
     got, problem = call(api, "/api/v1/probe", body)
     assert got == status, problem
     assert title in problem["title"], problem
+    assert "--" not in problem["title"], problem  # the request's words, not the command's
     if status == 422:
         assert problem["problems"] == ["<zone>:1:17: 'a b c' is not 'PREFERENCE HOST' or 'HOST'"]
 
