@@ -25,7 +25,11 @@ ever added, never renamed or removed, within a schema version::
      "reply": REPLY,        # kind "reply"
      "ndr": NDR,            # kind "ndr"
      "error": "<one line>",                                 # kind "error"
-     "reason": "not_found" | "unreadable" | "not_ndr" | "no_code"}
+     "reason": "not_found" | "unreadable" | "not_ndr" | "no_code",
+     "classified_as": "autoreply" | "complaint" | "read-receipt" | "automatic"}
+                            # reason "not_ndr", when the file is one of those
+                            # automatic messages (what a script tells from a
+                            # file that is no report at all)
 
     CODE  = {"code": "4.7.500",          # as asked (normalised)
              "entry": "4.7.500-699",     # the catalogue entry that answered
@@ -247,10 +251,11 @@ def recipient_report(r: RecipientResult, *, is_delay: bool = False) -> Recipient
 
 
 class _Failure(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, classified_as: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.classified_as = classified_as
 
 
 def explain_command(target: str, *, as_json: bool, console: Console,
@@ -264,8 +269,11 @@ def explain_command(target: str, *, as_json: bool, console: Console,
         kind, payload, render = _explain_target(target)
     except _Failure as f:
         if as_json:
-            _print_json(console, {"schema": SCHEMA, "kind": "error", "input": target,
-                                  "error": f.message, "reason": f.reason})
+            error = {"schema": SCHEMA, "kind": "error", "input": target,
+                     "error": f.message, "reason": f.reason}
+            if f.classified_as is not None:
+                error["classified_as"] = f.classified_as
+            _print_json(console, error)
         else:
             (err_console or console).print(Text(f"harness: error: {f.message}"), soft_wrap=True)
         return 1
@@ -329,8 +337,9 @@ def _explain_file(path: Path) -> tuple[str, Any, RenderableType]:
     if ndr is None:
         hint = (" (an Outlook .msg file is not MIME; save the NDR as .eml)"
                 if path.suffix.lower() == ".msg" else "")
+        kind, what = _what_it_is(raw)
         raise _Failure("not_ndr", f"{path}: not an NDR - no delivery status report found "
-                                  f"in it{hint}{_what_it_is(raw)}")
+                                  f"in it{hint}{what}", kind)
     is_delay = bool(ndr.is_delay)
     reports = [recipient_report(r, is_delay=is_delay) for r in ndr.recipients]
     original = {"message_id": _str(ndr.original.message_id),
@@ -346,13 +355,16 @@ _IT_IS = {"autoreply": "an automatic reply", "complaint": "an abuse complaint (A
           "read-receipt": "a read receipt (MDN)", "automatic": "an automatic message"}
 
 
-def _what_it_is(raw: bytes) -> str:
-    """'; it is an automatic reply (Auto-Submitted: auto-replied (RFC 3834))' for
-    the automatic messages that are not NDRs (issue 14: classify)."""
+def _what_it_is(raw: bytes) -> tuple[str | None, str]:
+    """For the automatic messages that are not NDRs (issue 14: classify), their
+    kind and '; it is an automatic reply (Auto-Submitted: auto-replied (RFC
+    3834))'; else (None, '')."""
     from harness.analysis.classify import classify
 
     c = classify(raw)
-    return f"; it is {_IT_IS[c.kind]} ({c.reason})" if c.kind in _IT_IS else ""
+    if c.kind not in _IT_IS:
+        return None, ""
+    return c.kind, f"; it is {_IT_IS[c.kind]} ({c.reason})"
 
 
 # --------------------------------------------------------------- rendering

@@ -4,6 +4,7 @@ each kind back (parse_ndr for the reports, classify for the others)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from email import message_from_bytes
 from email.policy import compat32
@@ -344,13 +345,14 @@ def test_classify_names_automatic_messages(headers: bytes, kind: str) -> None:
     assert classify(raw).kind == kind
 
 
-@pytest.mark.parametrize(("kind", "says"), [
-    ("autoreply", "it is an automatic reply (Auto-Submitted: auto-replied (RFC 3834))"),
+@pytest.mark.parametrize(("kind", "says", "classified_as"), [
+    ("autoreply", "it is an automatic reply (Auto-Submitted: auto-replied (RFC 3834))",
+     "autoreply"),
     ("arf", "it is an abuse complaint (ARF) (an RFC 5965 feedback report (Feedback-Type: "
-            "abuse))"),
+            "abuse))", "complaint"),
 ])
 def test_explain_says_what_a_report_that_is_not_an_ndr_is(tmp_path, kind: str,  # type: ignore[no-untyped-def]
-                                                           says: str) -> None:
+                                                           says: str, classified_as: str) -> None:
     import io
 
     from rich.console import Console
@@ -366,3 +368,8 @@ def test_explain_says_what_a_report_that_is_not_an_ndr_is(tmp_path, kind: str,  
     assert rc == 1
     assert err.getvalue().strip() == (f"harness: error: {path}: not an NDR - no delivery "
                                       f"status report found in it; {says}")
+    # a script tells such a report from a file that is no report at all
+    out = io.StringIO()
+    assert explain_command(str(path), as_json=True, console=Console(file=out)) == 1
+    data = json.loads(out.getvalue())
+    assert (data["reason"], data["classified_as"]) == ("not_ndr", classified_as)

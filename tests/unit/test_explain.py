@@ -297,6 +297,7 @@ def test_not_an_ndr(tmp_path: Path) -> None:
     assert err.count("\n") == 1 and "not an NDR" in err
     rc, data = run_json(str(path))
     assert rc == 1 and (data["kind"], data["reason"]) == ("error", "not_ndr")
+    assert "classified_as" not in data  # plain mail: nothing automatic about it
 
 
 def test_not_an_ndr_msg_hint(tmp_path: Path) -> None:
