@@ -275,6 +275,23 @@ def test_session_data_after_bdat_and_binarymime_with_data() -> None:
     assert c.cmd("DATA") == "503 5.5.1 BODY=BINARYMIME needs BDAT, not DATA"
 
 
+def test_session_bdat_with_a_size_and_bad_words_is_refused_and_read_past() -> None:
+    # the size is readable: its bytes are the chunk, not commands
+    c = Conversation()
+    c.ehlo()
+    c.send("MAIL FROM:<a@lab.test>", "RCPT TO:<b@lab.test>")
+    assert c.feed(b"BDAT 5 MORE\r\nhelloNOOP\r\n") == [
+        "501 5.5.4 Syntax: BDAT <size> [LAST]", "250 2.0.0 Ok"]
+    assert any(x.text == "<chunk: 5 bytes, discarded>" for x in c.lines)
+    assert c.feed(b"BDAT 3 LAST\r\nabc") == ["250 2.0.0 Ok: queued as 1"]
+    # not offered: refused the same way, and the stream stays in step
+    off = Conversation(scenario("server: {extensions: {chunking: false}}\n"))
+    off.ehlo()
+    assert off.feed(b"BDAT 4 LAST\r\nQUITNOOP\r\n") == [
+        "502 5.5.1 BDAT not offered", "250 2.0.0 Ok"]
+    assert off.closed is None
+
+
 def test_session_bdat_without_a_size_ends_the_session() -> None:
     c = Conversation()
     c.ehlo()
