@@ -1317,13 +1317,14 @@ class ServerSession:
                 or (len(words) == 2 and words[1].upper() != "LAST")):
             refusal = ("501 5.5.4 Syntax: BDAT <size> [LAST]" if chunking
                        else "502 5.5.1 BDAT not offered")
-            if words and words[0].isdigit():
+            sized = bool(words) and words[0].isdigit()
+            if sized:
                 # the size says how much follows: read past it, as for any
                 # refused chunk (else its bytes would be read as commands)
                 yield _Chunk(int(words[0]), False)
                 self._record("C", f"<chunk: {words[0]} bytes, discarded>")
             self._error(refusal)
-            if words and not words[0].isdigit():
+            if words and not sized:
                 # without a size the chunk cannot be skipped: the stream is lost
                 self._hangup("unreadable BDAT size")
             return

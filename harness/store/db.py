@@ -1654,7 +1654,7 @@ def _insert_many(db: Db, sql: str, rows: list[Any]) -> None:
     i = 0
     while i < len(rows):
         left = len(rows) - i
-        n = min(left, INSERT_ROWS) if exact else 1 << min(left.bit_length() - 1, 6)
+        n = min(left, INSERT_ROWS) if exact else min(1 << (left.bit_length() - 1), INSERT_ROWS)
         chunk = rows[i:i + n]
         db.execute(f"{head} VALUES {', '.join([one] * n)}{tail}",
                    [v for row in chunk for v in row])
