@@ -26,6 +26,7 @@ from harness.scenario.model import (
     ClientMatcher,
     Facts,
     Matcher,
+    Pattern,
     RcptMatcher,
     Rule,
     TextMatcher,
@@ -176,7 +177,7 @@ class PhaseRules:
 _META = frozenset(".^$*+?{}[]|()\\")
 
 
-def literal_prefix(regex: re.Pattern[str]) -> str:
+def literal_prefix(regex: Pattern) -> str:
     """The text every string the expression matches starts with, when the
     expression is anchored at the start (`^` or `\\A`, no flags that change
     what `^` means) and has no alternation; "" when that cannot be told.
@@ -210,7 +211,7 @@ def literal_prefix(regex: re.Pattern[str]) -> str:
     return "".join(out)
 
 
-def required_literal(regex: re.Pattern[str]) -> str:
+def required_literal(regex: Pattern) -> str:
     """The longest text every string the expression matches contains, read
     from an expression without alternation, groups or character sets
     (`user1@lab`, `bounce-\\d+@`); "" when that cannot be told. Written by

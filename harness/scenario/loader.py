@@ -240,7 +240,7 @@ def _pattern(c: _Collector, node: Node, what: str) -> m.TextPattern | None:
         if text is None:
             return None
         try:
-            return m.TextPattern(regex=re.compile(text))
+            return m.TextPattern(regex=m.compile_pattern(text))
         except re.error as e:
             c.error(keys["regex"], f"{what} regex does not compile: {e}")
             return None
@@ -292,7 +292,7 @@ def _body(c: _Collector, node: Node) -> m.Matcher | None:
         if key == "contains":
             return m.BodyMatcher("body", contains=text)
         try:
-            return m.BodyMatcher("body", regex=re.compile(text))
+            return m.BodyMatcher("body", regex=m.compile_pattern(text))
         except re.error as e:
             c.error(vnode, f"body regex does not compile: {e}")
             return None

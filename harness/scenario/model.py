@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import regex
+
 from harness.scenario.values import Compare, Reply
 
 if TYPE_CHECKING:
@@ -120,16 +122,58 @@ class Facts:
 
 # ------------------------------------------------------------------ matchers
 
+#: A rule's regular expression gives up on one value (an address, a HELO
+#: name, a header's value) after this many seconds, and on a message body
+#: after BODY_TIMEOUT. A pattern that backtracks without end on what a
+#: client sent ((a|aa)+$ on a long run of a's) would otherwise hold the
+#: event loop, and every other session with it, for minutes. Python's re
+#: has no time limit and holds the interpreter lock while it searches; the
+#: regex module reads the same syntax, has a timeout, and lets go of the
+#: lock for a body (`concurrent`).
+VALUE_TIMEOUT = 0.25
+BODY_TIMEOUT = 5.0
+
+#: a rule's compiled expression: the regex module's (re's when the regex
+#: module reads the text otherwise; none known)
+Pattern = regex.Pattern[str] | re.Pattern[str]
+
+
+class PatternTimeout(Exception):
+    """A rule's regular expression took too long on a value: not matched."""
+
+
+def compile_pattern(text: str) -> Pattern:
+    """`text` read as Python's re reads it (its syntax, its errors: re.error
+    is raised), searched by the regex module (a time limit)."""
+    checked = re.compile(text)
+    try:
+        return regex.compile(text)
+    except regex.error:  # pragma: no cover - no such text known
+        return checked
+
+
+def search(pattern: Pattern, value: str, timeout: float, *, concurrent: bool = False) -> bool:
+    """Whether `pattern` is found in `value`; PatternTimeout when it could
+    not tell within `timeout` seconds."""
+    if isinstance(pattern, re.Pattern):  # pragma: no cover - see compile_pattern
+        return pattern.search(value) is not None
+    try:
+        return pattern.search(value, timeout=timeout, concurrent=concurrent) is not None
+    except TimeoutError:
+        raise PatternTimeout(f"/{pattern.pattern}/ gave up after {timeout:g} s on "
+                             f"{len(value):,} characters (taken as not matching)") from None
+
+
 @dataclass(frozen=True)
 class TextPattern:
     """Globs (case-insensitive, any of) or one regular expression."""
 
     globs: tuple[str, ...] = ()
-    regex: re.Pattern[str] | None = None
+    regex: Pattern | None = None
 
     def matches(self, value: str) -> bool:
         if self.regex is not None:
-            return self.regex.search(value) is not None
+            return search(self.regex, value, VALUE_TIMEOUT)
         v = value.lower()
         return any(fnmatch.fnmatchcase(v, g.lower()) for g in self.globs)
 
@@ -215,13 +259,13 @@ class HeaderMatcher(Matcher):
 @dataclass(frozen=True)
 class BodyMatcher(Matcher):
     contains: str | None = None
-    regex: re.Pattern[str] | None = None
+    regex: Pattern | None = None
 
     def check(self, facts: Facts) -> str | None:
         if facts.body is None:
             return "the body is not known yet"
         if self.regex is not None:
-            return None if self.regex.search(facts.body) else (
+            return None if search(self.regex, facts.body, BODY_TIMEOUT, concurrent=True) else (
                 f"body does not match /{self.regex.pattern}/")
         assert self.contains is not None
         return None if self.contains.lower() in facts.body.lower() else (

@@ -1014,3 +1014,51 @@ def test_index_literal_is_in_every_string_an_expression_matches() -> None:
             m = regex.search(text)
             if m:
                 assert literal in text.lower(), (pattern, text, literal)
+
+
+# A pattern that backtracks without end ((a|aa)+$ on a run of a's ending in
+# something else) gives up after the time limit: the rule does not match,
+# the next one decides, and the engine reports the pattern, never hangs.
+_RUNAWAY = "'(a|aa)+$'"
+
+
+@pytest.mark.parametrize(
+    ("when", "event"),
+    [
+        (f"{{rcpt: {{regex: {_RUNAWAY}}}}}", Rcpt(recipient="a" * 60 + "!")),
+        (f"{{helo: {{regex: {_RUNAWAY}}}}}", Helo(name="a" * 60 + "!")),
+        (f"{{header: {{Subject: {{regex: {_RUNAWAY}}}}}}}",
+         Message(content=b"Subject: " + b"a" * 60 + b"!\r\n\r\nx")),
+    ],
+)
+def test_engine_runaway_pattern_gives_up(when: str, event: Event,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(m, "VALUE_TIMEOUT", 0.05)  # the suite's time, not the default's
+    on = event.phase.value
+    eng = engine(f"- {{name: slow, on: {on}, when: {when}, reply: 550 5.7.1 slow}}\n"
+                 f"- {{name: next, on: {on}, reply: 451 4.3.0 next}}\n", seed=1)
+    (d,) = play(eng, [event])
+    assert d.rule == "next"
+    ((name, why),) = d.misses
+    assert name == "slow"
+    assert "PatternTimeout" in why and "/(a|aa)+$/ gave up after 0.05 s" in why
+    assert [type(e) for e in eng.errors] == [m.PatternTimeout]
+
+
+def test_engine_runaway_body_pattern_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(m, "BODY_TIMEOUT", 0.05)
+    eng = engine(f"- {{name: slow, on: message, when: {{body: {{regex: {_RUNAWAY}}}}},"
+                 " reply: 554 5.7.1 slow}\n", seed=1)
+    (d,) = play(eng, [Message(content=b"Subject: x\r\n\r\n" + b"a" * 60 + b"!")])
+    assert d.rule is None and d.accepts
+    assert "body failed: PatternTimeout: /(a|aa)+$/ gave up after 0.05 s on 61 characters" \
+        in d.misses[0][1]
+
+
+def test_engine_patterns_keep_re_syntax() -> None:
+    # what re reads is read (the regex module's own additions are not
+    # promised), and re's error is what the loader reports
+    with pytest.raises(re.error):
+        m.compile_pattern("(")
+    p = m.TextPattern(regex=m.compile_pattern(r"(?i)^bounce-\d+@"))
+    assert p.matches("BOUNCE-12@lab.test") and not p.matches("x-bounce-12@lab.test")
