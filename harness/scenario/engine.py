@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 from harness.records import Body
 from harness.scenario.index import Misses, PhaseRules
 from harness.scenario.model import (
+    ContentChecks,
     Facts,
     Fault,
     Phase,
@@ -104,6 +105,8 @@ class Message(Event):
     content: bytes | bytearray | Body  # a Body is joined only if a rule reads content
     dkim: str | None = None  # results, when the adapter checked them
     dmarc: str | None = None
+    #: the rules' header and body conditions, tested ahead (Engine.content_checks)
+    checks: ContentChecks | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +346,10 @@ class Engine:
                 p: any(mt.key in _CONTENT_KEYS for r in rs for mt in r.when)
                 for p, rs in self._rules.items()
             }
+            #: the header and body conditions a message's decision tests
+            self._content_matchers = tuple(
+                mt for r in self._rules[Phase.MESSAGE] for mt in r.when
+                if mt.key in _CONTENT_KEYS)
             self.uses = frozenset(mt.key for r in scenario.rules for mt in r.when)
             self._normal = {p: Decision(phase=p) for p in Phase}
             limits = scenario.server.limits
@@ -423,6 +430,28 @@ class Engine:
         is read, the rules and the RNG, is safe to share)."""
         return self._decide(session, event, book)
 
+    def content_checks(self, content: bytes | bytearray | Body) -> ContentChecks:
+        """The header and body conditions of the message rules, tested on
+        `content` ahead of the decision: for a worker thread (a large
+        message's split, decoding and searches are no work for the event
+        loop). Reads only the rules (the engine's state is not touched); the
+        decision then takes these results (Message.checks)."""
+        matchers = self._content_matchers  # this scenario's, whatever comes next
+        out = ContentChecks()
+        if not matchers:
+            return out
+        headers, body = _split_message(content)
+        facts = Facts(phase=Phase.MESSAGE, client=ipaddress.ip_address("0.0.0.0"), tls=False,
+                      connection=0, state="", rng=self.rng, headers=headers, body=body)
+        for mt in matchers:
+            try:
+                reason = mt.check(facts)
+            except Exception as e:  # as _match does: the condition fails, reported
+                reason = f"{mt.key} failed: {type(e).__name__}: {e}"
+                out.errors.append(e)
+            out.add(mt, reason)
+        return out
+
     def _decide(self, session: SessionFacts, event: Event, book: Book) -> Decision:
         phase = event.phase
         name = _PHASE_NAME[phase]
@@ -497,9 +526,12 @@ class Engine:
             facts.size = len(event.content)
             facts.dkim, facts.dmarc = event.dkim, event.dmarc
             if self._needs_content[phase]:
-                content = event.content
-                facts.headers, facts.body = _split_message(
-                    content.whole() if isinstance(content, Body) else content)
+                checks = event.checks
+                if checks is not None and checks.covers(self._content_matchers):
+                    facts.checks = checks
+                    self.errors.extend(checks.errors)
+                else:
+                    facts.headers, facts.body = _split_message(event.content)
         elif isinstance(event, Bdat):
             facts.size = event.total
         elif isinstance(event, Auth):
@@ -602,12 +634,14 @@ def _misses(table: PhaseRules, upto: int, tested: dict[int, str],
 _END_OF_HEADERS = re.compile(rb"(?:\A|\n)\r?\n")
 
 
-def _split_message(content: bytes | bytearray) -> tuple[EmailMessage, str]:
+def _split_message(content: bytes | bytearray | Body) -> tuple[EmailMessage, str]:
     # imported here: the email package loads socket (email.utils, for
     # make_msgid), which the SMTP session must not pull in by importing us
     from email.parser import BytesHeaderParser
     from email.policy import compat32
 
+    if isinstance(content, Body):
+        content = content.whole()
     sep = _END_OF_HEADERS.search(content)
     end = len(content) if sep is None else sep.end()  # no blank line: all header section
     # the header section alone: the parser reads all it is given, line by

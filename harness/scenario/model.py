@@ -13,7 +13,7 @@ import ipaddress
 import math
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -119,6 +119,36 @@ class Facts:
     spf: str | None = None
     dkim: str | None = None
     dmarc: str | None = None
+    #: header and body conditions tested ahead, off the event loop
+    checks: ContentChecks | None = None
+
+
+class ContentChecks:
+    """The header and body conditions of a scenario's rules, tested on one
+    message ahead of the decision (for a large message, in a worker thread:
+    splitting, decoding and searching megabytes is no work for the event
+    loop). A condition tests itself against a result here only when it is
+    that very condition's (the scenario may have changed meanwhile)."""
+
+    __slots__ = ("_results", "errors")
+
+    def __init__(self) -> None:
+        self._results: dict[int, tuple[Matcher, str | None]] = {}
+        #: what went wrong testing (a pattern that gave up), for the engine to report
+        self.errors: list[Exception] = []
+
+    def add(self, matcher: Matcher, reason: str | None) -> None:
+        self._results[id(matcher)] = (matcher, reason)
+
+    def get(self, matcher: Matcher) -> tuple[bool, str | None]:
+        """(known, why not): known False when `matcher` was not tested here."""
+        got = self._results.get(id(matcher))
+        if got is None or got[0] is not matcher:
+            return False, None
+        return True, got[1]
+
+    def covers(self, matchers: Iterable[Matcher]) -> bool:
+        return all(self.get(mt)[0] for mt in matchers)
 
 # ------------------------------------------------------------------ matchers
 
@@ -246,6 +276,10 @@ class HeaderMatcher(Matcher):
     headers: tuple[tuple[str, TextPattern], ...] = ()
 
     def check(self, facts: Facts) -> str | None:
+        if facts.checks is not None:
+            known, reason = facts.checks.get(self)
+            if known:
+                return reason
         if facts.headers is None:
             return "headers are not known yet"
         for name, pattern in self.headers:
@@ -262,6 +296,10 @@ class BodyMatcher(Matcher):
     regex: Pattern | None = None
 
     def check(self, facts: Facts) -> str | None:
+        if facts.checks is not None:
+            known, reason = facts.checks.get(self)
+            if known:
+                return reason
         if facts.body is None:
             return "the body is not known yet"
         if self.regex is not None:

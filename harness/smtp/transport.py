@@ -311,6 +311,8 @@ class SmtpTransport(asyncio.Protocol):
             self._in_thread(self._check_spf, request.sender)
         elif isinstance(request, ss.CheckMessage):
             self._in_thread(self._check_message, bytes(request.content), request.mail_from)
+        elif isinstance(request, ss.CheckContent):
+            self._in_thread(self.ctx.engine.content_checks, request.content)
         else:  # pragma: no cover - every request is handled above
             raise AssertionError(f"unknown request {request!r}")
 

@@ -98,6 +98,9 @@ class Conversation:
                 actions = self.session.resume(ss.TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
             elif isinstance(request, ss.CheckSpf):
                 actions = self.session.resume(self.spf)
+            elif isinstance(request, ss.CheckContent):  # the transport: in a thread
+                assert self.engine is not None
+                actions = self.session.resume(self.engine.content_checks(request.content))
             elif isinstance(request, ss.Delay):
                 self.t += request.seconds
                 actions = self.session.resume(None)

@@ -1062,3 +1062,40 @@ def test_engine_patterns_keep_re_syntax() -> None:
         m.compile_pattern("(")
     p = m.TextPattern(regex=m.compile_pattern(r"(?i)^bounce-\d+@"))
     assert p.matches("BOUNCE-12@lab.test") and not p.matches("x-bounce-12@lab.test")
+
+
+def test_engine_content_checks_ahead_decide_as_the_decision_would() -> None:
+    rules = """
+    - {name: invoice, on: message, when: {header: {Subject: '*invoice*'}}, reply: 554 5.7.1 a}
+    - {name: attached, on: message, when: {body: attached}, reply: 554 5.7.1 b}
+    - {name: priority, on: message, when: {header: {X-Priority: {regex: '^1'}}}, reply: 451 c}
+    """
+    for content in (MSG, MSG.replace(b"invoice\r\n", b"report\r\n"),
+                    b"X-Priority: 1\r\n\r\nplain", b"Subject: none\r\n\r\nnone"):
+        inline = play(engine(rules, seed=1), [Message(content=content)])
+        eng = engine(rules, seed=1)
+        ahead = play(eng, [Message(content=content, checks=eng.content_checks(content))])
+        assert [(d.rule, d.reply, d.misses) for d in ahead] == \
+            [(d.rule, d.reply, d.misses) for d in inline]
+
+
+def test_engine_content_checks_of_another_scenario_are_not_taken() -> None:
+    # the scenario changed between the checks and the decision: its own
+    # conditions are tested in the decision, not taken from the checks
+    eng = engine("- {name: old, on: message, when: {body: invoice}, reply: 554 5.7.1 old}\n")
+    checks = eng.content_checks(MSG)
+    eng.use(scenario("- {name: new, on: message, when: {body: zzz}, reply: 554 5.7.1 new}\n"))
+    (d,) = play(eng, [Message(content=MSG, checks=checks)])
+    assert d.rule is None and d.misses == (("new", "body does not contain 'zzz'"),)
+
+
+def test_engine_content_checks_report_a_pattern_that_gave_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(m, "BODY_TIMEOUT", 0.05)
+    eng = engine(f"- {{name: slow, on: message, when: {{body: {{regex: {_RUNAWAY}}}}},"
+                 " reply: 554 5.7.1 slow}\n")
+    content = b"Subject: x\r\n\r\n" + b"a" * 60 + b"!"
+    checks = eng.content_checks(content)  # (a worker thread's part)
+    assert eng.errors == []
+    (d,) = play(eng, [Message(content=content, checks=checks)])
+    assert d.accepts and [type(e) for e in eng.errors] == [m.PatternTimeout]

@@ -568,3 +568,47 @@ def test_session_client_gone_before_the_commit_records_its_pairs_lost_with_the_m
     assert not c.attempts  # no verdict before the commit
     c.lost()
     assert [(a.outcome, a.message_id, a.phase) for a in c.attempts] == [("lost", 1, "message")]
+
+
+# A large message's header and body conditions are tested before the
+# decision, in a request of their own (the transport runs it in a worker
+# thread); a small one's, or a scenario without such conditions, in the
+# decision itself. The verdict is the same either way.
+_CONTENT_RULES = """
+rules:
+  - {name: invoice, on: message, when: {header: {Subject: '*invoice*'}},
+     reply: 554 5.7.1 no invoices}
+  - {name: lottery, on: message, when: {body: {regex: '(?i)lottery'}},
+     reply: 554 5.7.1 no lotteries}
+"""
+
+
+def _message(c: Conversation, subject: str, body: bytes) -> str:
+    c.send("MAIL FROM:<a@lab.test>", "RCPT TO:<b@lab.test>", "DATA")
+    return c.feed(b"Subject: " + subject.encode() + b"\r\n\r\n" + body + b"\r\n.\r\n")[-1]
+
+
+@pytest.mark.parametrize(
+    ("subject", "body", "reply"),
+    [
+        ("Your invoice", b"x", "554 5.7.1 no invoices"),
+        ("hello", b"you won the LOTTERY", "554 5.7.1 no lotteries"),
+        ("hello", b"nothing to see", "250 2.0.0 Ok: queued as 1"),
+    ],
+)
+@pytest.mark.parametrize("padding", [0, ss.CONTENT_INLINE])
+def test_session_content_conditions_of_a_large_message_are_tested_ahead(
+        subject: str, body: bytes, reply: str, padding: int) -> None:
+    c = Conversation(scenario(_CONTENT_RULES))
+    c.ehlo()
+    assert _message(c, subject, b"a" * padding + b"\r\n" + body) == reply
+    ahead = [r for r in c.requests if isinstance(r, ss.CheckContent)]
+    assert len(ahead) == (1 if padding else 0)
+
+
+def test_session_large_message_without_content_rules_is_not_tested_ahead() -> None:
+    c = Conversation(scenario(
+        "rules:\n  - {name: r, on: rcpt, when: {rcpt: x@y}, reply: 550 5.1.1 no}\n"))
+    c.ehlo()
+    assert _message(c, "hello", b"a" * ss.CONTENT_INLINE * 2) == "250 2.0.0 Ok: queued as 1"
+    assert not any(isinstance(r, ss.CheckContent) for r in c.requests)
