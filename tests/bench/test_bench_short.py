@@ -95,3 +95,15 @@ def test_bench_workers_quick_measures_the_stateful_decision(tmp_path: Path) -> N
     # the bench itself checks each store holds every message smtp-source sent
     assert {r["config"] for r in result["runs"]} == {"w1-sqlite", "w2-sqlite", "w1-pg",
                                                      "w2-pg"}
+
+
+def test_bench_stall_quick_times_the_other_client_and_gets_the_verdicts(
+        tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    done = bench("stall.py", "--quick", "--json", str(out))
+    assert "| content | 554 |" in done.stdout and "| accept | 250 |" in done.stdout
+    results = {r["scenario"]: r for r in json.loads(out.read_text())["results"]}
+    # the rule read the large message (in its thread) and refused it; the
+    # other client was answered all along
+    assert results["content"]["verdicts"] == [554] and results["accept"]["verdicts"] == [250]
+    assert all(r["noops"] > 0 for r in results.values())
