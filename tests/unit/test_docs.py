@@ -41,3 +41,18 @@ def test_docs_python_examples_are_the_example_tests() -> None:
     assert len(blocks) >= 3
     for block in blocks:
         assert block.strip() in examples, f"not in tests/examples:\n{block}"
+
+
+def test_docs_dns_example_answers_as_the_reference_says() -> None:
+    from harness.analysis.dns import NotFound, ScenarioDns, TempError
+
+    (block,) = [b for _, _, b in _yaml_blocks() if b.startswith("scenario: dns-example\n")]
+    dns = ScenarioDns(load_text(block, "scenarios.md").dns)
+    assert dns.query("lab.test", "TXT") == ["v=spf1 ip4:127.0.0.1 -all"]
+    assert dns.query("mx.lab.test", "A") == ["127.0.0.1"]
+    assert dns.query("host.wild.test", "A") == ["192.0.2.1"]  # the wildcard
+    assert dns.query("1.0.0.127.in-addr.arpa", "PTR") == ["mx.lab.test"]
+    with pytest.raises(TempError):
+        dns.query("broken.test", "TXT")
+    with pytest.raises(NotFound):
+        dns.query("nowhere.test", "A")
