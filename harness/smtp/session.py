@@ -164,9 +164,10 @@ class CheckSpf(Request):
 @dataclass(frozen=True, slots=True)
 class CheckMessage(Request):
     """Check DKIM and DMARC (and SPF) of a received message; resume with an
-    `AuthOutcome`."""
+    `AuthOutcome`. The message as received (joined where the check runs,
+    not on the event loop)."""
 
-    content: bytes | bytearray
+    content: Body
     mail_from: str
 
 
@@ -1408,7 +1409,7 @@ class ServerSession:
         tx.stored = mid
         auth = None
         if self._decider.uses & {"dkim", "dmarc"}:
-            auth = yield CheckMessage(content.whole(), tx.mail_from)
+            auth = yield CheckMessage(content, tx.mail_from)
             self._note(f"Authentication-Results: {auth.authentication_results}")
         checks = None
         if len(content) > CONTENT_INLINE and self._decider.uses & _CONTENT_KEYS:

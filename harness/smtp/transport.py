@@ -20,7 +20,7 @@ import ssl
 import struct
 from typing import Any, cast
 
-from harness.records import NotStored, TranscriptLine
+from harness.records import Body, NotStored, TranscriptLine
 from harness.smtp import outbound
 from harness.smtp import session as ss
 from harness.smtp.listener import ListenerContext
@@ -310,7 +310,7 @@ class SmtpTransport(asyncio.Protocol):
         elif isinstance(request, ss.CheckSpf):
             self._in_thread(self._check_spf, request.sender)
         elif isinstance(request, ss.CheckMessage):
-            self._in_thread(self._check_message, bytes(request.content), request.mail_from)
+            self._in_thread(self._check_message, request.content, request.mail_from)
         elif isinstance(request, ss.CheckContent):
             self._in_thread(self.ctx.engine.content_checks, request.content)
         else:  # pragma: no cover - every request is handled above
@@ -362,12 +362,12 @@ class SmtpTransport(asyncio.Protocol):
         return check_spf(str(session.connection.client), sender, session.helo_seen or "",
                          self.ctx.resolver(), receiver=session.server.hostname)
 
-    def _check_message(self, content: bytes, mail_from: str) -> Any:
+    def _check_message(self, content: Body, mail_from: str) -> Any:
         from harness.analysis.auth import check_message
 
         session = self.session
         assert session is not None
-        return check_message(content, client_ip=session.connection.key,
+        return check_message(bytes(content.whole()), client_ip=session.connection.key,
                              helo=session.helo_seen or "", mail_from=mail_from,
                              resolver=self.ctx.resolver(), hostname=session.server.hostname)
 
