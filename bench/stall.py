@@ -40,6 +40,10 @@ SCENARIOS = {
     "content": ("scenario: content\nrules:\n  - name: lottery\n    on: message\n"
                 "    when: {body: {regex: '(?i)viagra|lottery'}}\n"
                 "    reply: 554 5.7.1 no lotteries here\n"),
+    "dmarc": ("scenario: dmarc\ndns:\n  bench.test: {TXT: ['v=spf1 -all']}\n"
+              "  _dmarc.bench.test: {TXT: ['v=DMARC1; p=reject']}\nrules:\n"
+              "  - name: dmarc\n    on: message\n    when: {dmarc: fail}\n"
+              "    reply: 550 5.7.26 This message failed DMARC\n"),
 }
 LINE = b"x" * 76 + b"\r\n"
 
@@ -89,8 +93,8 @@ def run(scenario: str, size_mb: float, messages: int, src: str | None) -> dict[s
                                      if server.stderr else "harness serve did not start"
                                      ) from None
                 time.sleep(0.05)
-        body = (b"Subject: stall bench\r\n\r\n" + LINE * int(size_mb * 1e6 / len(LINE))
-                + b"you won the LOTTERY\r\n")
+        body = (b"From: a@bench.test\r\nSubject: stall bench\r\n\r\n"
+                + LINE * int(size_mb * 1e6 / len(LINE)) + b"you won the LOTTERY\r\n")
         verdicts: list[int] = []
 
         def send(content: bytes) -> None:
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=float, default=20.0, help="message size in MB (default 20)")
     p.add_argument("--messages", type=int, default=3, help="timed messages (default 3)")
     p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
-                   help="accept or content (default both)")
+                   help="accept, content or dmarc (default all three)")
     p.add_argument("--harness-src", help="run the harness from this checkout (PYTHONPATH)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--quick", action="store_true", help="1 MB, 1 message: the short mode")
