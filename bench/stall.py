@@ -44,6 +44,11 @@ SCENARIOS = {
               "  _dmarc.bench.test: {TXT: ['v=DMARC1; p=reject']}\nrules:\n"
               "  - name: dmarc\n    on: message\n    when: {dmarc: fail}\n"
               "    reply: 550 5.7.26 This message failed DMARC\n"),
+    # {key}: the public key of the signature the bench makes (dkimpy)
+    "dkim": ("scenario: dkim\ndns:\n"
+             "  s1._domainkey.bench.test: {{TXT: ['v=DKIM1; k=rsa; p={key}']}}\nrules:"
+             "\n  - name: signed\n    on: message\n    when: {{dkim: pass}}\n"
+             "    reply: 550 5.7.1 verified, and refused\n"),
 }
 LINE = b"x" * 76 + b"\r\n"
 
@@ -52,6 +57,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def _key() -> tuple[bytes, str]:
+    """A fresh RSA key: the private one (PEM) to sign with, the public one
+    (base64 DER) for the scenario's DNS."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    der = k.public_key().public_bytes(serialization.Encoding.DER,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(der).decode()
 
 
 def pinger(port: int, stop: Event, out: Any) -> None:
@@ -70,6 +91,10 @@ def run(scenario: str, size_mb: float, messages: int, src: str | None) -> dict[s
     folder = Path(tempfile.mkdtemp(prefix="harness-stall-"))
     target = "accept"
     text = SCENARIOS[scenario]
+    pem = b""
+    if scenario == "dkim":
+        pem, public = _key()
+        text = (text or "").format(key=public)
     if text is not None:
         target = str(folder / "scenario.yaml")
         Path(target).write_text(text)
@@ -95,6 +120,11 @@ def run(scenario: str, size_mb: float, messages: int, src: str | None) -> dict[s
                 time.sleep(0.05)
         body = (b"From: a@bench.test\r\nSubject: stall bench\r\n\r\n"
                 + LINE * int(size_mb * 1e6 / len(LINE)) + b"you won the LOTTERY\r\n")
+        if pem:
+            import dkim
+
+            body = dkim.sign(body, b"s1", b"bench.test", pem,
+                             canonicalize=(b"relaxed", b"relaxed")) + body
         verdicts: list[int] = []
 
         def send(content: bytes) -> None:
@@ -134,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=float, default=20.0, help="message size in MB (default 20)")
     p.add_argument("--messages", type=int, default=3, help="timed messages (default 3)")
     p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
-                   help="accept, content or dmarc (default all three)")
+                   help="accept, content, dmarc or dkim (default all four)")
     p.add_argument("--harness-src", help="run the harness from this checkout (PYTHONPATH)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--quick", action="store_true", help="1 MB, 1 message: the short mode")

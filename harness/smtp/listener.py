@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import multiprocessing
 import ssl
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -99,6 +100,9 @@ class ListenerContext:
     #: handlers still running, and the thread they run in
     pending_handlers: set[asyncio.Future[Any]] = field(default_factory=set)
     handler_runner: Any = None
+    #: the process a large message's DKIM and DMARC are checked in (made
+    #: when first needed; see SmtpTransport._check_message_apart)
+    auth_pool: concurrent.futures.ProcessPoolExecutor | None = None
     #: where rules' bounce: reports are sent (HOST, PORT); see outbound.py
     bounce_via: tuple[str, int] | None = None
     #: the book several processes or hosts share (harness.state); None: this
@@ -344,6 +348,26 @@ class ListenerContext:
         key = (server.tls, server.hostname)
         if self._tls is None or self._tls[0] != key:
             self._tls = (key, server_context(server.tls, server.hostname, self.ca_dir))
+
+    def auth_process(self) -> concurrent.futures.ProcessPoolExecutor:
+        """The process large messages' DKIM and DMARC are checked in: a
+        process of its own (spawned, not forked: the server has threads),
+        one message at a time."""
+        if self.auth_pool is None:
+            from harness.analysis.auth import apart_process_started
+
+            self.auth_pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=apart_process_started)
+        return self.auth_pool
+
+    def drop_auth_process(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        """`pool`'s process died: the next check makes a new one (unless
+        another check has made it already). What was queued there fails
+        with BrokenProcessPool, and is tried again."""
+        if self.auth_pool is pool:
+            self.auth_pool = None
+            pool.shutdown(wait=False)
 
     def resolver(self) -> Any:
         """The DNS the authentication checks use, made once per scenario."""

@@ -107,4 +107,5 @@ def test_bench_stall_quick_times_the_other_client_and_gets_the_verdicts(
     # other client was answered all along
     assert results["content"]["verdicts"] == [554] and results["accept"]["verdicts"] == [250]
     assert results["dmarc"]["verdicts"] == [550]  # unsigned, SPF fails: DMARC fails
+    assert results["dkim"]["verdicts"] == [550]  # signed, verified: the rule's 550
     assert all(r["noops"] > 0 for r in results.values())
