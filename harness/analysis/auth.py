@@ -688,23 +688,14 @@ def check_message(raw: bytes, *, client_ip: str, helo: str, mail_from: str,
                        hostname=hostname)
 
 
-def apart_process_started() -> None:
-    """The checks' process starts: Ctrl-C and SIGTERM are for the server,
-    which ends this process when it stops (a terminal sends Ctrl-C to the
-    whole process group)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def check_message_apart(parts: Sequence[bytes | bytearray],
                         zone: Mapping[str, Mapping[str, Sequence[str]]] | None, *,
                         client_ip: str, helo: str, mail_from: str,
                         hostname: str) -> AuthResults:
-    """check_message for a process of its own (what it is given is pickled):
-    the message in its parts, joined here, and the resolver made here from
-    `zone`, a scenario's dns (None: the system's resolver)."""
+    """check_message for a process of its own (auth_process.py: what it is
+    given is pickled): the message in its parts, joined here, and the
+    resolver made here from `zone`, a scenario's dns (None: the system's
+    resolver)."""
     from harness.analysis.dns import ScenarioDns, SystemDns
 
     resolver: Resolver = SystemDns() if zone is None else ScenarioDns(zone)

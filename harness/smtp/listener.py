@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import multiprocessing
 import ssl
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +27,7 @@ from harness.smtp.tls import server_context
 from harness.store.db import Store
 
 if TYPE_CHECKING:
+    from harness.analysis.auth_process import AuthProcess
     from harness.analyst import Analyst
     from harness.smtp.session import ServerSession
     from harness.smtp.transport import SmtpTransport
@@ -102,7 +102,7 @@ class ListenerContext:
     handler_runner: Any = None
     #: the process a large message's DKIM and DMARC are checked in (made
     #: when first needed; see SmtpTransport._check_message_apart)
-    auth_pool: concurrent.futures.ProcessPoolExecutor | None = None
+    auth_pool: AuthProcess | None = None
     #: where rules' bounce: reports are sent (HOST, PORT); see outbound.py
     bounce_via: tuple[str, int] | None = None
     #: the book several processes or hosts share (harness.state); None: this
@@ -349,25 +349,14 @@ class ListenerContext:
         if self._tls is None or self._tls[0] != key:
             self._tls = (key, server_context(server.tls, server.hostname, self.ca_dir))
 
-    def auth_process(self) -> concurrent.futures.ProcessPoolExecutor:
-        """The process large messages' DKIM and DMARC are checked in: a
-        process of its own (spawned, not forked: the server has threads),
-        one message at a time."""
+    def auth_process(self) -> AuthProcess:
+        """The process large messages' DKIM and DMARC are checked in (see
+        harness.analysis.auth_process), started when first needed."""
         if self.auth_pool is None:
-            from harness.analysis.auth import apart_process_started
+            from harness.analysis.auth_process import AuthProcess
 
-            self.auth_pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=apart_process_started)
+            self.auth_pool = AuthProcess()
         return self.auth_pool
-
-    def drop_auth_process(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
-        """`pool`'s process died: the next check makes a new one (unless
-        another check has made it already). What was queued there fails
-        with BrokenProcessPool, and is tried again."""
-        if self.auth_pool is pool:
-            self.auth_pool = None
-            pool.shutdown(wait=False)
 
     def resolver(self) -> Any:
         """The DNS the authentication checks use, made once per scenario."""

@@ -75,8 +75,8 @@ class Listener:
         if self.ctx.handler_runner is not None:
             await asyncio.to_thread(self.ctx.handler_runner.stop)
             self.ctx.handler_runner = None
-        if self.ctx.auth_pool is not None:  # a check still running: its session is closed
-            await asyncio.to_thread(self.ctx.auth_pool.shutdown, cancel_futures=True)
+        if self.ctx.auth_pool is not None:
+            await asyncio.to_thread(self.ctx.auth_pool.close)
             self.ctx.auth_pool = None
         await self.server.wait_closed()
 

@@ -1,12 +1,12 @@
 """DKIM and DMARC of a message over AUTH_APART are checked in a process of
-their own (dkimpy canonicalizes the body in Python, holding the interpreter
-lock: in a thread that held the event loop), on real sockets; the verdicts
-and the Authentication-Results line are those of the thread's checks."""
+their own (harness.analysis.auth_process: dkimpy canonicalizes the body in
+Python, holding the interpreter lock, which in a thread held the event
+loop), on real sockets; the verdicts and the Authentication-Results line are
+those of the thread's checks."""
 
 from __future__ import annotations
 
 import base64
-import multiprocessing
 import os
 import random
 import re
@@ -96,16 +96,13 @@ def test_a_killed_checks_process_is_replaced(key: tuple[bytes, str]) -> None:
     pem, public = key
     with Harness(_scenario(public)) as h:
         assert _send(h, _message(pem, AUTH_APART * 2)) == (250, b"2.0.0 Signed and aligned")
-        first = h.ctx.auth_pool
-        assert first is not None
-        workers = [p for p in multiprocessing.active_children()
-                   if p.name.startswith("SpawnProcess")]
-        assert len(workers) == 1
-        os.kill(workers[0].pid or 0, signal.SIGKILL)
-        workers[0].join(10)
+        checker = h.ctx.auth_pool
+        assert checker is not None and checker.started == 1 and checker.pid is not None
+        os.kill(checker.pid, signal.SIGKILL)
         assert _send(h, _message(pem, AUTH_APART * 2, tamper=True)) == (
             550, b"5.7.26 This message failed DMARC")
-        assert h.ctx.auth_pool is not None and h.ctx.auth_pool is not first
+        assert checker.started == 2 and checker.pid is not None
+    assert checker.pid is None  # ended with the listener
 
 
 def test_ctrl_c_to_the_process_group_stops_serve_and_its_checks_process_quietly(
@@ -142,3 +139,43 @@ def test_ctrl_c_to_the_process_group_stops_serve_and_its_checks_process_quietly(
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "stopped: 1 sessions, 1 messages" in out
+
+
+def test_what_the_check_raises_in_its_process_is_raised_here() -> None:
+    from harness.analysis.auth_process import AuthProcess
+
+    checker = AuthProcess()
+    try:
+        with pytest.raises(ValueError, match="BOGUS"):
+            checker.check([b"Subject: x\r\n\r\nx\r\n"], {"lab.test": {"BOGUS": ["1"]}},
+                          client_ip="127.0.0.1", helo="c.lab.test", mail_from="a@lab.test",
+                          hostname="mx.harness.test")
+        ok = checker.check([b"From: a@lab.test\r\n", b"\r\nx\r\n"], {}, client_ip="127.0.0.1",
+                           helo="c.lab.test", mail_from="a@lab.test", hostname="mx.harness.test")
+        assert ok.dkim_result == "none" and ok.dmarc.result == "none"
+        assert checker.started == 1  # the same process answered both
+    finally:
+        checker.close()
+
+
+def test_a_script_without_a_main_guard_runs_once(key: tuple[bytes, str], tmp_path: Path) -> None:
+    # (multiprocessing's spawn would import the script again in its child,
+    # starting a second harness: the checks' process is no such child)
+    pem, public = key
+    script = tmp_path / "lab.py"
+    script.write_text(f"""
+import smtplib, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_auth_large_messages import _message, _scenario
+from harness.smtp.transport import AUTH_APART
+from harness.testing import Harness
+print("script ran", flush=True)
+with Harness(_scenario({public!r})) as h:
+    with smtplib.SMTP(h.host, h.port, local_hostname="c.lab.test", timeout=60) as c:
+        c.ehlo(); c.mail("sender@lab.test"); c.rcpt("user@lab.test")
+        print(c.data(_message({pem!r}, AUTH_APART * 2))[0], flush=True)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["script", "ran", "250"], done.stdout + done.stderr
