@@ -102,7 +102,7 @@ class ListenerContext:
     handler_runner: Any = None
     #: the process a large message's DKIM and DMARC are checked in (made
     #: when first needed; see SmtpTransport._check_message_apart)
-    auth_pool: AuthProcess | None = None
+    auth_checker: AuthProcess | None = None
     #: where rules' bounce: reports are sent (HOST, PORT); see outbound.py
     bounce_via: tuple[str, int] | None = None
     #: the book several processes or hosts share (harness.state); None: this
@@ -352,11 +352,11 @@ class ListenerContext:
     def auth_process(self) -> AuthProcess:
         """The process large messages' DKIM and DMARC are checked in (see
         harness.analysis.auth_process), started when first needed."""
-        if self.auth_pool is None:
+        if self.auth_checker is None:
             from harness.analysis.auth_process import AuthProcess
 
-            self.auth_pool = AuthProcess()
-        return self.auth_pool
+            self.auth_checker = AuthProcess()
+        return self.auth_checker
 
     def resolver(self) -> Any:
         """The DNS the authentication checks use, made once per scenario."""

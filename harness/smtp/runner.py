@@ -75,9 +75,9 @@ class Listener:
         if self.ctx.handler_runner is not None:
             await asyncio.to_thread(self.ctx.handler_runner.stop)
             self.ctx.handler_runner = None
-        if self.ctx.auth_pool is not None:
-            await asyncio.to_thread(self.ctx.auth_pool.close)
-            self.ctx.auth_pool = None
+        if self.ctx.auth_checker is not None:
+            await asyncio.to_thread(self.ctx.auth_checker.close)
+            self.ctx.auth_checker = None
         await self.server.wait_closed()
 
 

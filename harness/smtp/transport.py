@@ -351,11 +351,10 @@ class SmtpTransport(asyncio.Protocol):
 
     def _in_thread(self, fn: Any, *args: Any) -> None:
         """Run `fn` in a worker thread (DNS, signature checks): never on the loop."""
-        self._resume_with(self.loop.run_in_executor(None, fn, *args))
+        fut = self.loop.run_in_executor(None, fn, *args)
 
-    def _resume_with(self, fut: asyncio.Future[Any]) -> None:
         def done(f: asyncio.Future[Any]) -> None:
-            if f.cancelled():  # the listener closed under it: the session is gone
+            if f.cancelled():  # the loop is closing: the session is gone
                 return
             error = f.exception()
             if error is not None:

@@ -80,14 +80,14 @@ def test_dkim_and_dmarc_verdicts_small_and_large(key: tuple[bytes, str], size: i
         assert _send(h, _message(pem, size, tamper=True)) == (
             550, b"5.7.26 This message failed DMARC")
         # the large ones went to the checks' process; the small ones did not
-        assert (h.ctx.auth_pool is not None) == (size > AUTH_APART)
+        assert (h.ctx.auth_checker is not None) == (size > AUTH_APART)
         h.wait_idle()
         notes = [e.text for s in h.sessions() for e in s.events
                  if e.text.startswith("Authentication-Results:")]
         assert len(notes) == 2
         assert "dkim=pass" in notes[0] and "dmarc=pass" in notes[0]
         assert "dkim=fail" in notes[1] and "dmarc=fail" in notes[1]
-    assert h.ctx.auth_pool is None  # shut down with the listener
+    assert h.ctx.auth_checker is None  # shut down with the listener
 
 
 def test_a_killed_checks_process_is_replaced(key: tuple[bytes, str]) -> None:
@@ -96,7 +96,7 @@ def test_a_killed_checks_process_is_replaced(key: tuple[bytes, str]) -> None:
     pem, public = key
     with Harness(_scenario(public)) as h:
         assert _send(h, _message(pem, AUTH_APART * 2)) == (250, b"2.0.0 Signed and aligned")
-        checker = h.ctx.auth_pool
+        checker = h.ctx.auth_checker
         assert checker is not None and checker.started == 1 and checker.pid is not None
         os.kill(checker.pid, signal.SIGKILL)
         assert _send(h, _message(pem, AUTH_APART * 2, tamper=True)) == (
