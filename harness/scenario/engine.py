@@ -306,7 +306,8 @@ def _parse_client(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
-_CONTENT_KEYS = frozenset({"header", "body"})
+#: the conditions that read the message itself (known at the message step)
+CONTENT_KEYS = frozenset({"header", "body"})
 
 
 class Engine:
@@ -343,13 +344,13 @@ class Engine:
             self._rules = {p: tuple(rs) for p, rs in by_phase.items()}
             self._tables = {p: PhaseRules(rs) for p, rs in self._rules.items()}
             self._needs_content = {
-                p: any(mt.key in _CONTENT_KEYS for r in rs for mt in r.when)
+                p: any(mt.key in CONTENT_KEYS for r in rs for mt in r.when)
                 for p, rs in self._rules.items()
             }
             #: the header and body conditions a message's decision tests
             self._content_matchers = tuple(
                 mt for r in self._rules[Phase.MESSAGE] for mt in r.when
-                if mt.key in _CONTENT_KEYS)
+                if mt.key in CONTENT_KEYS)
             self.uses = frozenset(mt.key for r in scenario.rules for mt in r.when)
             self._normal = {p: Decision(phase=p) for p in Phase}
             limits = scenario.server.limits

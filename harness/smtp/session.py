@@ -1412,7 +1412,7 @@ class ServerSession:
             auth = yield CheckMessage(content, tx.mail_from)
             self._note(f"Authentication-Results: {auth.authentication_results}")
         checks = None
-        if len(content) > CONTENT_INLINE and self._decider.uses & _CONTENT_KEYS:
+        if len(content) > CONTENT_INLINE and self._decider.uses & ev.CONTENT_KEYS:
             checks = yield CheckContent(content)
         d = yield from self._decide(ev.Message(
             content=content, dkim=auth.dkim_result if auth else None,
@@ -1567,7 +1567,6 @@ HEAD_SCAN = 1 << 16
 #: a worker thread first (CheckContent): a 20 MB message's split, decoding
 #: and a case-insensitive search took 200 ms, every other session waiting
 CONTENT_INLINE = 1 << 16
-_CONTENT_KEYS = frozenset({"header", "body"})
 _FOLD = re.compile(rb"\r?\n[ \t]+")
 _HEADER_END = re.compile(rb"(?:^|\n)\r?\n")
 #: a Subject or Message-ID field with its continuation lines
